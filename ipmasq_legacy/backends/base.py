@@ -1,0 +1,96 @@
+"""The one small interface every backend implements, and the command runner they share.
+
+A backend has four verbs: render (pure text from a plan), apply (one transaction per
+family), live (read back only what it owns) and remove. `available` says why not.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from ..errors import ApplyError
+from ..plan import FamilyPlan, Plan
+
+FAMILIES = (4, 6)
+
+
+@dataclass
+class RuleCounter:
+    family: int
+    rule: str  # the rule as the backend prints it
+    interface: str  # out-interface it matches ("" = any but lo)
+    packets: int
+    bytes: int
+
+
+@dataclass
+class FamilyLive:
+    """What the backend found installed for one family, in its canonical text."""
+
+    family: int
+    installed: bool
+    rules: list[str] = field(default_factory=list)
+    exempt: tuple[str, ...] = ()
+    counters: list[RuleCounter] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # drift found while reading
+
+
+@dataclass
+class Live:
+    backend: str
+    families: dict[int, FamilyLive]
+
+    @property
+    def installed(self) -> bool:
+        return any(f.installed for f in self.families.values())
+
+
+def run(argv: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a tool; a failure becomes an ApplyError naming the tool and its first error line."""
+    try:
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ApplyError(f"{argv[0]}: command not found") from None
+    if check and proc.returncode != 0:
+        first = next((ln for ln in proc.stderr.splitlines() if ln.strip()), f"exit status {proc.returncode}")
+        raise ApplyError(f"{argv[0]} failed: {first.strip()}")
+    return proc
+
+
+def missing_tools(*names: str) -> list[str]:
+    return [n for n in names if shutil.which(n) is None]
+
+
+class Backend:
+    name = "base"
+
+    def unavailable_reason(self) -> str | None:
+        """None when this node can run the backend, else why not (for doctor and errors)."""
+        raise NotImplementedError
+
+    def render(self, plan: Plan) -> str:
+        """The backend's own input text for the plan: what `plan` prints. No I/O."""
+        raise NotImplementedError
+
+    def apply(self, plan: Plan) -> list[str]:
+        """Make the live state match the plan, one transaction per family.
+        Returns what changed, one phrase per family touched; empty when in sync."""
+        raise NotImplementedError
+
+    def live(self) -> Live:
+        raise NotImplementedError
+
+    def remove(self) -> list[str]:
+        """Remove everything this backend owns; returns what was removed."""
+        raise NotImplementedError
+
+    def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
+        """What differs between the plan and the live state, one phrase each; empty = in sync."""
+        raise NotImplementedError
+
+    @staticmethod
+    def wanted_families(plan: Plan) -> dict[int, FamilyPlan | None]:
+        """Every family, with None for those the plan disables (their objects must go)."""
+        return {family: plan.family(family) for family in FAMILIES}

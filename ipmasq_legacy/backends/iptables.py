@@ -1,0 +1,341 @@
+"""iptables backends: iptables-legacy and iptables-nft, through iptables-restore.
+
+Per family, one `ipset restore` (the exempt set, named by its content) and then one
+`iptables-restore --noflush -w` transaction that rewrites our chain and fixes the
+POSTROUTING jump. The restore is the commit point: before it the old chain with the
+old set is live, after it the new chain with the new set. The shapes are in
+rules/iptables.yaml.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import ruledata
+from ..plan import FamilyPlan, Plan
+from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter, missing_tools, run
+
+SHAPES = ruledata.load("iptables")
+CHAIN = SHAPES["chain"]
+VARIANTS = ("legacy", "nft")
+_JUMP_TARGET = f"-j {CHAIN}"
+_COUNTER = re.compile(r" -c (\d+) (\d+)")
+
+
+# ---------------------------------------------------------------- pure rendering
+
+
+def set_name(fp: FamilyPlan) -> str:
+    return SHAPES["set_name"].format(family=fp.family, digest=fp.exempt_digest()[:12])
+
+
+def set_members(fp: FamilyPlan) -> list[str]:
+    """hash:net cannot hold a /0: everything is exempt, spelled as two halves."""
+    members = []
+    for prefix in fp.exempt:
+        net = ipaddress.ip_network(prefix)
+        members += [str(n) for n in net.subnets()] if net.prefixlen == 0 else [prefix]
+    return members
+
+
+def render_set(fp: FamilyPlan, name: str | None = None) -> str:
+    """`ipset restore` input creating the exempt set of one family."""
+    name = name or set_name(fp)
+    members = set_members(fp)
+    hashsize = 1024
+    while hashsize * 4 < len(members):
+        hashsize *= 2
+    lines = [
+        SHAPES["set_create"].format(
+            name=name,
+            ipset_family="inet" if fp.family == 4 else "inet6",
+            hashsize=hashsize,
+            maxelem=max(65536, len(members)),
+        )
+    ]
+    lines += [SHAPES["set_add"].format(name=name, prefix=m) for m in members]
+    return "\n".join(lines) + "\n"
+
+
+def _port_choices(fp: FamilyPlan) -> list[tuple[str, str, str]]:
+    """(protocol, port_share, to_ports) variants of one masquerade rule."""
+    plain = ("", "", "")
+    if not fp.to_ports:
+        return [plain]
+    choices = []
+    remaining = sum(last - first + 1 for first, last in fp.to_ports)
+    shares = []
+    for i, (first, last) in enumerate(fp.to_ports):
+        size = last - first + 1
+        last_range = i == len(fp.to_ports) - 1
+        # xt_statistic keeps the probability as a fraction of 2^31 and prints that back.
+        probability = round(size / remaining * 2**31) / 2**31
+        share = "" if last_range else SHAPES["port_share"].format(probability=probability)
+        shares.append((share, SHAPES["to_ports"].format(first=first, last=last)))
+        remaining -= size
+    for proto in SHAPES["port_protocols"]:
+        for share, to_ports in shares:
+            choices.append((SHAPES["protocol"].format(protocol=proto), share, to_ports))
+    return choices + [plain]
+
+
+def chain_rules(fp: FamilyPlan) -> list[str]:
+    """Our chain, as `iptables -S CHAIN` prints it."""
+    rules = SHAPES["rules"]
+    lines = [f"-N {CHAIN}", rules["local"]]
+    if fp.exempt:
+        lines.append(rules["exempt"].format(set=set_name(fp)))
+    sources = [SHAPES["source"].format(prefix=p) for p in fp.sources] or [""]
+    interfaces = [SHAPES["out_interface"].format(interface=i) for i in fp.interfaces] or [
+        SHAPES["out_interface_any"]
+    ]
+    random_fully = SHAPES["random_fully"] if fp.random_fully else ""
+    for source in sources:
+        for interface in interfaces:
+            for protocol, share, to_ports in _port_choices(fp):
+                lines.append(
+                    rules["masquerade"].format(
+                        source=source,
+                        out_interface=interface,
+                        protocol=protocol,
+                        port_share=share,
+                        to_ports=to_ports,
+                        random_fully=random_fully,
+                    )
+                )
+    return lines
+
+
+def render_restore(fp: FamilyPlan, live_jumps: list[str] = ()) -> str:
+    """One iptables-restore --noflush transaction: rewrite the chain, leave exactly one jump."""
+    lines = [f"*{SHAPES['table']}", f":{CHAIN} - [0:0]"]
+    lines += chain_rules(fp)[1:]
+    if list(live_jumps) != [SHAPES["jump"]]:
+        lines += ["-D" + jump[2:] for jump in live_jumps]
+        lines.append(SHAPES["jump"])
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def render_remove(live_jumps: list[str], chain_exists: bool) -> str:
+    lines = [f"*{SHAPES['table']}"]
+    lines += ["-D" + jump[2:] for jump in live_jumps]
+    if chain_exists:
+        lines += [f":{CHAIN} - [0:0]", f"-X {CHAIN}"]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _interface_of(rule: str) -> str:
+    m = re.search(r"(?<!!) -o (\S+)", rule)
+    return m.group(1) if m else ""
+
+
+# ---------------------------------------------------------------- the backend
+
+
+@dataclass
+class IptablesFamilyLive(FamilyLive):
+    jumps: list[str] = field(default_factory=list)  # POSTROUTING rules targeting our chain
+    chain_exists: bool = False
+    set_name: str | None = None
+
+
+class IptablesBackend(Backend):
+    def __init__(self, variant: str):
+        assert variant in VARIANTS
+        self.variant = variant
+        self.name = f"iptables-{variant}"
+
+    def tool(self, family: int, suffix: str = "") -> str:
+        base = "iptables" if family == 4 else "ip6tables"
+        return f"{base}-{self.variant}{suffix}"
+
+    def unavailable_reason(self) -> str | None:
+        tools = [self.tool(f, s) for f in FAMILIES for s in ("", "-restore", "-save")] + ["ipset"]
+        missing = missing_tools(*tools)
+        if missing:
+            return f"missing {', '.join(missing)} (install the iptables and ipset packages)"
+        return None
+
+    # -- rendering
+
+    def render(self, plan: Plan) -> str:
+        parts = []
+        for fp in plan.families:
+            if fp.exempt:
+                parts.append(f"# IPv{fp.family}: ipset restore")
+                parts.append(render_set(fp).rstrip("\n"))
+            parts.append(f"# IPv{fp.family}: {self.tool(fp.family, '-restore')} --noflush -w")
+            parts.append(render_restore(fp).rstrip("\n"))
+        return "\n".join(parts) + "\n"
+
+    # -- reading what we own
+
+    def _nat_table_exists(self, family: int) -> bool:
+        if self.variant == "legacy":
+            # Listing a legacy table instantiates it; /proc says whether it exists.
+            names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
+            try:
+                return "nat" in names.read_text().split()
+            except OSError:
+                return False
+        return True  # iptables-nft lists without creating anything
+
+    def _read_family(self, family: int) -> FamilyLive:
+        live = IptablesFamilyLive(family=family, installed=False)
+        if not self._nat_table_exists(family):
+            return live
+        ipt = self.tool(family)
+        post = run([ipt, "-w", "-t", "nat", "-S", "POSTROUTING"], check=False)
+        live.jumps = [ln for ln in post.stdout.splitlines() if ln.endswith(" " + _JUMP_TARGET)]
+        chain = run([ipt, "-w", "-t", "nat", "-v", "-S", CHAIN], check=False)
+        live.chain_exists = chain.returncode == 0
+        if live.chain_exists:
+            for line in chain.stdout.splitlines():
+                m = _COUNTER.search(line)
+                rule = _COUNTER.sub("", line)
+                live.rules.append(rule)
+                if m and "-j MASQUERADE" in rule:
+                    live.counters.append(
+                        RuleCounter(family, rule, _interface_of(rule), int(m.group(1)), int(m.group(2)))
+                    )
+        live.installed = live.chain_exists or bool(live.jumps)
+        live.set_name = next(
+            (m.group(1) for ln in live.rules if (m := re.search(r"--match-set (\S+) dst", ln))), None
+        )
+        if live.set_name:
+            saved = run(["ipset", "save", live.set_name], check=False)
+            if saved.returncode == 0:
+                members = [ln.split()[2] for ln in saved.stdout.splitlines() if ln.startswith("add ")]
+                live.exempt = _normalised_members(members)
+            else:
+                live.problems.append(f"set {live.set_name} missing")
+        return live
+
+    def live(self) -> Live:
+        return Live(self.name, {f: self._read_family(f) for f in FAMILIES})
+
+    # -- comparing
+
+    def _family_drift(self, fp: FamilyPlan | None, live: IptablesFamilyLive) -> list[str]:
+        if fp is None:
+            return ["installed but disabled"] if live.installed else []
+        if not live.installed:
+            return ["not installed"]
+        problems = list(live.problems)
+        if not live.chain_exists:
+            problems.append(f"chain {CHAIN} missing")
+        elif live.rules != chain_rules(fp):
+            problems.append(f"chain {CHAIN} differs")
+        if live.jumps != [SHAPES["jump"]]:
+            problems.append(f"{len(live.jumps)} jumps from POSTROUTING instead of 1")
+        if fp.exempt and live.set_name == set_name(fp) and not live.problems:
+            if live.exempt != _normalised_members(set_members(fp)):
+                problems.append(f"set {live.set_name} members differ")
+        return problems
+
+    def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
+        live = live or self.live()
+        out = []
+        for family, fp in self.wanted_families(plan).items():
+            out += [f"ipv{family}: {p}" for p in self._family_drift(fp, live.families[family])]
+        return out
+
+    # -- changing
+
+    def _ensure_set(self, fp: FamilyPlan, live: IptablesFamilyLive) -> None:
+        name = set_name(fp)
+        exists = run(["ipset", "list", "-n", name], check=False).returncode == 0
+        if exists and live.set_name == name and not live.problems:
+            if live.exempt == _normalised_members(set_members(fp)):
+                return
+        if exists:
+            # The name is taken by a set whose members drifted: build the right
+            # members aside and swap them in atomically.
+            tmp = f"{name[:25]}-tmp"
+            text = f"destroy {tmp}\n" if run(["ipset", "list", "-n", tmp], check=False).returncode == 0 else ""
+            text += render_set(fp, tmp) + f"swap {tmp} {name}\ndestroy {tmp}\n"
+        else:
+            text = render_set(fp)
+        run(["ipset", "restore"], input=text)
+
+    def _destroy_stale_sets(self, family: int, keep: str | None) -> None:
+        listed = run(["ipset", "list", "-n"], check=False).stdout.split()
+        prefix = SHAPES["set_name"].format(family=family, digest="")
+        for name in listed:
+            if name.startswith(prefix) and name != keep:
+                # A set still referenced (by the other iptables variant, mid-migration)
+                # refuses to go; it is removed by whichever apply or flush frees it.
+                run(["ipset", "destroy", name], check=False)
+
+    def apply(self, plan: Plan) -> list[str]:
+        changes = []
+        current = self.live()
+        for family, fp in self.wanted_families(plan).items():
+            live = current.families[family]
+            problems = self._family_drift(fp, live)
+            if not problems:
+                continue
+            if fp is None:
+                self._remove_family(family, live)
+                changes.append(f"ipv{family} removed (disabled)")
+                continue
+            if fp.exempt:
+                self._ensure_set(fp, live)
+            run([self.tool(family, "-restore"), "--noflush", "-w"], input=render_restore(fp, live.jumps))
+            self._destroy_stale_sets(family, set_name(fp) if fp.exempt else None)
+            what = "installed" if not live.installed else "updated (" + ", ".join(problems) + ")"
+            changes.append(f"ipv{family} {what}: {len(chain_rules(fp)) - 1} rules, {len(fp.exempt)} exempt prefixes")
+        return changes
+
+    def _remove_family(self, family: int, live: IptablesFamilyLive) -> bool:
+        if live.installed:
+            text = render_remove(live.jumps, live.chain_exists)
+            run([self.tool(family, "-restore"), "--noflush", "-w"], input=text)
+        self._destroy_stale_sets(family, None)
+        return live.installed
+
+    def remove(self) -> list[str]:
+        if self.unavailable_reason():
+            return []
+        current = self.live()
+        return [f"ipv{f}" for f in FAMILIES if self._remove_family(f, current.families[f])]
+
+
+def _normalised_members(members) -> tuple[str, ...]:
+    return tuple(sorted(str(ipaddress.ip_network(m)) for m in members))
+
+
+# ---------------------------------------------------------------- which variant the host uses
+
+
+def detect_variant() -> tuple[str, str]:
+    """(variant, why): the iptables the host already uses, as iptables-wrapper decides,
+    except that where our own chain already lives wins (so re-apply stays put)."""
+    saves = {}
+    for variant in VARIANTS:
+        text = ""
+        for family in FAMILIES:
+            base = "iptables" if family == 4 else "ip6tables"
+            if not missing_tools(f"{base}-{variant}-save"):
+                text += run([f"{base}-{variant}-save"], check=False).stdout
+        saves[variant] = text
+    for variant in VARIANTS:
+        if f":{CHAIN} " in saves[variant]:
+            return variant, f"our chain {CHAIN} is installed with iptables-{variant}"
+    for variant in VARIANTS:
+        if re.search(r"^:KUBE-(IPTABLES-HINT|KUBELET-CANARY) ", saves[variant], re.M):
+            return variant, f"kubelet's hint chain is in iptables-{variant}"
+    counts = {v: sum(1 for ln in saves[v].splitlines() if ln.startswith("-")) for v in VARIANTS}
+    if counts["legacy"] > counts["nft"]:
+        return "legacy", f"iptables-legacy holds more rules ({counts['legacy']} vs {counts['nft']})"
+    if counts["nft"] > 0:
+        return "nft", f"iptables-nft holds more rules ({counts['nft']} vs {counts['legacy']})"
+    version = run(["iptables", "--version"], check=False).stdout if not missing_tools("iptables") else ""
+    if "legacy" in version:
+        return "legacy", "no rules anywhere; the system's iptables is iptables-legacy"
+    return "nft", "no rules anywhere; iptables-nft is the default"

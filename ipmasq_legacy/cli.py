@@ -1,0 +1,216 @@
+"""The `ipmasq` command line: thin glue over config -> plan -> backend.
+
+Exit codes (spec section 5): 0 success, 1 change not made, 2 bad usage or config,
+3 lock not had in time. A user error is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from . import __version__, backends, config, links, lock, state
+from . import plan as planmod
+from .errors import ApplyError, IpmasqError
+
+OUTPUT = click.Choice(["text", "json"])
+
+
+def config_options(func):
+    """--config, --backend and one option per config key (same names as the file)."""
+
+    @click.option("--config", "config_path", metavar="FILE", help="Config file (default: $IPMASQ_CONFIG or "
+                  f"{config.DEFAULTS['config_path']}).")
+    @click.option("--backend", metavar="NAME", help=f"Datapath: {', '.join(config.DATAPATHS)} (key 'datapath').")
+    @functools.wraps(func)
+    def wrapper(*args, config_path=None, backend=None, **kwargs):
+        options = {}
+        for key in list(config.KEYS) + sorted(config.ALIASES):
+            value = kwargs.pop(key.replace("-", "_"), None)
+            if value is not None:
+                options[key] = value
+        if backend is not None:
+            options["datapath"] = backend
+        cfg = config.load(config_path, options)
+        return func(*args, cfg=cfg, **kwargs)
+
+    for key in reversed(list(config.KEYS) + sorted(config.ALIASES)):
+        wrapper = click.option(f"--{key}", key.replace("-", "_"), metavar="VALUE", default=None,
+                               help=f"Config key '{key}'.")(wrapper)
+    return wrapper
+
+
+def lock_option(func):
+    return click.option("--lock-timeout", type=float, default=30.0, show_default=True, metavar="SECONDS",
+                        help="How long to wait for another ipmasq to finish.")(func)
+
+
+def output_option(func):
+    return click.option("--output", "-o", type=OUTPUT, default="text", show_default=True)(func)
+
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ipmasq")
+def cli():
+    """Masquerade (source NAT) of pod and container traffic leaving this node."""
+
+
+@cli.command("plan")
+@config_options
+@output_option
+def plan_cmd(cfg, output):
+    """Print what `apply` would install, in the backend's own syntax (no root, no change)."""
+    backend, why = backends.resolve(cfg.datapath, probe=False)
+    the_plan = planmod.build(cfg)
+    text = backend.render(the_plan)
+    if output == "json":
+        _emit_json({"backend": backend.name, "why": why, "plan": the_plan.to_dict(), "render": text})
+    else:
+        click.echo(f"# backend: {backend.name} ({why}); config: {cfg.source}")
+        click.echo(text, nl=False)
+
+
+def _apply(cfg, announce_unchanged: bool) -> list[str]:
+    backend, _ = backends.resolve(cfg.datapath)
+    reason = backend.unavailable_reason()
+    if reason:
+        raise ApplyError(f"backend {backend.name} cannot run here: {reason}")
+    the_plan = planmod.build(cfg)
+    changes = backend.apply(the_plan)
+    previous = state.read().get("backend")
+    # Migration: the new backend is live before the old one is removed.
+    if previous and previous != backend.name:
+        removed = backends.get(previous).remove()
+        changes.append(f"removed {previous} ({', '.join(removed) or 'nothing left'})")
+    fingerprint = "".join(f.digest() for f in the_plan.families)
+    state.write(backend.name, fingerprint)
+    if changes:
+        click.echo(f"{backend.name}: " + "; ".join(changes))
+    elif announce_unchanged:
+        click.echo(f"{backend.name}: unchanged")
+    return changes
+
+
+@cli.command()
+@config_options
+@lock_option
+def apply(cfg, lock_timeout):
+    """Install the config atomically; print one line saying what changed."""
+    with lock.held(lock_timeout):
+        _apply(cfg, announce_unchanged=True)
+
+
+@cli.command()
+@config_options
+@lock_option
+def reconcile(cfg, lock_timeout):
+    """For cron: repair drift from the config; silent when nothing drifted."""
+    with lock.held(lock_timeout):
+        _apply(cfg, announce_unchanged=False)
+
+
+@cli.command()
+@lock_option
+def flush(lock_timeout):
+    """Remove everything ipmasq-legacy owns, in every backend."""
+    with lock.held(lock_timeout):
+        removed = []
+        for backend in backends.all_backends():
+            families = backend.remove()
+            if families:
+                removed.append(f"{backend.name} ({', '.join(families)})")
+        state.clear()
+    click.echo("removed " + ", ".join(removed) if removed else "nothing to remove")
+
+
+def _installed_backend(cfg):
+    recorded = state.read().get("backend")
+    return backends.get(recorded) if recorded else backends.resolve(cfg.datapath)[0]
+
+
+@cli.command()
+@config_options
+@output_option
+def status(cfg, output):
+    """Backend in use, matched interfaces, exempt prefixes, counters, in sync or drifted."""
+    backend = _installed_backend(cfg)
+    the_plan = planmod.build(cfg)
+    live = backend.live()
+    drift = backend.drift(the_plan, live)
+    exempt = [p for f in live.families.values() for p in f.exempt]
+    matched = links.matching(the_plan.interfaces)
+    counters = [c for f in live.families.values() for c in f.counters]
+    if output == "json":
+        _emit_json({
+            "backend": backend.name,
+            "installed": live.installed,
+            "interfaces": matched,
+            "interface_patterns": list(the_plan.interfaces),
+            "exempt": exempt,
+            "in_sync": not drift,
+            "drift": drift,
+            "counters": [vars(c) for c in counters],
+        })
+        return
+    shown = f"{exempt[0]} (+{len(exempt) - 1} more)" if len(exempt) > 1 else (exempt[0] if exempt else "none")
+    if not live.installed:
+        click.echo(f"Masquerading: none installed (config wants {backend.name})")
+    else:
+        click.echo(f"Masquerading: {backend.name} [{', '.join(matched)}] exempt: {shown}")
+    totals: dict = {}
+    for c in counters:
+        key = (c.family, c.interface or "(any but lo)")
+        packets, nbytes = totals.get(key, (0, 0))
+        totals[key] = (packets + c.packets, nbytes + c.bytes)
+    for (family, interface), (packets, nbytes) in sorted(totals.items()):
+        click.echo(f"  masqueraded ipv{family} via {interface}: {packets} packets, {nbytes} bytes")
+    click.echo("State: in sync" if not drift else "State: drifted: " + "; ".join(drift))
+
+
+@cli.command("list")
+@config_options
+@output_option
+def list_cmd(cfg, output):
+    """The exempt prefixes in effect (as `cilium bpf ipmasq list` prints them)."""
+    live = _installed_backend(cfg).live()
+    exempt = [p for f in live.families.values() for p in f.exempt]
+    if output == "json":
+        _emit_json({"exempt": exempt})
+    elif not exempt:
+        click.echo("No entries found.")
+    else:
+        click.echo("IP PREFIX/ADDRESS")
+        for prefix in exempt:
+            click.echo(prefix)
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="ipmasq", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("ipmasq: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        click.echo(f"ipmasq: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except IpmasqError as exc:
+        click.echo(f"ipmasq: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: one line for the operator, the traceback on request
+        if os.environ.get("IPMASQ_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"ipmasq: internal error: {type(exc).__name__}: {exc} (set IPMASQ_DEBUG=1 for details)",
+                   err=True)
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,323 @@
+"""Configuration: defaults, load, validate (spec sections 1 and 2).
+
+Read top to bottom: the key table, the value parsers, the ip-masq-agent file,
+then `load()`, which merges CLI options over the file over the defaults.
+Every error is a ConfigError with one line naming the key, the value and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import ConfigError
+from .ruledata import DEFAULTS
+
+DATAPATHS = ("auto", "iptables", "iptables-legacy", "iptables-nft", "nftables", "ebpf")
+
+
+@dataclass(frozen=True)
+class MasqAgentConfig:
+    """ip-masq-agent's ConfigMap `config` key, as its users write it."""
+
+    non_masquerade_cidrs: tuple = ()
+    masq_link_local: bool = False
+    masq_link_local_ipv6: bool = False
+    resync_interval: float = 60.0
+    cidr_limit: int | None = None
+    source: str = "<defaults>"
+
+
+@dataclass(frozen=True)
+class Config:
+    enable_ipv4_masquerade: bool = True
+    enable_ipv6_masquerade: bool = True
+    egress_masquerade_interfaces: tuple = ()
+    ipv4_native_routing_cidr: tuple = ()
+    ipv6_native_routing_cidr: tuple = ()
+    ipv4_pod_cidr: tuple = ()
+    ipv6_pod_cidr: tuple = ()
+    enable_ip_masq_agent: bool = False
+    ip_masq_agent_config_path: str = DEFAULTS["ip_masq_agent_config_path"]
+    datapath: str = "auto"
+    iptables_random_fully: bool = False
+    masquerade_to_ports: tuple = ()
+    # Loaded from ip_masq_agent_config_path when enable_ip_masq_agent is on.
+    masq_agent: MasqAgentConfig | None = None
+    source: str = "<defaults>"
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+# ---------------------------------------------------------------- value parsers
+# Each takes (value, where) and returns the typed value or raises ConfigError.
+# `where` reads like "key 'x' in /etc/ipmasq-legacy/config.yaml".
+
+
+def _show(value: Any) -> str:
+    """A value as it appears in an error: quoted, control characters escaped."""
+    return repr(value)
+
+
+def parse_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
+
+
+def _as_list(value: Any, where: str) -> list:
+    """A list, or one string split on commas and spaces (Cilium's habit)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [part for part in re.split(r"[,\s]+", value) if part] if value.strip() else []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError(f"{where}: expected a list or a string, got {_show(value)}")
+
+
+# Linux accepts almost any byte in a link name; we accept the ones real names use,
+# so nothing that could end a token or a line in iptables-restore or nft input passes.
+_IFNAME = re.compile(r"[A-Za-z0-9_.@-]+\+?|\+")
+
+
+def parse_interface(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: interface name must be a string, got {_show(value)}")
+    if value == "":
+        raise ConfigError(f"{where}: interface name is empty")
+    if len(value.encode()) > 15:
+        raise ConfigError(f"{where}: interface name {_show(value)} is longer than 15 bytes")
+    if value in (".", ".."):
+        raise ConfigError(f"{where}: {_show(value)} is not a valid interface name")
+    if "+" in value[:-1]:
+        raise ConfigError(
+            f"{where}: interface name {_show(value)}: '+' is only allowed last, as a prefix match (eth+)"
+        )
+    if not _IFNAME.fullmatch(value):
+        raise ConfigError(
+            f"{where}: interface name {_show(value)} has a character outside A-Z a-z 0-9 _ . @ - "
+            "(no whitespace, quotes, '/', ':' or control characters)"
+        )
+    return value
+
+
+def parse_interfaces(value: Any, where: str) -> tuple:
+    names = [parse_interface(item, where) for item in _as_list(value, where)]
+    return tuple(dict.fromkeys(names))  # order kept, duplicates dropped
+
+
+def parse_network(value: Any, where: str, family: int | None = None):
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a CIDR string, got {_show(value)}")
+    text = value.strip()
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(f"{where}: {_show(value)} is not a CIDR ({exc})") from None
+        raise ConfigError(
+            f"{where}: {_show(value)} has host bits set; did you mean {loose}?"
+        ) from None
+    if family is not None and net.version != family:
+        raise ConfigError(f"{where}: {_show(value)} is IPv{net.version}, expected an IPv{family} CIDR")
+    return net
+
+
+def parse_networks(value: Any, where: str, family: int | None = None) -> tuple:
+    return tuple(parse_network(item, where, family) for item in _as_list(value, where))
+
+
+def parse_datapath(value: Any, where: str) -> str:
+    if value not in DATAPATHS:
+        raise ConfigError(f"{where}: {_show(value)} is not one of {', '.join(DATAPATHS)}")
+    return value
+
+
+def parse_path(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise ConfigError(f"{where}: expected a file path, got {_show(value)}")
+    return value
+
+
+def parse_port_ranges(value: Any, where: str) -> tuple:
+    """"1024-29999,32768-65535" -> ((1024, 29999), (32768, 65535))."""
+    if value is None:
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a port range string like 1024-65535, got {_show(value)}")
+    ranges = []
+    for part in [p for p in re.split(r"[,\s]+", value) if p]:
+        m = re.fullmatch(r"(\d{1,5})(?:-(\d{1,5}))?", part)
+        if not m:
+            raise ConfigError(f"{where}: {_show(part)} is not a port or a port range like 1024-65535")
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if not (1 <= first <= last <= 65535):
+            raise ConfigError(f"{where}: port range {_show(part)} must be within 1-65535, low to high")
+        ranges.append((first, last))
+    ranges.sort()
+    for (_, a_last), (b_first, _) in zip(ranges, ranges[1:]):
+        if b_first <= a_last:
+            raise ConfigError(f"{where}: port ranges in {_show(value)} overlap")
+    return tuple(ranges)
+
+
+# ---------------------------------------------------------------- the key table
+# key -> (Config field, parser). Options on the CLI carry the same names.
+KEYS: dict[str, tuple[str, Callable]] = {
+    "enable-ipv4-masquerade": ("enable_ipv4_masquerade", parse_bool),
+    "enable-ipv6-masquerade": ("enable_ipv6_masquerade", parse_bool),
+    "egress-masquerade-interfaces": ("egress_masquerade_interfaces", parse_interfaces),
+    "ipv4-native-routing-cidr": ("ipv4_native_routing_cidr", lambda v, w: parse_networks(v, w, 4)),
+    "ipv6-native-routing-cidr": ("ipv6_native_routing_cidr", lambda v, w: parse_networks(v, w, 6)),
+    "ipv4-pod-cidr": ("ipv4_pod_cidr", lambda v, w: parse_networks(v, w, 4)),
+    "ipv6-pod-cidr": ("ipv6_pod_cidr", lambda v, w: parse_networks(v, w, 6)),
+    "enable-ip-masq-agent": ("enable_ip_masq_agent", parse_bool),
+    "ip-masq-agent-config-path": ("ip_masq_agent_config_path", parse_path),
+    "datapath": ("datapath", parse_datapath),
+    "iptables-random-fully": ("iptables_random_fully", parse_bool),
+    "masquerade-to-ports": ("masquerade_to_ports", parse_port_ranges),
+}
+# The seed's Helm name: `bpf-masquerade: true` means `datapath: ebpf`.
+ALIASES = {"bpf-masquerade"}
+
+
+def _unknown(key: Any, known, where: str) -> ConfigError:
+    hint = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"{where}: unknown key {_show(key)}{suggestion}")
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path}: is a directory") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path}: cannot read: {exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{what} {path}: not valid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path}: nested too deeply") from None
+
+
+# ---------------------------------------------------------------- ip-masq-agent file
+
+MASQ_AGENT_KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInterval", "cidrLimit")
+
+
+def parse_duration(value: Any, where: str) -> float:
+    """Go's time.ParseDuration subset: 60s, 1m30s, 500ms, 1h."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+", value.strip()):
+        units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+        seconds = sum(
+            float(n) * units[u] for n, _, u in re.findall(r"(\d+(\.\d+)?)(ns|us|µs|ms|s|m|h)", value.strip())
+        )
+    else:
+        raise ConfigError(f"{where}: {_show(value)} is not a duration like 60s or 1m30s")
+    if seconds <= 0:
+        raise ConfigError(f"{where}: duration must be positive, got {_show(value)}")
+    return seconds
+
+
+def load_masq_agent(path_text: str) -> MasqAgentConfig:
+    """Missing, empty or comment-only file: the eleven default ranges (spec section 2)."""
+    path = Path(path_text)
+    if path.is_dir():  # a ConfigMap mounted without `items:` holds the key as a file
+        path = path / "config"
+    defaults = tuple(ipaddress.ip_network(c) for c in DEFAULTS["non_masquerade_cidrs"])
+    if not path.exists():
+        return MasqAgentConfig(non_masquerade_cidrs=defaults, source=f"{path} (missing: defaults)")
+    doc = _read_yaml(path, "ip-masq-agent config")
+    if doc is None:
+        return MasqAgentConfig(non_masquerade_cidrs=defaults, source=f"{path} (empty: defaults)")
+    if not isinstance(doc, dict):
+        raise ConfigError(f"ip-masq-agent config {path}: expected a mapping of keys, got {type(doc).__name__}")
+    values: dict[str, Any] = {"source": str(path)}
+    for key, value in doc.items():
+        where = f"key '{key}' in {path}"
+        if key == "nonMasqueradeCIDRs":
+            if value is not None and not isinstance(value, list):
+                raise ConfigError(f"{where}: expected a list of CIDRs, got {_show(value)}")
+            values["non_masquerade_cidrs"] = parse_networks(value or [], where)
+        elif key == "masqLinkLocal":
+            values["masq_link_local"] = parse_bool(value, where)
+        elif key == "masqLinkLocalIPv6":
+            values["masq_link_local_ipv6"] = parse_bool(value, where)
+        elif key == "resyncInterval":
+            values["resync_interval"] = parse_duration(value, where)
+        elif key == "cidrLimit":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{where}: expected a non-negative integer, got {_show(value)}")
+            values["cidr_limit"] = value
+        else:
+            raise _unknown(key, MASQ_AGENT_KEYS, f"ip-masq-agent config {path}")
+    # A file that sets other keys but not nonMasqueradeCIDRs keeps the default ranges,
+    # as ip-masq-agent does; `nonMasqueradeCIDRs: []` written out means none.
+    values.setdefault("non_masquerade_cidrs", defaults)
+    return MasqAgentConfig(**values)
+
+
+# ---------------------------------------------------------------- load
+
+
+def default_config_path() -> str:
+    return os.environ.get("IPMASQ_CONFIG") or DEFAULTS["config_path"]
+
+
+def load(path: str | None = None, options: dict[str, Any] | None = None) -> Config:
+    """Defaults < file < options. `path` None means IPMASQ_CONFIG or the default path,
+    whose absence is fine; a path named explicitly must exist."""
+    explicit = path is not None or bool(os.environ.get("IPMASQ_CONFIG"))
+    file_path = Path(path if path is not None else default_config_path())
+    doc: Any = {}
+    source = "<defaults>"
+    if file_path.exists() or explicit:
+        doc = _read_yaml(file_path, "config file")
+        source = str(file_path)
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"config file {file_path}: expected a mapping of keys, got {type(doc).__name__}")
+
+    values: dict[str, Any] = {}
+    for layer, origin in ((doc, f"in {file_path}"), (options or {}, "on the command line")):
+        for key, value in layer.items():
+            where = f"key '{key}' {origin}"
+            if key in ALIASES:
+                if parse_bool(value, where):
+                    values["datapath"] = "ebpf"
+                continue
+            if key not in KEYS:
+                raise _unknown(key, list(KEYS) + sorted(ALIASES), f"config {origin.removeprefix('in ')}")
+            attr, parser = KEYS[key]
+            values[attr] = parser(value, where)
+
+    cfg = Config(**values, source=source)
+    if cfg.enable_ip_masq_agent:
+        cfg = dataclasses.replace(cfg, masq_agent=load_masq_agent(cfg.ip_masq_agent_config_path))
+    return cfg

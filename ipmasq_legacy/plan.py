@@ -1,0 +1,110 @@
+"""Config -> Plan: the masquerade decision of spec section 3 as plain data, per family.
+
+No I/O here. Every backend renders the same Plan, so they cannot disagree on
+what is masqueraded; they differ only in how they spell it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from dataclasses import asdict, dataclass
+
+from .config import Config
+from .ruledata import DEFAULTS
+
+
+@dataclass(frozen=True)
+class FamilyPlan:
+    """Masquerade packets of this family leaving through `interfaces` (empty: any but lo)
+    from `sources` (empty: any source) unless the destination is local or in `exempt`."""
+
+    family: int
+    interfaces: tuple[str, ...]
+    sources: tuple[str, ...]
+    exempt: tuple[str, ...]
+    random_fully: bool = False
+    to_ports: tuple[tuple[int, int], ...] = ()
+
+    def digest(self) -> str:
+        """Stable short digest of the family's plan; names content-addressed objects."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def exempt_digest(self) -> str:
+        return hashlib.sha256("\n".join(self.exempt).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Plan:
+    families: tuple[FamilyPlan, ...]  # only the enabled families
+
+    def family(self, family: int) -> FamilyPlan | None:
+        return next((f for f in self.families if f.family == family), None)
+
+    @property
+    def interfaces(self) -> tuple[str, ...]:
+        return self.families[0].interfaces if self.families else ()
+
+    def exempt(self) -> tuple[str, ...]:
+        return tuple(p for f in self.families for p in f.exempt)
+
+    def to_dict(self) -> dict:
+        return {
+            "families": {
+                f"ipv{f.family}": {
+                    "interfaces": list(f.interfaces),
+                    "sources": list(f.sources),
+                    "exempt": list(f.exempt),
+                    "random_fully": f.random_fully,
+                    "to_ports": [f"{a}-{b}" for a, b in f.to_ports],
+                }
+                for f in self.families
+            }
+        }
+
+
+def normalise(prefixes) -> tuple[str, ...]:
+    """Merge duplicates, contained and adjacent prefixes; sorted; one family at a time."""
+    by_family: dict[int, list] = {4: [], 6: []}
+    for p in prefixes:
+        net = p if isinstance(p, (ipaddress.IPv4Network, ipaddress.IPv6Network)) else ipaddress.ip_network(p)
+        by_family[net.version].append(net)
+    merged = []
+    for family in (4, 6):
+        merged.extend(ipaddress.collapse_addresses(by_family[family]))
+    return tuple(str(n) for n in merged)
+
+
+def _exempt(cfg: Config, family: int) -> list:
+    native = cfg.ipv4_native_routing_cidr if family == 4 else cfg.ipv6_native_routing_cidr
+    pods = cfg.ipv4_pod_cidr if family == 4 else cfg.ipv6_pod_cidr
+    # Cilium's default: without a native-routing CIDR, the node's pod CIDR is exempt.
+    exempt = list(native or pods)
+    agent = cfg.masq_agent
+    if cfg.enable_ip_masq_agent and agent is not None:
+        exempt += [n for n in agent.non_masquerade_cidrs if n.version == family]
+        masq_link_local = agent.masq_link_local if family == 4 else agent.masq_link_local_ipv6
+        if not masq_link_local:
+            exempt.append(ipaddress.ip_network(DEFAULTS["link_local"][family]))
+    return exempt
+
+
+def build(cfg: Config) -> Plan:
+    families = []
+    for family, enabled in ((4, cfg.enable_ipv4_masquerade), (6, cfg.enable_ipv6_masquerade)):
+        if not enabled:
+            continue
+        pods = cfg.ipv4_pod_cidr if family == 4 else cfg.ipv6_pod_cidr
+        families.append(
+            FamilyPlan(
+                family=family,
+                interfaces=tuple(cfg.egress_masquerade_interfaces),
+                sources=normalise(pods),
+                exempt=normalise(_exempt(cfg, family)),
+                random_fully=cfg.iptables_random_fully,
+                to_ports=tuple(cfg.masquerade_to_ports),
+            )
+        )
+    return Plan(families=tuple(families))

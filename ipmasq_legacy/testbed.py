@@ -1,0 +1,1116 @@
+"""A throw-away pod -> node -> outside network test bed built from network namespaces.
+
+Everything lives in network namespaces created here, with unique names
+(``ipmq-<tag>-pod``, ``ipmq-<tag>-node``, ``ipmq-<tag>-ext``).  No link, address,
+route, sysctl or firewall rule is ever created in the calling process's own
+network namespace::
+
+    pod (eth0) ==veth== (vpod0) node (eth0) ==veth== (up0) ext
+                                     (eth1) ==veth== (up1)
+                                     (ens3) ==veth== (up2)
+
+``ext`` holds every destination address on ``lo`` and runs small UDP/TCP echo
+servers plus ICMP / ICMPv6 listeners that record the source address each probe
+arrived with.  :meth:`TestBed.source_seen` sends one probe from a pod and returns
+that address, so NAT rules installed in the node namespace can be observed from
+outside.
+
+Sockets are created *inside* a namespace by a helper thread that has switched
+its own network namespace with ``setns(2)`` (which only affects the calling
+thread); a socket stays in the namespace it was created in, so the actual I/O
+can be done from any thread.  The main thread never changes namespace.
+
+Command line (debugging aid)::
+
+    python -m ipmasq_legacy.testbed hold      # build a bed, print names, wait for ^C
+    python -m ipmasq_legacy.testbed cleanup   # remove beds left behind by dead processes
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import ctypes
+import errno
+import ipaddress
+import itertools
+import os
+import queue
+import random
+import re
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+__all__ = [
+    "Destination",
+    "ALL_DESTINATIONS",
+    "UPLINKS",
+    "TestBed",
+    "TestBedError",
+    "ReplyLostError",
+    "cleanup_stale",
+    "NETNS_PREFIX",
+]
+
+NETNS_PREFIX = "ipmq-"
+NETNS_RUN_DIR = "/var/run/netns"
+CLONE_NEWNET = 0x40000000
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+IFA_F_NODAD = 0x02
+
+MAGIC = b"IPMQ1"
+DEFAULT_PORT = 9000
+# Probe source ports are handed out sequentially from this range (below the
+# kernel's default ephemeral range 32768-60999) so that no probe reuses the
+# 5-tuple of a recent one: every probe is a NEW conntrack entry.
+_PROBE_PORT_LO = 20000
+_PROBE_PORT_HI = 32767
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class TestBedError(RuntimeError):
+    """The bed could not be built or used."""
+
+    __test__ = False  # not a pytest test class
+
+
+class ReplyLostError(TestBedError):
+    """The probe reached ext, but the reply never made it back to the pod."""
+
+    __test__ = False
+
+    def __init__(self, msg: str, seen: str):
+        super().__init__(msg)
+        self.seen = seen
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    address: str
+    family: int  # 4 or 6
+    uplink: str
+
+
+# name: (address, uplink)
+_DEST_TABLE = {
+    "public": ("198.20.0.10", "eth0"),
+    "public_eth1": ("198.20.1.10", "eth1"),
+    "public_ens3": ("198.20.3.10", "ens3"),
+    "private10": ("10.10.0.10", "eth0"),
+    "tke10": ("10.0.5.10", "eth0"),
+    "tke172": ("172.18.0.10", "eth1"),
+    "tke192_in": ("192.168.1.10", "eth0"),
+    "tke192_out": ("192.168.200.10", "eth0"),
+    "cgnat": ("100.64.0.10", "eth0"),
+    "metadata": ("169.254.169.254", "eth0"),
+    "public6": ("2001:db8:20::10", "eth0"),
+    "public6_eth1": ("2001:db8:21::10", "eth1"),
+    "public6_ens3": ("2001:db8:23::10", "ens3"),
+    "private6": ("fd10::10", "eth0"),
+}
+
+ALL_DESTINATIONS: dict[str, Destination] = {
+    name: Destination(name, addr, ipaddress.ip_address(addr).version, uplink)
+    for name, (addr, uplink) in _DEST_TABLE.items()
+}
+
+# node uplink -> (ext peer name, v4 /24 net prefix, v6 /64 prefix)
+UPLINKS: dict[str, tuple[str, str, str]] = {
+    "eth0": ("up0", "172.20.0", "fd00:20::"),
+    "eth1": ("up1", "172.21.0", "fd00:21::"),
+    "ens3": ("up2", "172.22.0", "fd00:22::"),
+}
+
+
+# --------------------------------------------------------------------------
+# namespace helpers
+# --------------------------------------------------------------------------
+
+
+def _netns_path(name: str) -> str:
+    return os.path.join(NETNS_RUN_DIR, name)
+
+
+def _list_netns() -> list[str]:
+    try:
+        return sorted(os.listdir(NETNS_RUN_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def _own_netns_ino() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+# inode of the namespace the process started in; used to refuse ever
+# configuring it by mistake.
+_HOST_NETNS_INO = os.stat("/proc/self/ns/net").st_ino
+
+
+class _NsThread:
+    """A daemon thread that lives in network namespace ``name`` and runs
+    callables there (socket creation, /proc/sys writes)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ino = os.stat(_netns_path(name)).st_ino
+        if self.ino == _HOST_NETNS_INO:
+            raise TestBedError(f"netns {name} is the host namespace?!")
+        self._q: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"netns-{name}", daemon=True
+        )
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise TestBedError(f"cannot enter netns {name}: {self._error}")
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(_netns_path(self.name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    e = ctypes.get_errno()
+                    raise OSError(e, os.strerror(e))
+            finally:
+                os.close(fd)
+            if _own_netns_ino() != self.ino:
+                raise OSError("setns did not take effect")
+        except BaseException as e:  # pragma: no cover - setup failure
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fn, args, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                # paranoia: never run anything in the wrong namespace
+                if _own_netns_ino() != self.ino:
+                    raise TestBedError(f"thread left netns {self.name}")
+                fut.set_result(fn(*args))
+            except BaseException as e:
+                fut.set_exception(e)
+
+    def call(self, fn: Callable, *args):
+        if not self._thread.is_alive():
+            raise TestBedError(f"netns thread for {self.name} is gone")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._q.put((fn, args, fut))
+        return fut.result()
+
+    def socket(self, family: int, type_: int, proto: int = 0) -> socket.socket:
+        return self.call(socket.socket, family, type_, proto)
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        self.call(self._write_sysctl, key, str(value))
+
+    def read_sysctl(self, key: str) -> str:
+        return self.call(self._read_sysctl, key)
+
+    def _write_sysctl(self, key: str, value: str) -> None:
+        if _own_netns_ino() in (_HOST_NETNS_INO,) or _own_netns_ino() != self.ino:
+            raise TestBedError("refusing to write a sysctl outside the bed")
+        with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+            f.write(value)
+
+    @staticmethod
+    def _read_sysctl(key: str) -> str:
+        with open("/proc/sys/" + key.replace(".", "/")) as f:
+            return f.read().strip()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join(5)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _netns_pids(name: str) -> list[int]:
+    """Pids of processes whose network namespace is ``name``."""
+    try:
+        ino = os.stat(_netns_path(name)).st_ino
+        dev = os.stat(_netns_path(name)).st_dev
+    except FileNotFoundError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue
+        if st.st_ino == ino and st.st_dev == dev:
+            pids.append(int(entry))
+    return pids
+
+
+def _remove_netns(name: str) -> None:
+    """Kill processes left in a bed namespace, then delete it."""
+    if not name.startswith(NETNS_PREFIX):
+        raise TestBedError(f"refusing to delete foreign netns {name!r}")
+    me = os.getpid()
+    for pid in _netns_pids(name):
+        if pid != me:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    path = _netns_path(name)
+    if not os.path.exists(path):
+        return
+    from pyroute2 import netns as _netns
+
+    try:
+        _netns.remove(name)
+    except OSError:
+        r = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+        if r.returncode != 0 and os.path.exists(path):
+            raise TestBedError(f"cannot delete netns {name}: {r.stderr.strip()}")
+
+
+_AUTO_TAG_RE = re.compile(r"^" + re.escape(NETNS_PREFIX) + r"(\d+)x[0-9a-f]+-")
+
+
+def cleanup_stale() -> list[str]:
+    """Delete namespaces of beds whose (auto-tagged) owning process is dead.
+
+    Only names like ``ipmq-<pid>x<hex>-...`` are considered; returns the names
+    removed."""
+    removed = []
+    for name in _list_netns():
+        m = _AUTO_TAG_RE.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                _remove_netns(name)
+                removed.append(name)
+            except TestBedError:
+                pass
+    return removed
+
+
+# --------------------------------------------------------------------------
+# small packet helpers
+# --------------------------------------------------------------------------
+
+
+def _inet_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _family_of(addr: str) -> int:
+    return ipaddress.ip_address(addr).version
+
+
+def _af(family: int) -> int:
+    return socket.AF_INET if family == 4 else socket.AF_INET6
+
+
+# --------------------------------------------------------------------------
+# ext-side receivers
+# --------------------------------------------------------------------------
+
+
+class _Receivers:
+    """All ext-side servers, driven by one selector thread.
+
+    * UDP: echo server on wildcard; answers ``IPMQ1 <token> <peer>`` from the
+      exact address the probe was sent to (IP_PKTINFO / IPV6_PKTINFO).
+    * TCP: same protocol over a connection.
+    * ICMP/ICMPv6: raw sockets recording the source of echo requests whose
+      payload carries a token; the kernel answers the echo itself.
+    """
+
+    def __init__(self, ns: _NsThread, ipv6: bool):
+        self.ns = ns
+        self.ipv6 = ipv6
+        self.seen: dict[str, tuple[str, str]] = {}  # token -> (proto, source)
+        self.cond = threading.Condition()
+        self._sel = selectors.DefaultSelector()
+        self._pending: queue.Queue = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._socks: list[socket.socket] = []
+        self._servers: set[tuple[str, int, int]] = set()
+        self._lock = threading.Lock()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=f"rx-{ns.name}", daemon=True)
+        self._thread.start()
+        for fam in self.families:
+            self._add_icmp(fam)
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return (4, 6) if self.ipv6 else (4,)
+
+    # -- setup -------------------------------------------------------------
+
+    def _register(self, sock: socket.socket, handler) -> None:
+        sock.setblocking(False)
+        self._socks.append(sock)
+        self._pending.put((sock, handler))
+        os.write(self._wake_w, b"x")
+
+    def _add_icmp(self, fam: int) -> None:
+        if fam == 4:
+            s = self.ns.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        else:
+            s = self.ns.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+            # ICMP6_FILTER: pass only echo requests (type 128)
+            filt = bytearray(b"\xff" * 32)
+            filt[128 >> 5 << 2 : (128 >> 5 << 2) + 4] = struct.pack(
+                "=I", 0xFFFFFFFF & ~(1 << (128 & 31))
+            )
+            try:
+                s.setsockopt(socket.IPPROTO_ICMPV6, 1, bytes(filt))
+            except OSError:
+                pass
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self._register(s, lambda sock, fam=fam: self._on_icmp(sock, fam))
+
+    def ensure(self, proto: str, fam: int, port: int) -> None:
+        """Start a UDP/TCP server on ``port`` for family ``fam`` (idempotent)."""
+        key = (proto, fam, port)
+        with self._lock:
+            if key in self._servers:
+                return
+            af = _af(fam)
+            typ = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+            s = self.ns.socket(af, typ)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == 6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if proto == "udp":
+                if fam == 4:
+                    s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                else:
+                    s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            s.bind(("0.0.0.0" if fam == 4 else "::", port))
+            if proto == "udp":
+                self._register(s, lambda sock, fam=fam: self._on_udp(sock, fam))
+            else:
+                s.listen(512)
+                self._register(s, self._on_accept)
+            self._servers.add(key)
+
+    # -- loop --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                events = self._sel.select(1.0)
+            except OSError:  # pragma: no cover
+                continue
+            for key, _ in events:
+                if key.data is None:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    while True:
+                        try:
+                            sock, handler = self._pending.get_nowait()
+                        except queue.Empty:
+                            break
+                        self._sel.register(sock, selectors.EVENT_READ, handler)
+                    continue
+                try:
+                    key.data(key.fileobj)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    pass
+
+    def _record(self, token: str, proto: str, source: str) -> None:
+        with self.cond:
+            self.seen[token] = (proto, source)
+            self.cond.notify_all()
+
+    def wait_seen(self, token: str, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while token not in self.seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+            return self.seen[token][1]
+
+    def pop_seen(self, token: str) -> str | None:
+        with self.cond:
+            v = self.seen.pop(token, None)
+        return v[1] if v else None
+
+    @staticmethod
+    def _parse_request(data: bytes) -> str | None:
+        parts = data.strip().split()
+        if len(parts) >= 2 and parts[0] == MAGIC:
+            return parts[1].decode("ascii", "replace")
+        return None
+
+    def _on_udp(self, sock: socket.socket, fam: int) -> None:
+        for _ in range(64):
+            try:
+                data, anc, _flags, addr = sock.recvmsg(2048, 256)
+            except BlockingIOError:
+                return
+            token = self._parse_request(data)
+            if token is None:
+                continue
+            src = addr[0]
+            self._record(token, "udp", src)
+            reply = b"%s %s %s\n" % (MAGIC, token.encode(), src.encode())
+            cmsgs = []
+            for level, typ, cdata in anc:
+                if fam == 4 and level == socket.IPPROTO_IP and typ == IP_PKTINFO:
+                    # struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
+                    _ifi, _spec, dst = struct.unpack("=i4s4s", cdata[:12])
+                    cmsgs.append((socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, dst, b"\0" * 4)))
+                elif fam == 6 and level == socket.IPPROTO_IPV6 and typ == IPV6_PKTINFO:
+                    # struct in6_pktinfo { in6_addr addr; int ifindex; }
+                    dst = cdata[:16]
+                    cmsgs.append((socket.IPPROTO_IPV6, IPV6_PKTINFO, dst + struct.pack("=i", 0)))
+            try:
+                sock.sendmsg([reply], cmsgs, 0, addr)
+            except OSError:
+                pass
+
+    def _on_accept(self, lsock: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                conn, addr = lsock.accept()
+            except BlockingIOError:
+                return
+            conn.setblocking(False)
+            buf = bytearray()
+            src = addr[0]
+
+            def on_data(c: socket.socket, buf=buf, src=src) -> None:
+                try:
+                    chunk = c.recv(4096)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    buf.extend(chunk)
+                    if b"\n" not in buf and len(buf) < 1024:
+                        return
+                    token = self._parse_request(bytes(buf))
+                    if token is not None:
+                        self._record(token, "tcp", src)
+                        try:
+                            c.send(b"%s %s %s\n" % (MAGIC, token.encode(), src.encode()))
+                        except OSError:
+                            pass
+                self._sel.unregister(c)
+                c.close()
+
+            self._sel.register(conn, selectors.EVENT_READ, on_data)
+
+    def _on_icmp(self, sock: socket.socket, fam: int) -> None:
+        for _ in range(64):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            if fam == 4:
+                ihl = (data[0] & 0x0F) * 4
+                icmp = data[ihl:]
+                want = 8
+            else:
+                icmp = data
+                want = 128
+            if len(icmp) < 8 + len(MAGIC) or icmp[0] != want:
+                continue
+            token = self._parse_request(icmp[8:])
+            if token is not None:
+                self._record(token, "icmp", addr[0].split("%")[0])
+
+    def close(self) -> None:
+        self._stop = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        self._thread.join(5)
+        for key in list(self._sel.get_map().values()):
+            if isinstance(key.fileobj, socket.socket):
+                key.fileobj.close()
+        for s in self._socks:
+            s.close()
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+# --------------------------------------------------------------------------
+# the bed
+# --------------------------------------------------------------------------
+
+_bed_counter = itertools.count(1)
+_TAG_RE = re.compile(r"^[A-Za-z0-9_.]{1,32}$")
+
+
+class TestBed:
+    """pod(s) -> node -> ext network made of namespaces.  See module doc."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, ipv6: bool = True, pods: int = 1, tag: str | None = None):
+        if pods < 1:
+            raise ValueError("pods must be >= 1")
+        if pods > 200:
+            raise ValueError("at most 200 pods")
+        if tag is None:
+            tag = f"{os.getpid()}x{next(_bed_counter):x}{secrets.token_hex(2)}"
+        if not _TAG_RE.match(tag):
+            raise ValueError(f"bad tag {tag!r} (use [A-Za-z0-9_.], up to 32 chars)")
+        self.ipv6 = ipv6
+        self.tag = tag
+        self.node = f"{NETNS_PREFIX}{tag}-node"
+        self.ext = f"{NETNS_PREFIX}{tag}-ext"
+        self.pods = [f"{NETNS_PREFIX}{tag}-pod" + ("" if i == 0 else str(i + 1)) for i in range(pods)]
+        self.pod = self.pods[0]
+        self.namespaces = [*self.pods, self.node, self.ext]
+        self.pod_addr = self.pod_addrs(0)
+        self.uplink_addr: dict[str, dict[int, str]] = {}
+        for up, (_peer, v4, v6) in UPLINKS.items():
+            self.uplink_addr[up] = {4: f"{v4}.1"}
+            if ipv6:
+                self.uplink_addr[up][6] = f"{v6}1"
+        self.DESTINATIONS: dict[str, Destination] = {
+            n: d for n, d in ALL_DESTINATIONS.items() if ipv6 or d.family == 4
+        }
+        self._created: list[str] = []
+        self._threads: dict[str, _NsThread] = {}
+        self._rx: _Receivers | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._ports = itertools.count(random.randrange(_PROBE_PORT_HI - _PROBE_PORT_LO))
+        self._port_lock = threading.Lock()
+        self._icmp_ids = itertools.count(random.randrange(1, 0xFFFF))
+        atexit.register(self.close)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- addressing --------------------------------------------------------
+
+    def pod_addrs(self, i: int) -> dict[int, str]:
+        """Addresses of pod number ``i`` (0-based): 10.244.<i+1>.2, fd00:244:<i+1>::2."""
+        d = {4: f"10.244.{i + 1}.2"}
+        if self.ipv6:
+            d[6] = f"fd00:244:{i + 1:x}::2"
+        return d
+
+    def pod_gw(self, i: int) -> dict[int, str]:
+        d = {4: f"10.244.{i + 1}.1"}
+        if self.ipv6:
+            d[6] = f"fd00:244:{i + 1:x}::1"
+        return d
+
+    def pod_subnets(self) -> dict[int, list[str]]:
+        d: dict[int, list[str]] = {4: [f"10.244.{i + 1}.0/24" for i in range(len(self.pods))]}
+        if self.ipv6:
+            d[6] = [f"fd00:244:{i + 1:x}::/64" for i in range(len(self.pods))]
+        return d
+
+    def ext_addr(self, uplink: str) -> dict[int, str]:
+        """Address of ext's side of a node uplink."""
+        _peer, v4, v6 = UPLINKS[uplink]
+        d = {4: f"{v4}.2"}
+        if self.ipv6:
+            d[6] = f"{v6}2"
+        return d
+
+    def dest(self, name: str) -> str:
+        """Address of destination ``name``."""
+        return self.DESTINATIONS[name].address
+
+    # -- building ----------------------------------------------------------
+
+    def _ipr(self, ns: str):
+        from pyroute2 import IPRoute
+
+        if ns not in self.namespaces:
+            raise TestBedError(f"{ns} is not a namespace of this bed")
+        return IPRoute(netns=ns)
+
+    def _build(self) -> None:
+        from pyroute2 import netns as _netns
+
+        existing = set(_list_netns())
+        for ns in self.namespaces:
+            if ns in existing:
+                raise TestBedError(f"netns {ns} already exists (tag clash?)")
+        for ns in self.namespaces:
+            _netns.create(ns)
+            self._created.append(ns)
+            self._threads[ns] = _NsThread(ns)
+
+        for ns in self.namespaces:
+            t = self._threads[ns]
+            if self.ipv6:
+                for scope in ("all", "default"):
+                    t.sysctl(f"net.ipv6.conf.{scope}.accept_dad", 0)
+                    t.sysctl(f"net.ipv6.conf.{scope}.dad_transmits", 0)
+                    t.sysctl(f"net.ipv6.conf.{scope}.accept_ra", 0)
+            else:
+                for scope in ("all", "default"):
+                    t.sysctl(f"net.ipv6.conf.{scope}.disable_ipv6", 1)
+            for scope in ("all", "default"):
+                t.sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
+        node = self._threads[self.node]
+        node.sysctl("net.ipv4.ip_forward", 1)
+        if self.ipv6:
+            node.sysctl("net.ipv6.conf.all.forwarding", 1)
+
+        v6 = self.ipv6
+        with self._ipr(self.node) as ipr:
+            self._link_up(ipr, "lo")
+            for i, pod in enumerate(self.pods):
+                vname = f"vpod{i}"
+                ipr.link("add", ifname=vname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": pod})
+                idx = self._link_up(ipr, vname)
+                gw = self.pod_gw(i)
+                ipr.addr("add", index=idx, address=gw[4], prefixlen=24)
+                if v6:
+                    ipr.addr("add", index=idx, address=gw[6], prefixlen=64, flags=IFA_F_NODAD)
+            for up, (peer, _v4, _v6) in UPLINKS.items():
+                ipr.link("add", ifname=up, kind="veth", peer={"ifname": peer, "net_ns_fd": self.ext})
+            for up in UPLINKS:
+                self._configure_uplink(ipr, up)
+
+        for i, pod in enumerate(self.pods):
+            with self._ipr(pod) as ipr:
+                self._link_up(ipr, "lo")
+                idx = self._link_up(ipr, "eth0")
+                a, gw = self.pod_addrs(i), self.pod_gw(i)
+                ipr.addr("add", index=idx, address=a[4], prefixlen=24)
+                ipr.route("add", dst="0.0.0.0/0", gateway=gw[4])
+                if v6:
+                    ipr.addr("add", index=idx, address=a[6], prefixlen=64, flags=IFA_F_NODAD)
+                    ipr.route("add", dst="::/0", gateway=gw[6], family=socket.AF_INET6)
+
+        with self._ipr(self.ext) as ipr:
+            lo = self._link_up(ipr, "lo")
+            for d in self.DESTINATIONS.values():
+                if d.family == 4:
+                    ipr.addr("add", index=lo, address=d.address, prefixlen=32)
+                else:
+                    ipr.addr("add", index=lo, address=d.address, prefixlen=128, flags=IFA_F_NODAD)
+            for up, (peer, v4, v6p) in UPLINKS.items():
+                idx = self._link_up(ipr, peer)
+                ipr.addr("add", index=idx, address=f"{v4}.2", prefixlen=24)
+                if v6:
+                    ipr.addr("add", index=idx, address=f"{v6p}2", prefixlen=64, flags=IFA_F_NODAD)
+            back = self.uplink_addr["eth0"]
+            # explicit routes back to the pod subnets, plus a default route so
+            # that replies to any SNAT address also go back to the node
+            for net in self.pod_subnets()[4]:
+                ipr.route("add", dst=net, gateway=back[4])
+            ipr.route("add", dst="0.0.0.0/0", gateway=back[4])
+            if v6:
+                for net in self.pod_subnets()[6]:
+                    ipr.route("add", dst=net, gateway=back[6], family=socket.AF_INET6)
+                ipr.route("add", dst="::/0", gateway=back[6], family=socket.AF_INET6)
+
+        self._rx = _Receivers(self._threads[self.ext], self.ipv6)
+        for fam in self._rx.families:
+            for proto in ("udp", "tcp"):
+                self._rx.ensure(proto, fam, DEFAULT_PORT)
+
+    @staticmethod
+    def _link_up(ipr, ifname: str) -> int:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise TestBedError(f"link {ifname} not found")
+        ipr.link("set", index=idx[0], state="up")
+        return idx[0]
+
+    def _configure_uplink(self, ipr, up: str) -> None:
+        """(Re-)apply addresses and destination routes of a node uplink.
+        Idempotent; used at build time and by :meth:`set_uplink`."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        def tolerant(fn, *a, **kw):
+            try:
+                fn(*a, **kw)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+
+        idx = self._link_up(ipr, up)
+        mine, theirs = self.uplink_addr[up], self.ext_addr(up)
+        tolerant(ipr.addr, "add", index=idx, address=mine[4], prefixlen=24)
+        if self.ipv6:
+            tolerant(ipr.addr, "add", index=idx, address=mine[6], prefixlen=64, flags=IFA_F_NODAD)
+        for d in self.DESTINATIONS.values():
+            if d.uplink != up:
+                continue
+            if d.family == 4:
+                tolerant(ipr.route, "add", dst=f"{d.address}/32", gateway=theirs[4], oif=idx)
+            else:
+                tolerant(
+                    ipr.route, "add", dst=f"{d.address}/128", gateway=theirs[6], oif=idx,
+                    family=socket.AF_INET6,
+                )
+
+    # -- runtime helpers ---------------------------------------------------
+
+    def set_uplink(self, uplink: str, up: bool) -> None:
+        """Set a node uplink down (its routes vanish with it) or back up
+        (addresses and destination routes are restored)."""
+        if uplink not in UPLINKS:
+            raise ValueError(f"unknown uplink {uplink}")
+        with self._ipr(self.node) as ipr:
+            if up:
+                self._configure_uplink(ipr, uplink)
+            else:
+                idx = ipr.link_lookup(ifname=uplink)[0]
+                ipr.link("set", index=idx, state="down")
+
+    def exec_in(
+        self,
+        ns: str,
+        argv: list[str],
+        env: dict | None = None,
+        input: str | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess:
+        """Run ``argv`` in one of the bed's namespaces (``ip netns exec``).
+
+        Text mode, output captured, never raises on a non-zero exit status
+        (a timeout still raises ``subprocess.TimeoutExpired``).  ``env`` is
+        added to (not substituted for) the current environment."""
+        if ns not in self.namespaces:
+            raise TestBedError(f"{ns} is not a namespace of this bed")
+        if self._closed:
+            raise TestBedError("bed is closed")
+        full_env = None
+        if env is not None:
+            full_env = dict(os.environ)
+            full_env.update({k: str(v) for k, v in env.items()})
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, *argv],
+            env=full_env,
+            input=input,
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    def node_exec(self, argv: list[str], env: dict | None = None, input: str | None = None,
+                  timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run ``argv`` in the node namespace (see :meth:`exec_in`)."""
+        return self.exec_in(self.node, argv, env=env, input=input, timeout=timeout)
+
+    def ext_exec(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        return self.exec_in(self.ext, argv, **kw)
+
+    def pod_exec(self, argv: list[str], pod: int = 0, **kw) -> subprocess.CompletedProcess:
+        return self.exec_in(self.pods[pod], argv, **kw)
+
+    def node_sysctl(self, key: str, value: str | int | None = None) -> str:
+        """Read (and with ``value``, first write) a sysctl of the node namespace."""
+        t = self._threads[self.node]
+        if value is not None:
+            t.sysctl(key, value)
+        return t.read_sysctl(key)
+
+    def in_netns(self, ns: str, fn: Callable, *args):
+        """Call ``fn(*args)`` on a thread living in bed namespace ``ns``
+        (e.g. to create a socket there)."""
+        if ns not in self._threads:
+            raise TestBedError(f"{ns} is not a namespace of this bed")
+        return self._threads[ns].call(fn, *args)
+
+    # -- probing -----------------------------------------------------------
+
+    def _bind_fresh(self, sock: socket.socket, fam: int) -> int:
+        """Bind ``sock`` to the next unused probe port.  Also asks for ICMP
+        errors (net/host unreachable are otherwise not reported), so that an
+        unreachable destination fails fast."""
+        if fam == 4:
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        span = _PROBE_PORT_HI - _PROBE_PORT_LO
+        for _ in range(200):
+            with self._port_lock:
+                port = _PROBE_PORT_LO + next(self._ports) % span
+            try:
+                sock.bind(("0.0.0.0" if fam == 4 else "::", port))
+                return port
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+        raise TestBedError("no free probe port")
+
+    def source_seen(
+        self,
+        dst: str,
+        proto: str = "udp",
+        port: int = DEFAULT_PORT,
+        timeout: float = 2.0,
+        pod: int = 0,
+        require_reply: bool = True,
+    ) -> str | None:
+        """Send one probe from pod number ``pod`` to ``dst`` and return the
+        source address the receiver in ext saw, or None if nothing arrived.
+
+        ``dst`` may be an address or a destination name.  ``proto`` is one of
+        udp, tcp, icmp.  Every probe is a new flow (fresh source port / echo
+        id), so it goes through the NAT rules rather than an old conntrack
+        entry.  If the probe reached ext but the answer did not come back to
+        the pod, ReplyLostError is raised (``require_reply=False``: return
+        what ext saw instead).  For tcp a lost SYN-ACK looks like "nothing
+        arrived" (returns None)."""
+        if self._closed:
+            raise TestBedError("bed is closed")
+        if dst in self.DESTINATIONS:
+            dst = self.DESTINATIONS[dst].address
+        fam = _family_of(dst)
+        if fam == 6 and not self.ipv6:
+            return None
+        proto = proto.lower()
+        if proto not in ("udp", "tcp", "icmp"):
+            raise ValueError(f"proto must be udp, tcp or icmp, not {proto!r}")
+        if not 0 <= pod < len(self.pods):
+            raise ValueError(f"no pod {pod}")
+        assert self._rx is not None
+        token = secrets.token_hex(8)
+        t_pod = self._threads[self.pods[pod]]
+        if proto == "icmp":
+            got = self._probe_icmp(t_pod, fam, dst, token, timeout)
+        else:
+            self._rx.ensure(proto, fam, port)
+            if proto == "udp":
+                got = self._probe_udp(t_pod, fam, dst, port, token, timeout)
+            else:
+                got = self._probe_tcp(t_pod, fam, dst, port, token, timeout)
+        if got is not None:
+            # the reply carried (or, for icmp, the kernel answered) -- get ext's record
+            seen = got if proto != "icmp" else self._rx.wait_seen(token, 1.0)
+            self._rx.pop_seen(token)
+            if seen is None:  # pragma: no cover - should not happen
+                raise TestBedError(f"{proto} reply for {dst} came back but ext recorded nothing")
+            return seen
+        # no (valid) reply; did the probe reach ext at all?
+        seen = self._rx.wait_seen(token, 0.05)
+        self._rx.pop_seen(token)
+        if seen is not None and require_reply:
+            raise ReplyLostError(
+                f"{proto} probe from {self.pod_addrs(pod)[fam]} to {dst}:{port} reached ext "
+                f"with source {seen}, but the reply never came back to the pod",
+                seen,
+            )
+        return seen
+
+    def _probe_udp(self, t: _NsThread, fam: int, dst: str, port: int, token: str,
+                   timeout: float) -> str | None:
+        s = t.socket(_af(fam), socket.SOCK_DGRAM)
+        try:
+            self._bind_fresh(s, fam)
+            s.connect((dst, port))
+            s.send(b"%s %s\n" % (MAGIC, token.encode()))
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                s.settimeout(left)
+                try:
+                    data = s.recv(2048)
+                except socket.timeout:
+                    return None
+                except OSError:  # ICMP error: unreachable, refused, ...
+                    return None
+                parts = data.split()
+                if len(parts) == 3 and parts[0] == MAGIC and parts[1].decode() == token:
+                    return parts[2].decode()
+        finally:
+            s.close()
+
+    def _probe_tcp(self, t: _NsThread, fam: int, dst: str, port: int, token: str,
+                   timeout: float) -> str | None:
+        s = t.socket(_af(fam), socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # no lingering TIME_WAIT on the pod side
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self._bind_fresh(s, fam)
+            deadline = time.monotonic() + timeout
+            s.settimeout(timeout)
+            try:
+                s.connect((dst, port))
+                s.sendall(b"%s %s\n" % (MAGIC, token.encode()))
+                buf = b""
+                while b"\n" not in buf:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    s.settimeout(left)
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+            except (socket.timeout, OSError):
+                return None
+            parts = buf.split()
+            if len(parts) == 3 and parts[0] == MAGIC and parts[1].decode() == token:
+                return parts[2].decode()
+            return None
+        finally:
+            s.close()
+
+    def _probe_icmp(self, t: _NsThread, fam: int, dst: str, token: str,
+                    timeout: float) -> str | None:
+        ident = next(self._icmp_ids) % 0xFFFF + 1
+        payload = b"%s %s\n" % (MAGIC, token.encode())
+        if fam == 4:
+            s = t.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            hdr = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+            csum = _inet_checksum(hdr + payload)
+            pkt = struct.pack("!BBHHH", 8, 0, csum, ident, 1) + payload
+            reply_type, err_types = 0, (3, 11)
+        else:
+            s = t.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+            pkt = struct.pack("!BBHHH", 128, 0, 0, ident, 1) + payload  # kernel fills checksum
+            reply_type, err_types = 129, (1, 3)
+        try:
+            try:
+                s.sendto(pkt, (dst, 0))
+            except OSError:
+                return None
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                s.settimeout(left)
+                try:
+                    data, _addr = s.recvfrom(65535)
+                except (socket.timeout, OSError):
+                    return None
+                if fam == 4:
+                    data = data[(data[0] & 0x0F) * 4:]
+                if len(data) < 8:
+                    continue
+                if data[0] == reply_type and payload in data[8:]:
+                    return "reply"
+                if data[0] in err_types and payload in data:
+                    # an ICMP error quoting our request: unreachable
+                    return None
+        finally:
+            s.close()
+
+    # -- teardown ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Delete every namespace this bed created.  Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        errors = []
+        if self._rx is not None:
+            try:
+                self._rx.close()
+            except Exception as e:  # pragma: no cover
+                errors.append(e)
+        for t in self._threads.values():
+            t.stop()
+        for ns in reversed(self._created):
+            try:
+                _remove_netns(ns)
+            except Exception as e:
+                errors.append(e)
+        try:
+            atexit.unregister(self.close)
+        except Exception:  # pragma: no cover
+            pass
+        if errors:
+            raise TestBedError(f"errors while closing bed {self.tag}: {errors}")
+
+    def __enter__(self) -> "TestBed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<TestBed {self.tag} pods={len(self.pods)} ipv6={self.ipv6}{' closed' if self._closed else ''}>"
+
+
+def _main(argv: Iterable[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ipmasq_legacy.testbed")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("hold", help="build a bed, print its names, wait for Ctrl-C")
+    h.add_argument("--no-ipv6", action="store_true")
+    h.add_argument("--pods", type=int, default=1)
+    sub.add_parser("cleanup", help="remove namespaces of beds whose process is gone")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    if a.cmd == "cleanup":
+        for n in cleanup_stale():
+            print("removed", n)
+        return 0
+    with TestBed(ipv6=not a.no_ipv6, pods=a.pods) as bed:
+        print("pods:", " ".join(bed.pods))
+        print("node:", bed.node)
+        print("ext: ", bed.ext)
+        for d in bed.DESTINATIONS.values():
+            print(f"  {d.name:14} {d.address:18} via {d.uplink}")
+        print("Ctrl-C to tear down", flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())
