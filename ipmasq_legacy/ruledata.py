@@ -6,13 +6,13 @@ without reading Python. Loaded once, read-only.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import yaml
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name: str) -> dict:
     text = (resources.files("ipmasq_legacy") / "rules" / f"{name}.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)

@@ -1,0 +1,132 @@
+"""The pure half: config -> plan -> iptables-restore text. Golden renders for the seeds' examples."""
+
+from __future__ import annotations
+
+import textwrap
+
+from ipmasq_legacy import config, plan
+from ipmasq_legacy.backends import iptables as ipt
+
+
+def build(tmp_path, text, agent_text=None):
+    cfg_text = textwrap.dedent(text)
+    if agent_text is not None:
+        agent_path = tmp_path / "ip-masq-agent"
+        agent_path.write_text(textwrap.dedent(agent_text))
+        cfg_text += f"enable-ip-masq-agent: true\nip-masq-agent-config-path: {agent_path}\n"
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg_text)
+    return plan.build(config.load(str(path)))
+
+
+def test_normalise_merges_duplicates_contained_and_adjacent():
+    assert plan.normalise(["10.0.0.0/8", "10.1.0.0/16", "10.0.0.0/8", "12.0.0.0/8", "fd00::/8", "fd00:1::/32"]) == (
+        "10.0.0.0/8", "12.0.0.0/8", "fd00::/8",
+    )
+    assert plan.normalise(["10.0.0.0/8", "11.0.0.0/8"]) == ("10.0.0.0/7",)
+
+
+def test_tke_configmap_golden(tmp_path):
+    p = build(tmp_path, "enable-ipv6-masquerade: false\n", agent_text="""
+        nonMasqueradeCIDRs:
+        - 10.0.0.0/16
+        - 172.18.0.0/16
+        - 192.168.0.0/17
+        masqLinkLocal: true
+    """)
+    fp = p.family(4)
+    assert p.family(6) is None
+    assert fp.exempt == ("10.0.0.0/16", "172.18.0.0/16", "192.168.0.0/17")
+    name = ipt.set_name(fp)
+    assert ipt.render_set(fp) == textwrap.dedent(f"""\
+        create {name} hash:net family inet hashsize 1024 maxelem 65536
+        add {name} 10.0.0.0/16
+        add {name} 172.18.0.0/16
+        add {name} 192.168.0.0/17
+    """)
+    assert ipt.render_restore(fp) == textwrap.dedent(f"""\
+        *nat
+        :IPMASQ-LEGACY - [0:0]
+        -A IPMASQ-LEGACY -m addrtype --dst-type LOCAL -j RETURN
+        -A IPMASQ-LEGACY -m set --match-set {name} dst -j RETURN
+        -A IPMASQ-LEGACY ! -o lo -j MASQUERADE
+        -A POSTROUTING -m comment --comment "ipmasq-legacy: masquerade pod egress" -j IPMASQ-LEGACY
+        COMMIT
+    """)
+
+
+def test_empty_agent_file_gives_11_ranges_plus_link_local(tmp_path):
+    p = build(tmp_path, "", agent_text="")
+    assert p.family(4).exempt == (
+        "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24",
+        "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "240.0.0.0/4",
+    )
+    assert p.family(6).exempt == ("fe80::/10",)
+
+
+def test_masq_link_local_ipv6_drops_fe80(tmp_path):
+    p = build(tmp_path, "", agent_text="nonMasqueradeCIDRs: [fd00::/8]\nmasqLinkLocalIPv6: true\n")
+    assert p.family(6).exempt == ("fd00::/8",)
+    assert "169.254.0.0/16" in p.family(4).exempt
+
+
+def test_eth_plus_interfaces_and_native_routing_golden(tmp_path):
+    p = build(tmp_path, """
+        egress-masquerade-interfaces: [eth+, ens3]
+        ipv4-native-routing-cidr: 10.0.0.0/8
+        ipv4-pod-cidr: 10.244.0.0/16
+        enable-ipv6-masquerade: false
+        iptables-random-fully: true
+    """)
+    fp = p.family(4)
+    assert fp.exempt == ("10.0.0.0/8",)  # native routing replaces the pod cidr as exemption
+    assert ipt.chain_rules(fp)[3:] == [
+        "-A IPMASQ-LEGACY -s 10.244.0.0/16 -o eth+ -j MASQUERADE --random-fully",
+        "-A IPMASQ-LEGACY -s 10.244.0.0/16 -o ens3 -j MASQUERADE --random-fully",
+    ]
+
+
+def test_pod_cidr_exempt_without_native_routing(tmp_path):
+    p = build(tmp_path, "ipv4-pod-cidr: 10.244.0.0/16\nipv6-pod-cidr: fd00:244::/48\n")
+    assert p.family(4).exempt == ("10.244.0.0/16",)
+    assert p.family(6).sources == ("fd00:244::/48",)
+
+
+def test_to_ports_split_by_protocol_and_range_size(tmp_path):
+    p = build(tmp_path, "masquerade-to-ports: 1024-29999,32768-65535\nenable-ipv6-masquerade: false\n")
+    rules = ipt.chain_rules(p.family(4))[2:]  # no exempt prefixes: no set rule
+    assert rules[0] == ("-A IPMASQ-LEGACY ! -o lo -p tcp -m statistic --mode random --probability 0.46929256292"
+                        " -j MASQUERADE --to-ports 1024-29999")
+    assert rules[1] == "-A IPMASQ-LEGACY ! -o lo -p tcp -j MASQUERADE --to-ports 32768-65535"
+    assert rules[2].startswith("-A IPMASQ-LEGACY ! -o lo -p udp -m statistic")
+    assert rules[-1] == "-A IPMASQ-LEGACY ! -o lo -j MASQUERADE"
+
+
+def test_set_name_follows_content_only(tmp_path):
+    a = build(tmp_path, "ipv4-native-routing-cidr: 10.0.0.0/8\n").family(4)
+    b = build(tmp_path, "ipv4-native-routing-cidr: 10.0.0.0/8\negress-masquerade-interfaces: eth0\n").family(4)
+    c = build(tmp_path, "ipv4-native-routing-cidr: 10.0.0.0/9\n").family(4)
+    assert ipt.set_name(a) == ipt.set_name(b) != ipt.set_name(c)
+    assert len(ipt.set_name(a)) <= 31  # ipset's name limit
+
+
+def test_slash_zero_is_split_for_hash_net(tmp_path):
+    fp = build(tmp_path, "ipv4-native-routing-cidr: 0.0.0.0/0\n").family(4)
+    assert ipt.set_members(fp) == ["0.0.0.0/1", "128.0.0.0/1"]
+
+
+def test_restore_replaces_stale_jumps_once(tmp_path):
+    fp = build(tmp_path, "").family(4)
+    old = '-A POSTROUTING -m comment --comment "ipmasq-legacy v0" -j IPMASQ-LEGACY'
+    text = ipt.render_restore(fp, [old, old])
+    assert text.count("-D POSTROUTING") == 2
+    assert text.count("-A POSTROUTING") == 1
+    assert "-A POSTROUTING" not in ipt.render_restore(fp, [ipt.SHAPES["jump"]])
+
+
+def test_large_prefix_list_sizes_the_set(tmp_path):
+    prefixes = [f"10.{i // 256}.{i % 256}.0/24" for i in range(0, 20000, 2)]
+    fp = plan.FamilyPlan(family=4, interfaces=(), sources=(), exempt=plan.normalise(prefixes))
+    first = ipt.render_set(fp).splitlines()[0]
+    assert "maxelem 65536" in first and "hashsize 4096" in first
+    assert len(ipt.chain_rules(fp)) == 4  # one set lookup, not one rule per prefix
