@@ -57,6 +57,7 @@ __all__ = [
     "TestBedError",
     "ReplyLostError",
     "cleanup_stale",
+    "bed_owner_pid",
     "NETNS_PREFIX",
 ]
 
@@ -223,7 +224,26 @@ class _NsThread:
         return self.call(socket.socket, family, type_, proto)
 
     def sysctl(self, key: str, value: str | int) -> None:
+        """Write a sysctl inside this namespace.  As a safety net, the same key
+        is read in the caller's (host) namespace before and after: if the host
+        value moved (a sysctl that is not per-namespace), it is put back and
+        TestBedError is raised."""
+        if _own_netns_ino() != _HOST_NETNS_INO:
+            raise TestBedError("sysctl() must be called from a thread in the host namespace")
+        try:
+            before = self._read_sysctl(key)
+        except OSError:
+            before = None
         self.call(self._write_sysctl, key, str(value))
+        try:
+            after = self._read_sysctl(key)
+        except OSError:
+            after = None
+        if before != after:  # pragma: no cover - would be a kernel surprise
+            if before is not None:
+                with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                    f.write(before)
+            raise TestBedError(f"sysctl {key} is not per-namespace; host value restored")
 
     def read_sysctl(self, key: str) -> str:
         return self.call(self._read_sysctl, key)
@@ -275,12 +295,13 @@ def _netns_pids(name: str) -> list[int]:
     return pids
 
 
-def _remove_netns(name: str) -> None:
-    """Kill processes left in a bed namespace, then delete it."""
+def _remove_netns(name: str, kill: bool = True) -> None:
+    """Delete a bed namespace; with ``kill``, first SIGKILL the processes left
+    running inside it (processes a test started in its own bed)."""
     if not name.startswith(NETNS_PREFIX):
         raise TestBedError(f"refusing to delete foreign netns {name!r}")
     me = os.getpid()
-    for pid in _netns_pids(name):
+    for pid in _netns_pids(name) if kill else ():
         if pid != me:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -302,6 +323,13 @@ def _remove_netns(name: str) -> None:
 _AUTO_TAG_RE = re.compile(r"^" + re.escape(NETNS_PREFIX) + r"(\d+)x[0-9a-f]+-")
 
 
+def bed_owner_pid(name: str) -> int | None:
+    """Pid of the process that built the (auto-tagged) bed namespace ``name``,
+    or None if the name is not an auto-tagged bed namespace."""
+    m = _AUTO_TAG_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def cleanup_stale() -> list[str]:
     """Delete namespaces of beds whose (auto-tagged) owning process is dead.
 
@@ -312,7 +340,7 @@ def cleanup_stale() -> list[str]:
         m = _AUTO_TAG_RE.match(name)
         if m and not _pid_alive(int(m.group(1))):
             try:
-                _remove_netns(name)
+                _remove_netns(name, kill=False)
                 removed.append(name)
             except TestBedError:
                 pass
@@ -702,6 +730,19 @@ class TestBed:
                 t.sysctl(f"net.ipv4.conf.{scope}.rp_filter", 0)
         node = self._threads[self.node]
         node.sysctl("net.ipv4.ip_forward", 1)
+        # Probes to unreachable addresses fail fast thanks to the node's ICMP
+        # errors; lift the per-namespace ICMP rate limits.  (IPv4 "no route"
+        # errors are additionally limited by net.ipv4.route.error_cost, which
+        # is not per-namespace: after a burst of ~5 they come once a second.)
+        for key, val in (
+            ("net.ipv4.icmp_ratelimit", 0),
+            ("net.ipv4.icmp_ratemask", 0),
+            ("net.ipv6.icmp.ratelimit", 0),
+        ):
+            try:
+                node.sysctl(key, val)
+            except OSError:
+                pass
         if self.ipv6:
             node.sysctl("net.ipv6.conf.all.forwarding", 1)
 
