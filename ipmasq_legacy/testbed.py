@@ -46,8 +46,9 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 __all__ = [
     "Destination",
@@ -317,7 +318,7 @@ def _remove_netns(name: str, kill: bool = True) -> None:
     except OSError:
         r = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
         if r.returncode != 0 and os.path.exists(path):
-            raise TestBedError(f"cannot delete netns {name}: {r.stderr.strip()}")
+            raise TestBedError(f"cannot delete netns {name}: {r.stderr.strip()}") from None
 
 
 _AUTO_TAG_RE = re.compile(r"^" + re.escape(NETNS_PREFIX) + r"(\d+)x[0-9a-f]+-")
@@ -780,7 +781,7 @@ class TestBed:
                     ipr.addr("add", index=lo, address=d.address, prefixlen=32)
                 else:
                     ipr.addr("add", index=lo, address=d.address, prefixlen=128, flags=IFA_F_NODAD)
-            for up, (peer, v4, v6p) in UPLINKS.items():
+            for peer, v4, v6p in UPLINKS.values():
                 idx = self._link_up(ipr, peer)
                 ipr.addr("add", index=idx, address=f"{v4}.2", prefixlen=24)
                 if v6:
@@ -800,6 +801,40 @@ class TestBed:
         for fam in self._rx.families:
             for proto in ("udp", "tcp"):
                 self._rx.ensure(proto, fam, DEFAULT_PORT)
+
+    def wait_settled(self, timeout: float = 5.0) -> None:
+        """Wait until every link of the bed is operationally UP and no IPv6
+        address is tentative.
+
+        Not needed for probing: the bed's own addresses are added without
+        DAD and forward at once.  But the kernel reports carrier changes
+        through "linkwatch", at most once a second, so for up to ~1 s after
+        building the links show NO-CARRIER/LOWERLAYERDOWN and the automatic
+        fe80:: addresses are tentative.  Call this before a test that looks
+        at link state or link-local addresses."""
+        IFA_F_TENTATIVE = 0x40
+        deadline = time.monotonic() + timeout
+        for ns in self.namespaces:
+            with self._ipr(ns) as ipr:
+                while True:
+                    pending = [
+                        link.get_attr("IFLA_IFNAME")
+                        for link in ipr.get_links()
+                        if link.get_attr("IFLA_IFNAME") != "lo"
+                        and link["flags"] & 1  # IFF_UP: administratively up
+                        and link.get_attr("IFLA_OPERSTATE") != "UP"
+                    ]
+                    if self.ipv6:
+                        pending += [
+                            a.get_attr("IFA_ADDRESS")
+                            for a in ipr.get_addr(family=socket.AF_INET6)
+                            if (a.get_attr("IFA_FLAGS") or a["flags"]) & IFA_F_TENTATIVE
+                        ]
+                    if not pending:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TestBedError(f"not settled in {ns}: {pending}")
+                    time.sleep(0.01)
 
     @staticmethod
     def _link_up(ipr, ifname: str) -> int:
@@ -1115,7 +1150,7 @@ class TestBed:
         if errors:
             raise TestBedError(f"errors while closing bed {self.tag}: {errors}")
 
-    def __enter__(self) -> "TestBed":
+    def __enter__(self) -> TestBed:
         return self
 
     def __exit__(self, *exc) -> None:
