@@ -193,6 +193,35 @@ def list_cmd(cfg, output):
             click.echo(prefix)
 
 
+@cli.command()
+@output_option
+def doctor(output):
+    """Which backends this node can run, and why not; what `auto` would pick."""
+    from . import doctor as doctormod
+
+    data = doctormod.report()
+    if output == "json":
+        _emit_json(data)
+    else:
+        click.echo(doctormod.render_text(data))
+
+
+@cli.command()
+@click.option("--backend", "names", multiple=True, type=click.Choice(backends.NAMES),
+              help="Backend to prove (repeatable); default: every netfilter backend.")
+@click.option("--ipv6/--no-ipv6", default=True, show_default=True, help="Also prove IPv6.")
+def selftest(names, ipv6):
+    """Prove masquerading with real packets in throw-away network namespaces."""
+    from . import selftest as selftestmod
+
+    if os.geteuid() != 0:
+        raise ApplyError("selftest needs root (it builds network namespaces)")
+    rows = selftestmod.run(list(names) or list(backends.NAMES), ipv6=ipv6)
+    click.echo(selftestmod.render(rows))
+    if not all(r.ok for r in rows):
+        raise click.exceptions.Exit(1)
+
+
 def main() -> None:
     try:
         cli.main(prog_name="ipmasq", standalone_mode=False)

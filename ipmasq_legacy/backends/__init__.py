@@ -6,34 +6,44 @@ from .. import state
 from ..errors import BackendUnavailable
 from .base import Backend
 from .iptables import IptablesBackend, detect_variant
+from .nftables import NftablesBackend
+from . import selection
 
-NAMES = ("iptables-legacy", "iptables-nft")
+NAMES = ("iptables-legacy", "iptables-nft", "nftables")
 
 
 def get(name: str) -> Backend:
     if name.startswith("iptables-"):
         return IptablesBackend(name.removeprefix("iptables-"))
+    if name == "nftables":
+        return NftablesBackend()
     raise BackendUnavailable(f"backend {name!r} is not available in this version (known: {', '.join(NAMES)})")
 
 
 def resolve(datapath: str, probe: bool = True) -> tuple[Backend, str]:
     """(backend, why) for a configured datapath. `probe=False` reads nothing from the
-    kernel (for `plan`, which needs no root): it then trusts the state record or defaults."""
+    kernel (for `plan`, which needs no root): `auto` then trusts the state record, or
+    names the backend a node with no rules would get (nftables)."""
     if datapath in NAMES:
         return get(datapath), "configured"
     if datapath == "iptables":
-        if probe:
-            variant, why = detect_variant()
-            return IptablesBackend(variant), why
-        return IptablesBackend("nft"), "not probed (plan reads nothing); iptables-nft assumed"
+        if not probe:
+            return IptablesBackend("nft"), "iptables-nft assumed (plan probes nothing)"
+        variant, why = detect_variant()
+        return IptablesBackend(variant), why
     if datapath == "auto":
         recorded = state.read().get("backend")
         if recorded in NAMES:
-            return get(recorded), f"recorded in {state.state_dir()}"
-        if probe:
-            variant, why = detect_variant()
-            return IptablesBackend(variant), why
-        return IptablesBackend("nft"), "not probed (plan reads nothing); iptables-nft assumed"
+            return get(recorded), f"installed (recorded in {state.state_dir() / 'state.json'})"
+        if not probe:
+            return get("nftables"), "auto on a node with no rules (plan probes nothing)"
+        from ..doctor import availability
+
+        try:
+            name, why = selection.choose_auto(availability())
+        except LookupError as exc:
+            raise BackendUnavailable(str(exc)) from None
+        return get(name), why
     return get(datapath), "configured"
 
 

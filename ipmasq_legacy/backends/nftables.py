@@ -1,0 +1,521 @@
+"""nftables backend: one table of our own per family, replaced whole in one transaction.
+
+Per family, one `nft -f -` batch (through libnftables when it loads, else the `nft`
+binary): `add table` + `delete table` + the full table (the exempt interval set and
+the `postrouting` nat base chain). The kernel commits the batch at once, so packets
+see the old table or the new one, never neither and never a mix. The batch is first
+checked (dry run), then run. Nothing outside `table ip ipmasq_legacy` and
+`table ip6 ipmasq_legacy` is listed, flushed or touched; live state is read with
+`list table` of our own tables only. The shapes are in rules/nftables.yaml.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import re
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass, field
+
+from .. import ruledata
+from ..errors import ApplyError, ConfigError
+from ..plan import FamilyPlan, Plan
+from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
+
+SHAPES = ruledata.load("nftables")
+TABLE = SHAPES["table"]
+SET = SHAPES["set"]["name"]
+CHAIN = SHAPES["chain"]["name"]
+CHAIN_HEADER = SHAPES["chain"]["header"]
+# IPMASQ_NFT_CLI=1: drive the `nft` binary even when libnftables loads (tests, debugging).
+CLI_ENV = "IPMASQ_NFT_CLI"
+LIBRARY = "libnftables.so.1"
+
+_COUNTER = re.compile(r"\bcounter packets (\d+) bytes (\d+)")
+_OIFNAME = re.compile(r'oifname (!= )?"((?:[^"\\]|\\.)*)" ')
+_ERROR = re.compile(r"^(?:\S*?:(\d+):[\d-]+: )?Error: (.*)$", re.M)
+_ENOENT = "No such file or directory"
+
+
+# ---------------------------------------------------------------- pure rendering
+
+
+def table_ref(family: int) -> str:
+    """`ip ipmasq_legacy` / `ip6 ipmasq_legacy`: what follows `table` in every command."""
+    return f"{SHAPES['family'][family]} {TABLE}"
+
+
+def _ntop(addr) -> str:
+    """An address as nft prints it (glibc inet_ntop). Python agrees on RFC 5952
+    compression but spells IPv4-mapped/-compatible IPv6 addresses in hex."""
+    text = str(addr)
+    if addr.version != 6:
+        return text
+    words = struct.unpack("!8H", addr.packed)
+    lead = next((i for i, w in enumerate(words) if w), 8)
+    if lead == 6 or (lead == 7 and words[7] != 1) or (lead == 5 and words[5] == 0xFFFF):
+        dotted = str(ipaddress.IPv4Address(addr.packed[12:]))
+        return ("::ffff:" if lead == 5 else "::") + dotted
+    return text
+
+
+def _network(prefix, family: int):
+    net = prefix if isinstance(prefix, (ipaddress.IPv4Network, ipaddress.IPv6Network)) else ipaddress.ip_network(prefix)
+    if net.version != family:
+        raise ConfigError(f"prefix {prefix} is IPv{net.version} in the IPv{family} plan")
+    return net
+
+
+def _prefix_text(net) -> str:
+    """A prefix as nft prints it in a rule: a single address without its /32 or /128."""
+    addr = _ntop(net.network_address)
+    return addr if net.prefixlen == net.max_prefixlen else f"{addr}/{net.prefixlen}"
+
+
+def interface_match(name: str) -> str:
+    """The out-interface part of a rule: `eth+` is nft's prefix match `eth*`."""
+    if name == "+":
+        return SHAPES["out_interface_all"]
+    stem, wildcard = (name[:-1], "*") if name.endswith("+") else (name, "")
+    bad = [c for c in stem if c in '"\\' or c.isspace() or not c.isprintable()]
+    if not stem or bad or len(stem.encode()) > 15:
+        raise ConfigError(f"interface name {name!r} cannot be written as an nft oifname string")
+    return SHAPES["out_interface"].format(pattern=stem.replace("*", "\\*") + wildcard)
+
+
+def interface_of(rule: str) -> str:
+    """The config's spelling of the interface a rule matches ("" = any but lo, "+" = any)."""
+    m = _OIFNAME.match(rule)
+    if not m:
+        return "+"
+    negated, pattern = m.group(1), m.group(2)
+    if negated:
+        return "" if pattern == "lo" else f"!{pattern}"
+    if pattern.endswith("*") and not pattern.endswith("\\*"):
+        return pattern[:-1].replace("\\*", "*") + "+"
+    return pattern.replace("\\*", "*")
+
+
+def _port_choices(fp: FamilyPlan) -> list[tuple[str, str, str]]:
+    """(protocol, port_share, to_ports) variants of one masquerade rule."""
+    plain = ("", "", "")
+    if not fp.to_ports:
+        return [plain]
+    remaining = sum(last - first + 1 for first, last in fp.to_ports)
+    shares = []
+    for i, (first, last) in enumerate(fp.to_ports):
+        size = last - first + 1
+        last_range = i == len(fp.to_ports) - 1
+        # iptables-nft's spelling of `-m statistic --probability p`: p as a fraction of 2^31.
+        threshold = round(size / remaining * 2**31)
+        share = "" if last_range else SHAPES["port_share"].format(threshold=threshold)
+        shares.append((share, SHAPES["to_ports"].format(first=int(first), last=int(last))))
+        remaining -= size
+    choices = []
+    for proto in SHAPES["port_protocols"]:
+        for share, to_ports in shares:
+            choices.append((SHAPES["protocol"].format(protocol=proto), share, to_ports))
+    return choices + [plain]
+
+
+def chain_rules(fp: FamilyPlan) -> list[str]:
+    """Our chain's rules, as `nft list table` prints them (counters left out)."""
+    rules = SHAPES["rules"]
+    payload = SHAPES["payload"][fp.family]
+    lines = [rules["local"]]
+    if fp.exempt:
+        lines.append(rules["exempt"].format(payload=payload))
+    sources = [
+        SHAPES["source"].format(payload=payload, prefix=_prefix_text(_network(p, fp.family))) for p in fp.sources
+    ] or [""]
+    interfaces = [interface_match(i) for i in fp.interfaces] or [SHAPES["out_interface_any"]]
+    random_fully = SHAPES["random_fully"] if fp.random_fully else ""
+    for source in sources:
+        for interface in interfaces:
+            for protocol, share, to_ports in _port_choices(fp):
+                lines.append(
+                    rules["masquerade"].format(
+                        out_interface=interface,
+                        source=source,
+                        protocol=protocol,
+                        port_share=share,
+                        to_ports=to_ports,
+                        random_fully=random_fully,
+                    )
+                )
+    return lines
+
+
+def set_declaration(family: int) -> list[str]:
+    return [line.format(type=SHAPES["set"]["type"][family]) for line in SHAPES["set"]["declaration"]]
+
+
+def render_table(fp: FamilyPlan) -> str:
+    """The whole table of one family, laid out as `nft list table` prints it."""
+    lines = [f"table {table_ref(fp.family)} {{"]
+    if fp.exempt:
+        members = [str(_network(p, fp.family)) for p in fp.exempt]
+        lines.append(f"\tset {SET} {{")
+        lines += [f"\t\t{line}" for line in set_declaration(fp.family)]
+        lines.append("\t\telements = { " + ",\n\t\t\t     ".join(members) + " }")
+        lines += ["\t}", ""]
+    lines.append(f"\tchain {CHAIN} {{")
+    lines.append(f"\t\t{CHAIN_HEADER}")
+    lines += [f"\t\t{rule}" for rule in chain_rules(fp)]
+    lines += ["\t}", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_transaction(fp: FamilyPlan) -> str:
+    """One batch: the old table (if any) goes and the new one comes in the same commit."""
+    ref = table_ref(fp.family)
+    return f"add table {ref}\ndelete table {ref}\n" + render_table(fp)
+
+
+def render_delete(family: int) -> str:
+    return f"delete table {table_ref(family)}\n"
+
+
+# ---------------------------------------------------------------- reading back
+
+
+@dataclass
+class NftFamilyLive(FamilyLive):
+    chain_header: str | None = None  # None: no chain postrouting in our table
+    set_declaration: list[str] | None = None  # None: no set exempt in our table
+    read_error: str | None = None
+
+
+def _statements(text: str):
+    """(depth, statement) for each statement of `nft list table` output; a statement
+    whose braces span lines (set elements, long anonymous sets) is joined into one."""
+    depth = 0
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if pending:
+            pending += " " + line
+            if pending.count("{") > pending.count("}"):
+                continue
+            yield depth, pending
+            pending = ""
+            continue
+        if line == "}":
+            depth -= 1
+            continue
+        if line.endswith("{") and line.count("{") == line.count("}") + 1 and "=" not in line:
+            yield depth, line
+            depth += 1
+            continue
+        if line.count("{") > line.count("}"):
+            pending = line
+            continue
+        yield depth, line
+
+
+def _parse_elements(statement: str, family: int, problems: list[str]) -> tuple[str, ...]:
+    """`elements = { 1.2.3.4, 10.0.0.0/8, 10.1.0.0-10.1.0.255 }` -> sorted prefix strings."""
+    body = statement[statement.index("{") + 1 : statement.rindex("}")]
+    nets = []
+    odd = 0
+    for item in body.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        word, _, extra = item.partition(" ")
+        try:
+            if "-" in word:
+                first, last = word.split("-", 1)
+                nets += ipaddress.summarize_address_range(ipaddress.ip_address(first), ipaddress.ip_address(last))
+            else:
+                nets.append(ipaddress.ip_network(word))  # a bare address is its /32 or /128
+        except (ValueError, TypeError):
+            odd += 1
+            continue
+        if extra:
+            odd += 1
+    if odd:
+        problems.append(f"set {SET} has {odd} elements that are not plain prefixes")
+    nets = [n for n in nets if n.version == family]
+    nets.sort()
+    return tuple(str(n) for n in nets)
+
+
+def parse_table(text: str, family: int) -> NftFamilyLive:
+    """Our table of one family from `nft list table` text (linear in its size)."""
+    live = NftFamilyLive(family=family, installed=True)
+    block: tuple[str, str] | None = None
+    for depth, stmt in _statements(text):
+        if depth == 0:
+            continue  # `table ip ipmasq_legacy {`
+        if depth == 1:
+            words = stmt.split()
+            if stmt.endswith("{") and len(words) == 3:
+                block = (words[0], words[1])
+                if block == ("set", SET):
+                    live.set_declaration = []
+                elif block == ("chain", CHAIN):
+                    live.chain_header = ""
+                else:
+                    live.problems.append(f"unexpected {words[0]} {words[1]}")
+            else:
+                live.problems.append(f"unexpected table attribute {stmt!r}")
+            continue
+        if block == ("set", SET):
+            if stmt.startswith("elements = {"):
+                live.exempt = _parse_elements(stmt, family, live.problems)
+            else:
+                live.set_declaration.append(stmt)
+        elif block == ("chain", CHAIN):
+            if stmt.startswith("type ") and not live.chain_header and not live.rules:
+                live.chain_header = stmt
+                continue
+            counter = _COUNTER.search(stmt)
+            rule = _COUNTER.sub("counter", stmt)
+            live.rules.append(rule)
+            if counter and re.search(r"\bmasquerade\b", rule):
+                live.counters.append(
+                    RuleCounter(family, rule, interface_of(rule), int(counter.group(1)), int(counter.group(2)))
+                )
+    return live
+
+
+def _first_error(err: str, rc: int) -> str:
+    m = _ERROR.search(err)
+    if m:
+        return f"line {m.group(1)}: {m.group(2).strip()}" if m.group(1) else m.group(2).strip()
+    return next((ln.strip() for ln in err.splitlines() if ln.strip()), f"exit status {rc}")
+
+
+# ---------------------------------------------------------------- talking to nftables
+
+
+class _CliRunner:
+    """`nft -f -` in a subprocess: the fallback when libnftables cannot be loaded."""
+
+    name = "nft"
+
+    def cmd(self, text: str, dry_run: bool = False) -> tuple[int, str, str]:
+        argv = ["nft"] + (["-c"] if dry_run else []) + ["-f", "-"]
+        try:
+            proc = subprocess.run(argv, input=text, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise ApplyError("nft: command not found") from None
+        return proc.returncode, proc.stdout, proc.stderr
+
+
+class _LibRunner:
+    """libnftables in-process, through the `nftables` Python binding."""
+
+    name = "libnftables"
+
+    def __init__(self):
+        import nftables  # ImportError: no binding; OSError below: no libnftables.so.1
+
+        self.nft = nftables.Nftables(sofile=LIBRARY)
+        self._dry_run = self._dry_run_setter()
+
+    def _dry_run_setter(self):
+        if hasattr(self.nft, "set_dry_run"):
+            return self.nft.set_dry_run
+        # Older bindings (pip-nftables 1.0.2) lack set_dry_run; the C library has it.
+        ctx = getattr(self.nft, "_Nftables__ctx", None)
+        if ctx is None:
+            return None
+        try:
+            fn = ctypes.CDLL(LIBRARY).nft_ctx_set_dry_run
+        except (OSError, AttributeError):
+            return None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        fn.restype = None
+        return lambda on: fn(ctx, on)
+
+    def cmd(self, text: str, dry_run: bool = False) -> tuple[int, str, str]:
+        if dry_run:
+            if self._dry_run is None:
+                return 0, "", ""  # cannot check apart; the commit itself is still all-or-nothing
+            self._dry_run(True)
+            try:
+                return self.nft.cmd(text)
+            finally:
+                self._dry_run(False)
+        return self.nft.cmd(text)
+
+
+def _library_missing() -> str | None:
+    """Why the libnftables binding cannot be used, or None."""
+    try:
+        import nftables  # noqa: F401
+    except ImportError:
+        return "no nftables Python module"
+    try:
+        ctypes.CDLL(LIBRARY)
+    except OSError:
+        return f"no {LIBRARY}"
+    return None
+
+
+def _cli_forced() -> bool:
+    return os.environ.get(CLI_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+# ---------------------------------------------------------------- the backend
+
+
+class NftablesBackend(Backend):
+    name = "nftables"
+
+    def __init__(self, use_cli: bool | None = None):
+        """use_cli: True drives the nft binary, False libnftables; None decides by
+        IPMASQ_NFT_CLI, then by whether libnftables loads."""
+        self.use_cli = use_cli
+        self._runner_obj = None
+
+    def _runner(self):
+        if self._runner_obj is None:
+            use_cli = _cli_forced() if self.use_cli is None else self.use_cli
+            if not use_cli:
+                try:
+                    self._runner_obj = _LibRunner()
+                except (ImportError, OSError):
+                    self._runner_obj = None
+            if self._runner_obj is None:
+                self._runner_obj = _CliRunner()
+        return self._runner_obj
+
+    @property
+    def driver(self) -> str:
+        """"libnftables" or "nft": what talks to the kernel."""
+        return self._runner().name
+
+    def unavailable_reason(self) -> str | None:
+        have_nft = shutil.which("nft") is not None
+        use_cli = _cli_forced() if self.use_cli is None else self.use_cli
+        if use_cli and not have_nft:
+            return "no nft binary (install the nftables package)"
+        if not use_cli:
+            missing = _library_missing()
+            if missing and not have_nft:
+                return f"no nft binary and {missing} (install the nftables package)"
+        return self._kernel_probe_reason()
+
+    def _kernel_probe_reason(self) -> str | None:
+        """Hook for a kernel probe (nf_tables, nat, fib, masquerade support); None for now."""
+        return None
+
+    # -- rendering
+
+    def render(self, plan: Plan) -> str:
+        parts = []
+        for fp in plan.families:
+            parts.append(f"# IPv{fp.family}: nft -f - (one transaction)")
+            parts.append(render_transaction(fp).rstrip("\n"))
+        return "\n".join(parts) + "\n"
+
+    # -- reading what we own
+
+    def _read_family(self, family: int) -> NftFamilyLive:
+        rc, out, err = self._runner().cmd(f"list table {table_ref(family)}\n")
+        if rc == 0:
+            return parse_table(out, family)
+        live = NftFamilyLive(family=family, installed=False)
+        if _ENOENT not in err:
+            live.read_error = _first_error(err, rc)
+        return live
+
+    def live(self) -> Live:
+        return Live(self.name, {f: self._read_family(f) for f in FAMILIES})
+
+    # -- comparing
+
+    def _family_drift(self, fp: FamilyPlan | None, live: NftFamilyLive) -> list[str]:
+        if live.read_error:
+            return [f"cannot read table {table_ref(live.family)}: {live.read_error}"]
+        if fp is None:
+            return ["installed but disabled"] if live.installed else []
+        if not live.installed:
+            return ["not installed"]
+        problems = list(live.problems)
+        if live.chain_header is None:
+            problems.append(f"chain {CHAIN} missing")
+        else:
+            if live.chain_header != CHAIN_HEADER:
+                problems.append(f"chain {CHAIN} hook differs")
+            if live.rules != chain_rules(fp):
+                problems.append(f"chain {CHAIN} differs")
+        if fp.exempt:
+            if live.set_declaration is None:
+                problems.append(f"set {SET} missing")
+            else:
+                if live.set_declaration != set_declaration(fp.family):
+                    problems.append(f"set {SET} declaration differs")
+                if not _same_prefixes(live.exempt, fp.exempt):
+                    problems.append(f"set {SET} members differ")
+        elif live.set_declaration is not None:
+            problems.append(f"set {SET} present but no prefixes are exempt")
+        return problems
+
+    def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
+        live = live or self.live()
+        out = []
+        for family, fp in self.wanted_families(plan).items():
+            out += [f"ipv{family}: {p}" for p in self._family_drift(fp, live.families[family])]
+        return out
+
+    # -- changing
+
+    def _transact(self, family: int, text: str) -> None:
+        runner = self._runner()
+        for dry_run in (True, False):
+            rc, _, err = runner.cmd(text, dry_run=dry_run)
+            if rc != 0:
+                what = "check of" if dry_run else "commit of"
+                raise ApplyError(f"{runner.name}: {what} table {table_ref(family)} failed: {_first_error(err, rc)}")
+
+    def _delete_table(self, family: int) -> bool:
+        """Delete our table of one family; False when there was none."""
+        runner = self._runner()
+        rc, _, err = runner.cmd(render_delete(family))
+        if rc == 0:
+            return True
+        if _ENOENT in err:
+            return False
+        raise ApplyError(f"{runner.name}: delete table {table_ref(family)} failed: {_first_error(err, rc)}")
+
+    def apply(self, plan: Plan) -> list[str]:
+        changes = []
+        current = self.live()
+        for family, fp in self.wanted_families(plan).items():
+            live = current.families[family]
+            problems = self._family_drift(fp, live)
+            if not problems:
+                continue
+            if fp is None:
+                if self._delete_table(family):
+                    changes.append(f"ipv{family} removed (disabled)")
+                continue
+            self._transact(family, render_transaction(fp))
+            what = "installed" if not live.installed else "updated (" + ", ".join(problems) + ")"
+            changes.append(f"ipv{family} {what}: {len(chain_rules(fp))} rules, {len(fp.exempt)} exempt prefixes")
+        return changes
+
+    def remove(self) -> list[str]:
+        if self.unavailable_reason():
+            return []
+        return [f"ipv{f}" for f in FAMILIES if self._delete_table(f)]
+
+
+def _same_prefixes(live: tuple[str, ...], planned: tuple[str, ...]) -> bool:
+    """Linear: the live set's sorted prefixes against the plan's normalised ones."""
+    if tuple(live) == tuple(planned):
+        return True
+    if len(live) != len(planned):
+        return False
+    # Same count, different text: compare as networks (a plan built by hand may spell
+    # a prefix differently from str(ip_network)).
+    return sorted(ipaddress.ip_network(p) for p in planned) == [ipaddress.ip_network(p) for p in live]

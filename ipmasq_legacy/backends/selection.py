@@ -1,0 +1,136 @@
+"""Which backend `auto` picks, and why: keep ONE NAT engine on the node where we can.
+
+Order (first that applies wins):
+1. the backend recorded in the state file (what is installed stays installed);
+2. kube-proxy's own nftables table (`table ip kube-proxy`): nftables;
+3. kubelet's hint chains (KUBE-IPTABLES-HINT, KUBE-KUBELET-CANARY) in one iptables
+   variant: that variant (what iptables-wrapper does);
+4. the engine holding the most rules: iptables-legacy, iptables-nft or native nftables;
+5. nftables, where a probe in a throw-away network namespace shows the userspace and
+   the kernel can run our table (nat chain, fib, interval set, masquerade);
+6. iptables-legacy.
+All reads are scoped listings; the probe never runs in the node's own namespace.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from .. import state
+from .base import FAMILIES, run
+
+IPTABLES_BUILTIN_TABLES = {"filter", "nat", "mangle", "raw", "security"}
+OUR_TABLE = "ipmasq_legacy"
+
+# A table using everything our nftables backend uses, for the probe.
+NFT_PROBE = """\
+table ip ipmasq_probe {
+    set exempt { type ipv4_addr; flags interval; elements = { 10.0.0.0/8, 192.168.0.0/16 } }
+    chain postrouting {
+        type nat hook postrouting priority srcnat; policy accept;
+        fib daddr type local return
+        ip daddr @exempt return
+        oifname "eth*" meta l4proto tcp counter masquerade to :1024-65535 fully-random
+        oifname != "lo" counter masquerade
+    }
+}
+"""
+
+
+@dataclass
+class HostRules:
+    """Rule counts per engine, and the hints found (for doctor and for auto)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    hints: dict[str, str] = field(default_factory=dict)  # engine -> what was found
+    errors: list[str] = field(default_factory=list)
+
+
+def _iptables_rules(variant: str) -> tuple[int, bool, bool]:
+    """(rule count, kubelet hint found, our chain found) for one iptables variant."""
+    count, hint, ours = 0, False, False
+    for family in FAMILIES:
+        tool = f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-save"
+        if shutil.which(tool) is None:
+            continue
+        text = run([tool], check=False).stdout
+        count += sum(1 for line in text.splitlines() if line.startswith("-A "))
+        hint = hint or bool(re.search(r"^:KUBE-(IPTABLES-HINT|KUBELET-CANARY) ", text, re.M))
+        ours = ours or ":IPMASQ-LEGACY " in text
+    return count, hint, ours
+
+
+def _native_nft_rules() -> tuple[int, bool]:
+    """(rules in nft tables that iptables-nft does not manage, kube-proxy's table found)."""
+    if shutil.which("nft") is None:
+        return 0, False
+    text = run(["nft", "list", "ruleset"], check=False).stdout
+    count, kube_proxy, native = 0, False, False
+    for line in text.splitlines():
+        m = re.match(r"table (\S+) (\S+) \{", line)
+        if m:
+            name = m.group(2)
+            native = name not in IPTABLES_BUILTIN_TABLES and name != OUR_TABLE
+            kube_proxy = kube_proxy or name == "kube-proxy"
+        elif (native and line.startswith("\t\t") and not line.startswith("\t\t\t")
+              and not re.match(r"\s+(type|policy|elements|flags|typeof|comment|size|timeout|}) ?", line)):
+            count += 1
+    return count, kube_proxy
+
+
+def host_rules() -> HostRules:
+    found = HostRules()
+    for variant in ("legacy", "nft"):
+        count, hint, ours = _iptables_rules(variant)
+        found.counts[f"iptables-{variant}"] = count
+        if hint:
+            found.hints[f"iptables-{variant}"] = "kubelet's KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY chain"
+        if ours:
+            found.hints.setdefault(f"iptables-{variant}", "our chain IPMASQ-LEGACY")
+    count, kube_proxy = _native_nft_rules()
+    found.counts["nftables"] = count
+    if kube_proxy:
+        found.hints["nftables"] = "kube-proxy's nftables table"
+    return found
+
+
+def probe_nftables() -> str | None:
+    """None when a table like ours loads in a throw-away namespace; else why not."""
+    if shutil.which("nft") is None:
+        return "the nft command is missing (install the nftables package)"
+    if shutil.which("unshare") is None:
+        return "cannot probe: unshare (util-linux) is missing"
+    try:
+        proc = subprocess.run(["unshare", "--net", "nft", "-f", "-"], input=NFT_PROBE, capture_output=True,
+                              text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "probe timed out"
+    if proc.returncode != 0:
+        first = next((ln for ln in proc.stderr.splitlines() if ln.strip()), f"exit status {proc.returncode}")
+        return f"a nat table with fib, an interval set and masquerade did not load: {first.strip()}"
+    return None
+
+
+def choose_auto(available: dict[str, str | None]) -> tuple[str, str]:
+    """(backend name, why). `available` maps each backend to None or why it cannot run."""
+    recorded = state.read().get("backend")
+    if recorded in available and available[recorded] is None:
+        return recorded, f"installed (recorded in {state.state_dir() / 'state.json'})"
+    found = host_rules()
+    if "nftables" in found.hints and available.get("nftables") is None:
+        return "nftables", f"the host already uses nftables ({found.hints['nftables']})"
+    for variant in ("iptables-nft", "iptables-legacy"):
+        if variant in found.hints and available.get(variant) is None:
+            return variant, f"the host already uses {variant} ({found.hints[variant]})"
+    busiest = max(found.counts, key=lambda k: found.counts[k])
+    if found.counts[busiest] > 0 and available.get(busiest) is None:
+        counts = ", ".join(f"{k} {v}" for k, v in found.counts.items())
+        return busiest, f"the host's existing rules are mostly {busiest} (rules: {counts})"
+    if available.get("nftables") is None:
+        return "nftables", "no rules on the host yet; nftables runs here (probed in a throw-away namespace)"
+    if available.get("iptables-legacy") is None:
+        return "iptables-legacy", f"no rules on the host yet; nftables cannot run ({available.get('nftables')})"
+    raise LookupError("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in available.items() if v))

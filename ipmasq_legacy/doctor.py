@@ -1,0 +1,127 @@
+"""`ipmasq doctor`: what this node can run, and why not.
+
+Reads versions, the host's rule counts (read-only listings) and kernel config; every
+probe that has to create something runs in a throw-away network namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import gzip
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from . import backends
+from .backends import selection
+
+
+def _version(argv: list[str]) -> str | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    text = (proc.stdout or proc.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def _kernel_config() -> dict[str, str]:
+    release = platform.release()
+    for path in (Path("/proc/config.gz"), Path(f"/boot/config-{release}")):
+        try:
+            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        except OSError:
+            continue
+        return dict(
+            line.split("=", 1) for line in raw.decode(errors="replace").splitlines() if line.startswith("CONFIG_")
+        )
+    return {}
+
+
+def _bpffs_mounted() -> bool:
+    try:
+        return any(line.split()[2] == "bpf" for line in Path("/proc/mounts").read_text().splitlines())
+    except (OSError, IndexError):
+        return False
+
+
+def _probe_clsact() -> str | None:
+    """None when a clsact qdisc can be added (in a throw-away namespace), else why not."""
+    if shutil.which("tc") is None or shutil.which("unshare") is None:
+        return "tc or unshare missing"
+    proc = subprocess.run(["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "clsact"],
+                          capture_output=True, text=True)
+    return None if proc.returncode == 0 else (proc.stderr.strip() or "failed")
+
+
+def availability() -> dict[str, str | None]:
+    """Each backend: None when it can run here, else the reason."""
+    result = {}
+    for name in backends.NAMES:
+        backend = backends.get(name)
+        reason = backend.unavailable_reason()
+        if reason is None and name == "nftables":
+            reason = selection.probe_nftables()
+        result[name] = reason
+    return result
+
+
+def report() -> dict:
+    kconfig = _kernel_config()
+    rules = selection.host_rules()
+    available = availability()
+    try:
+        auto, why = selection.choose_auto(available)
+    except LookupError as exc:
+        auto, why = None, str(exc)
+    libnft = ctypes.util.find_library("nftables")
+    try:
+        import nftables  # noqa: F401
+
+        binding = True
+    except Exception:
+        binding = False
+    wanted = ("CONFIG_BPF_SYSCALL", "CONFIG_NET_CLS_BPF", "CONFIG_NET_SCH_INGRESS", "CONFIG_NF_TABLES",
+              "CONFIG_NFT_MASQ", "CONFIG_NFT_FIB_IPV4", "CONFIG_IP_NF_IPTABLES_LEGACY", "CONFIG_IP_SET_HASH_NET")
+    return {
+        "kernel": platform.release(),
+        "root": os.geteuid() == 0,
+        "tools": {
+            "iptables-legacy": _version(["iptables-legacy", "--version"]),
+            "iptables-nft": _version(["iptables-nft", "--version"]),
+            "nft": _version(["nft", "--version"]),
+            "libnftables": libnft,
+            "nftables python binding": binding,
+            "ipset": _version(["ipset", "--version"]),
+            "tc": _version(["tc", "-V"]),
+        },
+        "host rules": {"counts": rules.counts, "hints": rules.hints},
+        "bpf": {
+            "bpffs mounted at /sys/fs/bpf": _bpffs_mounted(),
+            "clsact": _probe_clsact() or "ok",
+            "kernel config": {k: kconfig.get(k, "unknown") for k in wanted} if kconfig else "not readable",
+        },
+        "backends": {name: ("available" if reason is None else reason) for name, reason in available.items()},
+        "auto": {"backend": auto, "why": why},
+    }
+
+
+def render_text(data: dict) -> str:
+    lines = [f"kernel: {data['kernel']}" + ("" if data["root"] else " (not root: probes may fail)")]
+    for name, value in data["tools"].items():
+        lines.append(f"{name}: {value if value not in (None, False) else 'missing'}")
+    counts = ", ".join(f"{k} {v}" for k, v in data["host rules"]["counts"].items())
+    lines.append(f"rules on the host: {counts}")
+    for engine, hint in data["host rules"]["hints"].items():
+        lines.append(f"  {engine}: {hint}")
+    bpf = data["bpf"]
+    lines.append(f"bpffs: {'mounted' if bpf['bpffs mounted at /sys/fs/bpf'] else 'not mounted'}; clsact: {bpf['clsact']}")
+    if isinstance(bpf["kernel config"], dict):
+        lines.append("kernel config: " + ", ".join(f"{k}={v}" for k, v in bpf["kernel config"].items()))
+    lines.append("backends:")
+    for name, state in data["backends"].items():
+        lines.append(f"  {name:<16} {state}")
+    auto = data["auto"]
+    lines.append(f"auto: {auto['backend'] or 'nothing'} ({auto['why']})")
+    return "\n".join(lines)
