@@ -224,7 +224,8 @@ def selftest(names, ipv6):
 
 def main() -> None:
     try:
-        cli.main(prog_name="ipmasq", standalone_mode=False)
+        # without standalone mode, click returns the code of an Exit instead of raising it
+        code = cli.main(prog_name="ipmasq", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
@@ -242,4 +243,4 @@ def main() -> None:
         click.echo(f"ipmasq: internal error: {type(exc).__name__}: {exc} (set IPMASQ_DEBUG=1 for details)",
                    err=True)
         sys.exit(1)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
