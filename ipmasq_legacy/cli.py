@@ -8,41 +8,56 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import traceback
 
 import click
 
-from . import __version__, backends, config, links, lock, state
+from . import __version__, backends, config, links, lock, logs, state
 from . import plan as planmod
 from .errors import ApplyError, IpmasqError
 
 OUTPUT = click.Choice(["text", "json"])
 
 
-def config_options(func):
-    """--config, --backend and one option per config key (same names as the file)."""
+CONFIG_OPTION_KEYS = list(config.KEYS) + sorted(config.ALIASES)
 
-    @click.option("--config", "config_path", metavar="FILE", help="Config file (default: $IPMASQ_CONFIG or "
-                  f"{config.DEFAULTS['config_path']}).")
-    @click.option("--backend", metavar="NAME", help=f"Datapath: {', '.join(config.DATAPATHS)} (key 'datapath').")
+
+def key_options(func):
+    """One option per config key, named as in the file (`--egress-masquerade-interfaces`)."""
+    for key in reversed(CONFIG_OPTION_KEYS):
+        func = click.option(f"--{key}", key.replace("-", "_"), metavar="VALUE", default=None,
+                            help=f"Config key '{key}'.")(func)
+    func = click.option("--backend", metavar="NAME",
+                        help=f"Datapath: {', '.join(config.DATAPATHS)} (key 'datapath').")(func)
+    return click.option("--config", "config_path", metavar="FILE",
+                        help=f"Config file (default: $IPMASQ_CONFIG or {config.DEFAULTS['config_path']}).")(func)
+
+
+def options_of(kwargs: dict) -> dict:
+    """Pop the key options out of a command's kwargs: {key: value} for those given."""
+    options = {}
+    for key in CONFIG_OPTION_KEYS:
+        value = kwargs.pop(key.replace("-", "_"), None)
+        if value is not None:
+            options[key] = value
+    backend = kwargs.pop("backend", None)
+    if backend is not None:
+        options["datapath"] = backend
+    return options
+
+
+def config_options(func):
+    """--config, --backend and the key options, loaded into `cfg` (option > file > default)."""
+
     @functools.wraps(func)
-    def wrapper(*args, config_path=None, backend=None, **kwargs):
-        options = {}
-        for key in list(config.KEYS) + sorted(config.ALIASES):
-            value = kwargs.pop(key.replace("-", "_"), None)
-            if value is not None:
-                options[key] = value
-        if backend is not None:
-            options["datapath"] = backend
-        cfg = config.load(config_path, options)
+    def wrapper(*args, config_path=None, **kwargs):
+        cfg = config.load(config_path, options_of(kwargs))
         return func(*args, cfg=cfg, **kwargs)
 
-    for key in reversed(list(config.KEYS) + sorted(config.ALIASES)):
-        wrapper = click.option(f"--{key}", key.replace("-", "_"), metavar="VALUE", default=None,
-                               help=f"Config key '{key}'.")(wrapper)
-    return wrapper
+    return key_options(wrapper)
 
 
 def lock_option(func):
@@ -79,57 +94,117 @@ def plan_cmd(cfg, output):
         click.echo(text, nl=False)
 
 
-def _apply(cfg, announce_unchanged: bool) -> list[str]:
-    backend, _ = backends.resolve(cfg.datapath)
-    reason = backend.unavailable_reason()
-    if reason:
-        raise ApplyError(f"backend {backend.name} cannot run here: {reason}")
-    the_plan = planmod.build(cfg)
-    changes = backend.apply(the_plan)
-    previous = state.read().get("backend")
-    # Migration: the new backend is live before the old one is removed.
-    if previous and previous != backend.name:
-        removed = backends.get(previous).remove()
-        changes.append(f"removed {previous} ({', '.join(removed) or 'nothing left'})")
-    fingerprint = "".join(f.digest() for f in the_plan.families)
-    state.write(backend.name, fingerprint)
-    if changes:
-        click.echo(f"{backend.name}: " + "; ".join(changes))
-    elif announce_unchanged:
-        click.echo(f"{backend.name}: unchanged")
-    return changes
+def log_options(func):
+    func = click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                        help="Log lines on stderr: readable, or one JSON object each.")(func)
+    return click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+                        show_default=True)(func)
+
+
+def metrics_file_option(func):
+    return click.option("--metrics-file", metavar="PATH",
+                        help="Write Prometheus metrics here (atomically), for node_exporter's textfile collector.")(func)
+
+
+def _sync(cfg, lock_timeout, metrics_file, only_if_drifted):
+    from . import agent, metrics
+
+    collector = metrics.Collector()
+    try:
+        with lock.held(lock_timeout):
+            result = agent.sync(cfg, only_if_drifted=only_if_drifted)
+    except ApplyError:
+        state.record_sync(ok=False)
+        if metrics_file:
+            metrics.write_file(metrics_file, collector)
+        raise
+    state.record_sync(ok=True, repairs=[agent.drift_kind(d) for d in result.drift])
+    collector.last = result
+    if metrics_file:
+        metrics.write_file(metrics_file, collector)
+    return result
 
 
 @cli.command()
 @config_options
 @lock_option
-def apply(cfg, lock_timeout):
+@metrics_file_option
+@log_options
+def apply(cfg, lock_timeout, metrics_file, log_format, log_level):
     """Install the config atomically; print one line saying what changed."""
-    with lock.held(lock_timeout):
-        _apply(cfg, announce_unchanged=True)
+    logs.setup(log_format, log_level)
+    result = _sync(cfg, lock_timeout, metrics_file, only_if_drifted=False)
+    click.echo(f"{result.backend}: " + ("; ".join(result.changes) if result.changes else "unchanged"))
 
 
 @cli.command()
 @config_options
 @lock_option
-def reconcile(cfg, lock_timeout):
-    """For cron: repair drift from the config; silent when nothing drifted."""
-    with lock.held(lock_timeout):
-        _apply(cfg, announce_unchanged=False)
+@metrics_file_option
+@log_options
+def reconcile(cfg, lock_timeout, metrics_file, log_format, log_level):
+    """For cron: repair drift from the config; silent when nothing drifted.
+
+    Reads only what the tool owns; each repair is one log line naming what drifted."""
+    logs.setup(log_format, log_level)
+    _sync(cfg, lock_timeout, metrics_file, only_if_drifted=True)
 
 
 @cli.command()
 @lock_option
 def flush(lock_timeout):
     """Remove everything ipmasq-legacy owns, in every backend."""
+    from . import agent
+
     with lock.held(lock_timeout):
-        removed = []
-        for backend in backends.all_backends():
-            families = backend.remove()
-            if families:
-                removed.append(f"{backend.name} ({', '.join(families)})")
-        state.clear()
+        removed = agent.flush()
     click.echo("removed " + ", ".join(removed) if removed else "nothing to remove")
+
+
+@cli.command()
+@key_options
+@lock_option
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics and /healthz on this port.")
+@click.option("--metrics-address", default="0.0.0.0", show_default=True, help="Address for --metrics-port.")
+@metrics_file_option
+@click.option("--flush-on-exit", is_flag=True, help="Remove the rules on SIGTERM instead of leaving them.")
+@log_options
+@click.pass_context
+def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics_file, flush_on_exit,
+          log_format, log_level, **kwargs):
+    """Long-running agent: apply, then follow config changes and resync.
+
+    Re-applies within a second of a change to the config or the ip-masq-agent file
+    (including a ConfigMap update); resyncs every resyncInterval; SIGHUP reloads;
+    SIGTERM leaves the rules in place."""
+    from . import metrics
+    from .watch import Watcher, resync_interval
+
+    logs.setup(log_format, log_level)
+    options = options_of(kwargs)
+
+    def load():
+        return config.load(config_path, options)
+
+    first = load()  # bad config at start: exit 2 before anything runs
+    collector = metrics.Collector()
+    server = None
+    if metrics_port is not None:
+        max_age = max(3 * resync_interval(first), 60.0)
+        server = metrics.Server(metrics_address, metrics_port, collector, max_age)
+        logging.getLogger("ipmasq").info("metrics on http://%s:%d/metrics", metrics_address, server.port)
+
+    def on_sync(result):
+        collector.last = result
+        if metrics_file:
+            metrics.write_file(metrics_file, collector)
+
+    try:
+        code = Watcher(load, config_path, lock_timeout, flush_on_exit, on_sync).run()
+    finally:
+        if server:
+            server.close()
+    ctx.exit(code)
 
 
 def _installed_backend(cfg):

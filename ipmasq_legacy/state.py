@@ -28,15 +28,19 @@ def read() -> dict:
         return {}
 
 
-def write(backend: str, fingerprint: str) -> None:
-    """Atomically (rename) record the backend and the digest of the plan it holds."""
+def _write_json(name: str, data: dict) -> None:
+    """Write atomically: a reader sees the old file or the new one."""
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    record = {"backend": backend, "fingerprint": fingerprint, "applied_at": time.time()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state.")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
     with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-    os.replace(tmp, directory / "state.json")
+        json.dump(data, f)
+    os.replace(tmp, directory / name)
+
+
+def write(backend: str, fingerprint: str) -> None:
+    """Record the backend and the digest of the plan it holds."""
+    _write_json("state.json", {"backend": backend, "fingerprint": fingerprint, "applied_at": time.time()})
 
 
 def clear() -> None:
@@ -44,3 +48,30 @@ def clear() -> None:
         (state_dir() / "state.json").unlink()
     except FileNotFoundError:
         pass
+
+
+# ---------------------------------------------------------------- sync history
+# Kept beside the state so that counters stay monotonic across cron runs
+# (each `reconcile` is a new process writing a node_exporter textfile).
+
+
+def read_history() -> dict:
+    try:
+        data = json.loads((state_dir() / "history.json").read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def record_sync(ok: bool, repairs: list[str] = ()) -> dict:
+    history = read_history()
+    history.setdefault("repairs", {})
+    history.setdefault("errors", 0)
+    if ok:
+        history["last_success"] = time.time()
+    else:
+        history["errors"] += 1
+    for kind in repairs:
+        history["repairs"][kind] = history["repairs"].get(kind, 0) + 1
+    _write_json("history.json", history)
+    return history

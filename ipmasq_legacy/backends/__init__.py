@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from .. import state
 from ..errors import BackendUnavailable
+from . import selection
 from .base import Backend
 from .iptables import IptablesBackend, detect_variant
 from .nftables import NftablesBackend
-from . import selection
 
 NAMES = ("iptables-legacy", "iptables-nft", "nftables")
 

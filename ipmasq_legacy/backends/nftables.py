@@ -18,7 +18,7 @@ import re
 import shutil
 import struct
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import ruledata
 from ..errors import ApplyError, ConfigError

@@ -1,0 +1,120 @@
+"""Prometheus metrics, with the official client: a textfile for node_exporter (cron)
+or an HTTP endpoint with /metrics and /healthz (watch).
+
+Packet and byte counts are read from the backend's own rule counters when scraped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import backends, state
+
+log = logging.getLogger("ipmasq")
+
+
+class Collector:
+    """Everything is read at collect time: the sync history, the last result, the live counters."""
+
+    def __init__(self):
+        self.last = None  # agent.SyncResult of the last successful sync in this process
+
+    def collect(self):
+        history = state.read_history()
+        recorded = state.read().get("backend")
+        ts = GaugeMetricFamily("ipmasq_last_sync_success_timestamp_seconds",
+                               "Unix time of the last sync that succeeded")
+        ts.add_metric([], history.get("last_success", 0))
+        yield ts
+        errors = CounterMetricFamily("ipmasq_sync_errors", "Syncs that failed")
+        errors.add_metric([], history.get("errors", 0))
+        yield errors
+        repairs = CounterMetricFamily("ipmasq_drift_repairs", "Drift found and repaired, by kind", labels=["kind"])
+        for kind, count in sorted(history.get("repairs", {}).items()):
+            repairs.add_metric([kind], count)
+        yield repairs
+        info = GaugeMetricFamily("ipmasq_backend_info", "The backend in use", labels=["backend"])
+        if recorded:
+            info.add_metric([recorded], 1)
+        yield info
+        if self.last is not None:
+            duration = GaugeMetricFamily("ipmasq_apply_duration_seconds", "How long the last sync took")
+            duration.add_metric([], self.last.duration)
+            yield duration
+        if not recorded:
+            return
+        try:
+            live = backends.get(recorded).live()
+        except Exception as exc:  # a scrape must not die with the backend
+            log.warning("metrics: cannot read %s counters: %s", recorded, exc)
+            return
+        prefixes = GaugeMetricFamily("ipmasq_exempt_prefixes", "Exempt prefixes installed", labels=["family"])
+        packets = CounterMetricFamily("ipmasq_masqueraded_packets", "Packets masqueraded (new connections)",
+                                      labels=["interface", "family"])
+        nbytes = CounterMetricFamily("ipmasq_masqueraded_bytes", "Bytes of masqueraded packets",
+                                     labels=["interface", "family"])
+        totals: dict = {}
+        for fam in live.families.values():
+            prefixes.add_metric([f"ipv{fam.family}"], len(fam.exempt))
+            for c in fam.counters:
+                key = (c.interface or "any", f"ipv{c.family}")
+                p, b = totals.get(key, (0, 0))
+                totals[key] = (p + c.packets, b + c.bytes)
+        for key, (p, b) in sorted(totals.items()):
+            packets.add_metric(list(key), p)
+            nbytes.add_metric(list(key), b)
+        yield from (prefixes, packets, nbytes)
+
+
+def registry_with(collector: Collector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def write_file(path: str, collector: Collector) -> None:
+    """Atomic (temp file + rename), as node_exporter's textfile collector needs."""
+    write_to_textfile(path, registry_with(collector))
+
+
+class Server:
+    """/metrics, and /healthz: 200 while the last successful sync is younger than `max_age`."""
+
+    def __init__(self, address: str, port: int, collector: Collector, max_age: float):
+        registry = registry_with(collector)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.startswith("/metrics"):
+                    body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
+                elif self.path.startswith("/healthz"):
+                    age = time.time() - state.read_history().get("last_success", 0)
+                    ok = age <= max_age
+                    body = (f"ok: last sync {age:.0f}s ago\n" if ok else f"stale: last sync {age:.0f}s ago\n").encode()
+                    status, ctype = (200 if ok else 503), "text/plain"
+                else:
+                    body, status, ctype = b"not found\n", 404, "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # scrapes are not news
+                pass
+
+        self.httpd = ThreadingHTTPServer((address, port), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,162 @@
+"""`ipmasq watch`: the long-running agent.
+
+Applies on start; re-applies when the config or the ip-masq-agent file changes (inotify
+on their directories, so a rename-save and a Kubernetes ConfigMap update, an atomic swap
+of the `..data` symlink, are both seen); re-reads and reconciles every resyncInterval;
+SIGHUP reloads; SIGTERM and SIGINT exit leaving the rules in place (unless
+--flush-on-exit). A bad edit keeps the last good config live and logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from inotify_simple import INotify
+from inotify_simple import flags as F
+
+from . import agent, lock, state
+from .config import Config, parse_duration
+from .errors import ConfigError, IpmasqError, LockTimeout
+from .ruledata import DEFAULTS
+
+log = logging.getLogger("ipmasq")
+
+DEBOUNCE = 0.1  # seconds: one reload for the burst of events an editor or kubelet makes
+WATCH_MASK = F.CLOSE_WRITE | F.MOVED_TO | F.CREATE | F.DELETE | F.MOVED_FROM | F.ATTRIB
+
+
+def resync_interval(cfg: Config) -> float:
+    if cfg.enable_ip_masq_agent and cfg.masq_agent is not None:
+        return cfg.masq_agent.resync_interval
+    return parse_duration(DEFAULTS["resync_interval"], "resync_interval")
+
+
+def watched_files(config_path: str | None, cfg: Config) -> list[Path]:
+    files = [Path(config_path) if config_path else Path(os.environ.get("IPMASQ_CONFIG") or DEFAULTS["config_path"])]
+    if cfg.enable_ip_masq_agent:
+        agent_path = Path(cfg.ip_masq_agent_config_path)
+        files.append(agent_path / "config" if agent_path.is_dir() else agent_path)
+    return files
+
+
+class Watcher:
+    def __init__(self, load: Callable[[], Config], config_path: str | None, lock_timeout: float,
+                 flush_on_exit: bool = False, on_sync: Callable | None = None):
+        self.load = load
+        self.config_path = config_path
+        self.lock_timeout = lock_timeout
+        self.flush_on_exit = flush_on_exit
+        self.on_sync = on_sync or (lambda result: None)
+        self.stopping = False
+        self.reload_requested = False
+        self.inotify = INotify()
+        self.watches: dict[int, Path] = {}
+        self.cfg: Config | None = None
+
+    # -- signals: the handlers only set flags; a wakeup pipe interrupts select()
+
+    def _install_signals(self) -> int:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        return r
+
+    def _on_stop(self, signum, frame):
+        self.stopping = True
+
+    def _on_hup(self, signum, frame):
+        self.reload_requested = True
+
+    # -- inotify on the directories holding our files
+
+    def _rewatch(self) -> None:
+        for wd in list(self.watches):
+            try:
+                self.inotify.rm_watch(wd)
+            except OSError:
+                pass
+        self.watches.clear()
+        for path in watched_files(self.config_path, self.cfg):
+            directory = path.parent
+            if directory.is_dir() and directory not in self.watches.values():
+                self.watches[self.inotify.add_watch(str(directory), WATCH_MASK)] = directory
+
+    def _relevant(self, events) -> bool:
+        names = {p.name for p in watched_files(self.config_path, self.cfg)} | {"..data"}
+        return any(event.name in names for event in events)
+
+    # -- one sync, under the node's lock
+
+    def _sync(self, reason: str, only_if_drifted: bool) -> None:
+        try:
+            cfg = self.load()
+        except ConfigError as exc:
+            log.error("%s: config rejected, keeping the last good one live: %s", reason, exc)
+            state.record_sync(ok=False)
+            return
+        try:
+            with lock.held(self.lock_timeout):
+                result = agent.sync(cfg, only_if_drifted=only_if_drifted)
+        except LockTimeout as exc:
+            log.warning("%s: %s; trying again at the next resync", reason, exc)
+            return
+        except IpmasqError as exc:
+            log.error("%s: sync failed: %s", reason, exc)
+            state.record_sync(ok=False)
+            return
+        config_changed = self.cfg is None or cfg != self.cfg
+        self.cfg = cfg
+        if config_changed:
+            self._rewatch()
+        if result.changes:
+            log.info("%s: %s: %s", reason, result.backend, "; ".join(result.changes))
+        state.record_sync(ok=True, repairs=[agent.drift_kind(d) for d in result.drift])
+        self.on_sync(result)
+
+    def run(self) -> int:
+        wake = self._install_signals()
+        self.cfg = self.load()  # a bad config at start is exit 2, as for apply
+        self._rewatch()
+        self._sync("start", only_if_drifted=False)
+        next_resync = time.monotonic() + resync_interval(self.cfg)
+        log.info("watching %s; resync every %gs", ", ".join(str(p) for p in watched_files(self.config_path, self.cfg)),
+                 resync_interval(self.cfg))
+        while not self.stopping:
+            timeout = max(0.0, next_resync - time.monotonic())
+            try:
+                ready, _, _ = select.select([self.inotify.fd, wake], [], [], timeout)
+            except InterruptedError:
+                ready = []
+            if wake in ready:
+                os.read(wake, 4096)
+            if self.stopping:
+                break
+            if self.inotify.fd in ready:
+                events = self.inotify.read(timeout=0)
+                time.sleep(DEBOUNCE)
+                events += self.inotify.read(timeout=0)
+                if self._relevant(events):
+                    self._sync("config changed", only_if_drifted=False)
+                    continue
+            if self.reload_requested:
+                self.reload_requested = False
+                self._sync("SIGHUP", only_if_drifted=False)
+            elif time.monotonic() >= next_resync:
+                self._sync("resync", only_if_drifted=True)
+                next_resync = time.monotonic() + resync_interval(self.cfg)
+        if self.flush_on_exit:
+            with lock.held(self.lock_timeout):
+                removed = agent.flush()
+            log.info("exit: flushed %s", ", ".join(removed) or "nothing")
+        else:
+            log.info("exit: rules left in place")
+        return 0
