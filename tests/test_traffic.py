@@ -152,7 +152,7 @@ def test_flush_restores_ruleset_and_foreign_rules_stay(node, backend):
     before = node.rulesets()
     node.apply({}, backend, agent="")
     during = node.rulesets()
-    for line in [l for l in before.splitlines() if l.startswith("-A") or "foreign" in l]:
+    for line in [ln for ln in before.splitlines() if ln.startswith("-A") or "foreign" in ln]:
         assert line in during, f"foreign rule changed by apply: {line}"
     node.ipmasq("reconcile", check=True)
     proc = node.ipmasq("flush", check=True)
