@@ -57,6 +57,7 @@ IPTABLES_DRIFTS = {
     "set member removed": "ipset del $(ipset list -n | grep ipmasq4-) 198.20.0.0/16",
     "set member added": "ipset add $(ipset list -n | grep ipmasq4-) 1.2.3.0/24",
     "ipv6 half gone": "ip6tables-{variant} -t nat -F IPMASQ-LEGACY",
+    "stale set left by a crash": "ipset create ipmasq4-0123456789ab hash:net",
 }
 NFT_DRIFTS = {
     "table deleted": "nft delete table ip ipmasq_legacy",

@@ -142,6 +142,7 @@ class IptablesFamilyLive(FamilyLive):
     jumps: list[str] = field(default_factory=list)  # POSTROUTING rules targeting our chain
     chain_exists: bool = False
     set_name: str | None = None
+    stale_sets: list[str] = field(default_factory=list)  # ours, referenced by nothing (a crash's leftovers)
 
 
 class IptablesBackend(Backend):
@@ -185,9 +186,11 @@ class IptablesBackend(Backend):
                 return False
         return True  # iptables-nft lists without creating anything
 
-    def _read_family(self, family: int) -> FamilyLive:
+    def _read_family(self, family: int, all_sets: list[str]) -> FamilyLive:
         live = IptablesFamilyLive(family=family, installed=False)
+        owned = [n for n in all_sets if n.startswith(SHAPES["set_name"].format(family=family, digest=""))]
         if not self._nat_table_exists(family):
+            live.stale_sets = owned
             return live
         ipt = self.tool(family)
         post = run([ipt, "-w", "-t", "nat", "-S", "POSTROUTING"], check=False)
@@ -214,19 +217,22 @@ class IptablesBackend(Backend):
                 live.exempt = _normalised_members(members)
             else:
                 live.problems.append(f"set {live.set_name} missing")
+        live.stale_sets = [n for n in owned if n != live.set_name]
         return live
 
     def live(self) -> Live:
-        return Live(self.name, {f: self._read_family(f) for f in FAMILIES})
+        all_sets = run(["ipset", "list", "-n"], check=False).stdout.split()
+        return Live(self.name, {f: self._read_family(f, all_sets) for f in FAMILIES})
 
     # -- comparing
 
     def _family_drift(self, fp: FamilyPlan | None, live: IptablesFamilyLive) -> list[str]:
+        stale = [f"{len(live.stale_sets)} stale sets"] if live.stale_sets else []
         if fp is None:
-            return ["installed but disabled"] if live.installed else []
+            return (["installed but disabled"] if live.installed else []) + stale
         if not live.installed:
             return ["not installed"]
-        problems = list(live.problems)
+        problems = list(live.problems) + stale
         if not live.chain_exists:
             problems.append(f"chain {CHAIN} missing")
         elif live.rules != chain_rules(fp):
@@ -279,6 +285,11 @@ class IptablesBackend(Backend):
             live = current.families[family]
             problems = self._family_drift(fp, live)
             if not problems:
+                continue
+            if live.stale_sets and len(problems) == 1 and problems[0].endswith("stale sets"):
+                # Only a crash's leftovers: destroy them, leave the live chain (and its counters) alone.
+                self._destroy_stale_sets(family, live.set_name)
+                changes.append(f"ipv{family}: {problems[0]} destroyed")
                 continue
             if fp is None:
                 self._remove_family(family, live)
