@@ -81,7 +81,9 @@ def _as_list(value: Any, where: str) -> list:
     if value is None:
         return []
     if isinstance(value, str):
-        return [part for part in re.split(r"[,\s]+", value) if part] if value.strip() else []
+        if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+            raise ConfigError(f"{where}: {_show(value)} contains a control character (a newline?)")
+        return [part for part in re.split(r"[, \t]+", value) if part]
     if isinstance(value, (list, tuple)):
         return list(value)
     raise ConfigError(f"{where}: expected a list or a string, got {_show(value)}")
@@ -99,7 +101,7 @@ def parse_interface(value: Any, where: str) -> str:
         raise ConfigError(f"{where}: interface name is empty")
     if len(value.encode()) > 15:
         raise ConfigError(f"{where}: interface name {_show(value)} is longer than 15 bytes")
-    if value in (".", ".."):
+    if value in (".", "..") or value[0] in "-!":
         raise ConfigError(f"{where}: {_show(value)} is not a valid interface name")
     if "+" in value[:-1]:
         raise ConfigError(

@@ -192,3 +192,13 @@ def bed_module():
     _need_root()
     with _tb.TestBed(ipv6=True) as b:
         yield b
+
+
+@pytest.fixture
+def node(bed_module):
+    """The module's bed's node, driven through the real CLI; everything flushed afterwards."""
+    from .nodeutil import Node
+
+    node = Node(bed_module)
+    yield node
+    node.ipmasq("flush")

@@ -115,6 +115,8 @@ def test_empty_file_means_defaults(tmp_path):
     ("egress-masquerade-interfaces: [eth/0]\n", "has a character outside"),
     ("egress-masquerade-interfaces: [eth:0]\n", "has a character outside"),
     ("egress-masquerade-interfaces: ['..']\n", "is not a valid interface name"),
+    ("egress-masquerade-interfaces: ['-j']\n", "'-j' is not a valid interface name"),
+    ('egress-masquerade-interfaces: "eth0\\n-A POSTROUTING"\n', "contains a control character"),
     ("datapath: bpf\n", "'bpf' is not one of auto, iptables"),
     ("masquerade-to-ports: 0-10\n", "must be within 1-65535"),
     ("masquerade-to-ports: 2000-1000\n", "must be within 1-65535, low to high"),

@@ -13,23 +13,9 @@ import pytest
 
 from ipmasq_legacy.testbed import TestBed
 
-from .nodeutil import Node
 from .test_traffic import NETFILTER_BACKENDS
 
 pytestmark = pytest.mark.traffic
-
-
-@pytest.fixture(scope="module")
-def bed():
-    with TestBed(ipv6=True) as bed:
-        yield bed
-
-
-@pytest.fixture
-def node(bed):
-    node = Node(bed)
-    yield node
-    node.ipmasq("flush")
 
 
 class Flows:

@@ -25,19 +25,6 @@ pytestmark = pytest.mark.traffic
 AGENT = "nonMasqueradeCIDRs: [10.0.0.0/16, 172.18.0.0/16, 192.168.0.0/17]\nmasqLinkLocal: true\n"
 
 
-@pytest.fixture(scope="module")
-def bed():
-    with TestBed(ipv6=True) as bed:
-        yield bed
-
-
-@pytest.fixture
-def node(bed):
-    node = Node(bed)
-    yield node
-    node.ipmasq("flush")
-
-
 def masqueraded(bed: TestBed, name: str = "public") -> bool:
     dest = bed.DESTINATIONS[name]
     seen = bed.source_seen(dest.address)

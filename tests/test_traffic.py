@@ -22,6 +22,15 @@ pytestmark = pytest.mark.traffic
 
 NETFILTER_BACKENDS = [name for name in backends.NAMES if name != "ebpf"]
 
+
+def _ebpf_param():
+    reason = backends.get("ebpf").unavailable_reason() if "ebpf" in backends.NAMES else "not registered"
+    return pytest.param("ebpf", marks=pytest.mark.skip(reason=f"ebpf: {reason}")) if reason else "ebpf"
+
+
+# every backend, the BPF datapath included, against the same expectations
+TRAFFIC_BACKENDS = NETFILTER_BACKENDS + [_ebpf_param()]
+
 TKE_AGENT = """\
 nonMasqueradeCIDRs:
 - 10.0.0.0/16
@@ -79,7 +88,7 @@ def expected_source(bed: TestBed, case: Case, dest_name: str) -> str:
     return bed.uplink_addr[dest.uplink][family] if masquerade else pod
 
 
-@pytest.fixture(scope="module", params=NETFILTER_BACKENDS)
+@pytest.fixture(scope="module", params=TRAFFIC_BACKENDS)
 def backend(request):
     return request.param
 

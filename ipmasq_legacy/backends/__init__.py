@@ -9,7 +9,7 @@ from .base import Backend
 from .iptables import IptablesBackend, detect_variant
 from .nftables import NftablesBackend
 
-NAMES = ("iptables-legacy", "iptables-nft", "nftables")
+NAMES = ("iptables-legacy", "iptables-nft", "nftables", "ebpf")
 
 
 def get(name: str) -> Backend:
@@ -17,6 +17,10 @@ def get(name: str) -> Backend:
         return IptablesBackend(name.removeprefix("iptables-"))
     if name == "nftables":
         return NftablesBackend()
+    if name == "ebpf":
+        from .ebpf import EbpfBackend
+
+        return EbpfBackend()
     raise BackendUnavailable(f"backend {name!r} is not available in this version (known: {', '.join(NAMES)})")
 
 

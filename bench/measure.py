@@ -1,0 +1,883 @@
+"""The measurements.  Everything that touches the network happens inside test beds
+(`ipmasq_legacy.testbed.TestBed`: pod -> node -> ext network namespaces); the machine's
+own namespace is only read (before and after, to prove it was left alone).
+
+Three kinds of measurement:
+
+* CLI cost: wall time and peak RSS of whole `ipmasq` processes (Python start
+  included) run in a bed's node namespace: cold apply, no-op reconcile, one-prefix
+  change, against the number of exempt prefixes; `ipmasq plan` (no kernel access).
+* New-connection cost: UDP packets from the pod, each to another destination port
+  (a new conntrack flow, so one trip through the nat POSTROUTING rules), forwarded by
+  the node to an address that ext drops (blackhole route); microseconds per packet.
+* Steady throughput: iperf3 (or a Python socket pump) pod -> ext through the node.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ipmasq_legacy import backends
+from ipmasq_legacy.testbed import TestBed
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES_SCRIPT = Path(__file__).resolve().parent / "phases.py"
+PYTHON = sys.executable
+
+POD_CIDR = "10.244.0.0/16"
+# ext drops everything sent here (a blackhole route): the node forwards (and NATs)
+# each packet, nobody answers, no ICMP comes back.
+SINK_NET = "198.20.50.0/24"
+SINK_ADDR = "198.20.50.1"
+IPERF_DST = "public"  # 198.20.0.10, a destination ext holds, via the node's eth0
+IPERF_PORT = 5201
+EXTRA_PREFIX = "60.0.0.0/24"  # the "one-prefix change"
+
+STEPS = ("cold", "noop", "change")
+STEP_TITLES = {"cold": "cold apply", "noop": "no-op reconcile", "change": "one-prefix change"}
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    sizes: tuple[int, ...]
+    repeats: int  # CLI runs per (backend, size, step), at most
+    cell_budget: float  # ... and no more once a cell's runs add up to this many seconds
+    step_timeout: float  # one CLI run is killed after this
+    conn_repeats: int
+    conn_run_seconds: float  # aim of one timed burst of new connections
+    conn_max_packets: int
+    throughput_seconds: int
+    streams: tuple[int, ...] = (1, 4)
+
+
+def settings_for(quick: bool) -> Settings:
+    if quick:
+        return Settings(quick=True, sizes=(10, 1_000, 10_000), repeats=1, cell_budget=5.0, step_timeout=30.0,
+                        conn_repeats=3, conn_run_seconds=0.1, conn_max_packets=20_000, throughput_seconds=1)
+    return Settings(quick=False, sizes=(10, 1_000, 10_000, 100_000), repeats=3, cell_budget=20.0,
+                    step_timeout=120.0, conn_repeats=5, conn_run_seconds=0.3, conn_max_packets=60_000,
+                    throughput_seconds=5)
+
+
+# ---------------------------------------------------------------- prefixes and configs
+
+
+def exempt_prefixes(n: int) -> list[str]:
+    """`n` exempt prefixes that stay `n` after normalisation (no overlaps, no two that
+    merge): /24s at even third octets from 20.0.0.0/8 up (32,768 per /8), every tenth
+    one replaced by a /32 in the odd /24 beside it.  None is near the bed's addresses."""
+    out = []
+    for i in range(n):
+        a, rest = 20 + i // 32768, i % 32768
+        b, c = rest // 128, (rest % 128) * 2
+        out.append(f"{a}.{b}.{c + 1}.7/32" if i % 10 == 9 else f"{a}.{b}.{c}.0/24")
+    return out
+
+
+def write_config(path: Path, prefixes: list[str]) -> str:
+    """A config file as an operator writes it: YAML, one list item per prefix."""
+    lines = [f"ipv4-pod-cidr: [{POD_CIDR}]", "ipv4-native-routing-cidr:"]
+    lines += [f"  - {p}" for p in prefixes]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+# ---------------------------------------------------------------- running processes
+
+
+@dataclass
+class Run:
+    wall: float  # seconds, fork to reap
+    rss_mb: float  # ru_maxrss: the largest single process of the tree (children waited for)
+    code: int | None  # None: killed at the time limit
+    stdout: str
+    stderr: str
+
+    @property
+    def timed_out(self) -> bool:
+        return self.code is None
+
+
+def run_measured(argv: list[str], env: dict | None = None, timeout: float = 60.0) -> Run:
+    """Run argv to completion; wall time and peak RSS from wait4(2) on the child.
+
+    `ip netns exec` execs the command in place, so the child is the CLI itself; the
+    tools it runs (iptables-restore, ipset, nft) are its waited-for children, whose
+    peak is folded into ru_maxrss.  On timeout the whole process group is killed."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        killed = threading.Event()
+
+        def kill() -> None:
+            killed.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Run(wall=wall, rss_mb=usage.ru_maxrss / 1024.0, code=None if killed.is_set() else proc.returncode,
+                   stdout=out.read().decode(errors="replace"), stderr=err.read().decode(errors="replace"))
+
+
+def cli_env(workdir: Path) -> dict:
+    """Environment of every CLI run: a state dir of our own, no config from the
+    environment, and a bytecode cache of our own (this environment may set
+    PYTHONDONTWRITEBYTECODE, and an installed package has its .pyc files)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPMASQ_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.update(IPMASQ_STATE_DIR=str(workdir / "state"), IPMASQ_CONFIG="",
+               PYTHONPYCACHEPREFIX=str(workdir / "pycache"))
+    return env
+
+
+def warm_bytecode(env: dict) -> None:
+    """Compile the package and what it imports into our bytecode cache (no side effects)."""
+    code = ("import importlib, pkgutil, ipmasq_legacy\n"
+            "for m in pkgutil.walk_packages(ipmasq_legacy.__path__, 'ipmasq_legacy.'):\n"
+            "    importlib.import_module(m.name)\n")
+    subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, timeout=120)
+
+
+def summarise(runs: list[Run]) -> dict:
+    ok = [r for r in runs if not r.timed_out]
+    walls = [r.wall for r in ok]
+    return {
+        "n": len(ok),
+        "median": statistics.median(walls) if walls else None,
+        "min": min(walls) if walls else None,
+        "max": max(walls) if walls else None,
+        "samples": walls,
+        "rss_mb": max((r.rss_mb for r in ok), default=None),
+        "timeout": any(r.timed_out for r in runs),
+    }
+
+
+def new_bed() -> TestBed:
+    """An IPv4 test bed.  Building is retried: on a shared machine a namespace can
+    vanish under construction (another run's clean-up of beds it thinks are stale)."""
+    for attempt in range(5):
+        try:
+            return TestBed(ipv6=False)
+        except (OSError, RuntimeError) as exc:
+            if attempt == 4:
+                raise
+            print(f"  (test bed build failed, retrying: {exc})", file=sys.stderr, flush=True)
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- machine
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "missing"
+    return (r.stdout or r.stderr).strip().splitlines()[0] if (r.stdout or r.stderr).strip() else "?"
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem_gb = round(kb / 1024 / 1024, 1)
+    except (OSError, AttributeError):
+        pass
+    git = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.splitlines()
+    try:
+        nft_driver = backends.get("nftables").driver
+    except Exception as exc:  # pragma: no cover - informative only
+        nft_driver = f"? ({exc})"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average": os.getloadavg(),
+        "git": f"{git}{' + ' + str(len(dirty)) + ' modified files' if dirty else ''}",
+        "tools": {
+            "iptables": _first_line(["iptables", "--version"]),
+            "iptables-restore": _first_line(["iptables-restore", "--version"]),
+            "nft": _first_line(["nft", "--version"]),
+            "ipset": _first_line(["ipset", "--version"]),
+            "conntrack": _first_line(["conntrack", "--version"]),
+            "iperf3": _first_line(["iperf3", "--version"]),
+        },
+        "nftables_driver": nft_driver,
+    }
+
+
+# ---------------------------------------------------------------- host guard
+
+_HOST_READS = {
+    "links": ["ip", "-o", "link", "show"],
+    "addresses": ["ip", "-o", "addr", "show"],
+    "routes": ["ip", "route", "show", "table", "all"],
+    "routes6": ["ip", "-6", "route", "show", "table", "all"],
+    "rules": ["ip", "rule", "show"],
+    "iptables-legacy": ["iptables-legacy-save"],
+    "iptables-nft": ["iptables-nft-save"],
+    "nft": ["nft", "list", "ruleset"],
+    "ipset": ["ipset", "list", "-n"],
+}
+_VOLATILE = [re.compile(r"\[\d+:\d+\]"), re.compile(r"counter packets \d+ bytes \d+"),
+             re.compile(r"^# .*$", re.M), re.compile(r"\s+state \S+|\s+link-netnsid \d+"),
+             re.compile(r"\s+valid_lft \S+ preferred_lft \S+")]
+
+
+def host_snapshot() -> dict[str, str]:
+    """Read-only view of the machine's own network namespace (this process's)."""
+    snap = {}
+    for name, argv in _HOST_READS.items():
+        if shutil.which(argv[0]) is None:
+            continue
+        text = subprocess.run(argv, capture_output=True, text=True).stdout
+        for pattern in _VOLATILE:
+            text = pattern.sub("", text)
+        snap[name] = text
+    return snap
+
+
+def host_diff(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return [name for name in before if before[name] != after.get(name)]
+
+
+# ---------------------------------------------------------------- the node, driven through the CLI
+
+
+class Node:
+    """A bed's node namespace with a state dir of its own, driven through `ipmasq`."""
+
+    def __init__(self, bed: TestBed, workdir: Path, timeout: float):
+        self.bed = bed
+        self.dir = Path(tempfile.mkdtemp(prefix="node-", dir=workdir))
+        self.env = cli_env(workdir)
+        self.env["IPMASQ_STATE_DIR"] = str(self.dir / "state")
+        self.timeout = timeout
+        self._configs: dict[int, str] = {}
+
+    def config(self, n: int, extra: bool = False) -> str:
+        key = -n if extra else n
+        if key not in self._configs:
+            prefixes = exempt_prefixes(n) + ([EXTRA_PREFIX] if extra else [])
+            self._configs[key] = write_config(self.dir / f"config-{n}{'-plus1' if extra else ''}.yaml", prefixes)
+        return self._configs[key]
+
+    def argv(self, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.bed.node, PYTHON, "-m", "ipmasq_legacy", *args]
+
+    def ipmasq(self, *args: str) -> Run:
+        return run_measured(self.argv(*args), env=self.env, timeout=self.timeout)
+
+    def phases(self, out: Path, *args: str) -> tuple[Run, dict | None]:
+        import json
+
+        argv = ["ip", "netns", "exec", self.bed.node, PYTHON, str(PHASES_SCRIPT), str(out), *args]
+        run = run_measured(argv, env=self.env, timeout=self.timeout)
+        try:
+            data = json.loads(out.read_text())
+        except (OSError, ValueError):
+            data = None
+        return run, data
+
+    def flush(self) -> None:
+        r = self.ipmasq("flush")
+        if r.code != 0:
+            raise RuntimeError(f"ipmasq flush failed: {r.stderr.strip()}")
+
+    def sh(self, argv: list[str], input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        r = self.bed.node_exec(argv, input=input, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} in the node failed: {r.stderr.strip()[:300]}")
+        return r
+
+
+# ---------------------------------------------------------------- CLI cost
+
+
+def measure_startup(workdir: Path, bed: TestBed, repeats: int = 5) -> dict:
+    """What every CLI run pays before it does anything (in the node namespace, as the runs)."""
+    env = cli_env(workdir)
+    nocache = {k: v for k, v in env.items() if k != "PYTHONPYCACHEPREFIX"}
+    nocache["PYTHONDONTWRITEBYTECODE"] = "1"
+    cases = {
+        "ip netns exec true": (["true"], env),
+        "python -c pass": ([PYTHON, "-c", "pass"], env),
+        "python -c 'import ipmasq_legacy.cli'": ([PYTHON, "-c", "import ipmasq_legacy.cli"], env),
+        "ipmasq --version": ([PYTHON, "-m", "ipmasq_legacy", "--version"], env),
+        "ipmasq --version, no bytecode cache": ([PYTHON, "-m", "ipmasq_legacy", "--version"], nocache),
+    }
+    out = {}
+    for name, (argv, e) in cases.items():
+        runs = [run_measured(["ip", "netns", "exec", bed.node, *argv], env=e, timeout=30) for _ in range(repeats)]
+        out[name] = summarise(runs)
+    return out
+
+
+def measure_plan(workdir: Path, s: Settings, names: list[str], log: Callable[[str], None]) -> dict:
+    """`ipmasq plan`: the default config, then each size per backend (no kernel access,
+    run in this process's namespace: plan reads and changes nothing there)."""
+    env = cli_env(workdir)
+    env["IPMASQ_STATE_DIR"] = str(workdir / "plan-state")  # no state record: `auto` as on a new node
+    default = [run_measured([PYTHON, "-m", "ipmasq_legacy", "plan"], env=env, timeout=s.step_timeout)
+               for _ in range(max(3, s.repeats))]
+    result = {"default": summarise(default), "default_ok": all(r.code == 0 for r in default),
+              "default_config_file_exists": os.path.exists("/etc/ipmasq-legacy/config.yaml"), "sizes": {}}
+    cfgdir = workdir / "plan-configs"
+    cfgdir.mkdir(exist_ok=True)
+    for name in names:
+        result["sizes"][name] = {}
+        for n in s.sizes:
+            cfg = write_config(cfgdir / f"{n}.yaml", exempt_prefixes(n))
+            runs: list[Run] = []
+            while len(runs) < s.repeats and sum(r.wall for r in runs) < s.cell_budget:
+                r = run_measured([PYTHON, "-m", "ipmasq_legacy", "plan", "--config", cfg, "--backend", name],
+                                 env=env, timeout=s.step_timeout)
+                runs.append(r)
+                if r.timed_out or r.code != 0:
+                    break
+            result["sizes"][name][n] = summarise(runs)
+            log(f"  plan {name} {n}: {_fmt_s(result['sizes'][name][n])}")
+    return result
+
+
+def _fmt_s(st: dict) -> str:
+    if st.get("timeout") and not st.get("n"):
+        return "timeout"
+    return f"{st['median']:.3f} s (n={st['n']}, {st['rss_mb']:.0f} MB)" if st.get("median") is not None else "-"
+
+
+def _check(step: str, run: Run, n: int) -> str | None:
+    """Why a run is not what the step expects, or None."""
+    if run.timed_out:
+        return "timeout"
+    if run.code != 0:
+        return f"exit {run.code}: {run.stderr.strip()[:200]}"
+    if step == "noop" and (run.stdout.strip() or run.stderr.strip()):
+        return f"not silent: {(run.stdout + run.stderr).strip()[:200]}"
+    if step == "cold" and "installed" not in run.stdout:
+        return f"unexpected output: {run.stdout.strip()[:200]}"
+    if step == "change" and "updated" not in run.stdout:
+        return f"unexpected output: {run.stdout.strip()[:200]}"
+    return None
+
+
+def measure_apply_size(node: Node, name: str, n: int, s: Settings, disabled: set[str],
+                       log: Callable[[str], None]) -> dict:
+    """Cold apply, no-op reconcile and one-prefix change at `n` prefixes; leaves the
+    n+1-prefix config installed (for the datapath measurements that follow)."""
+    args = {
+        "cold": ("apply", "--config", node.config(n), "--backend", name),
+        "noop": ("reconcile", "--config", node.config(n), "--backend", name),
+        "change": ("apply", "--config", node.config(n, extra=True), "--backend", name),
+    }
+    runs: dict[str, list[Run]] = {step: [] for step in STEPS}
+    problems: dict[str, str] = {}
+
+    def wants(step: str) -> bool:
+        return (step not in disabled and step not in problems and len(runs[step]) < s.repeats
+                and sum(r.wall for r in runs[step]) < s.cell_budget)
+
+    while any(wants(step) for step in STEPS):
+        node.flush()
+        for step in STEPS:
+            if step != "cold" and not wants(step):
+                continue
+            r = node.ipmasq(*args[step])
+            runs[step].append(r)
+            why = _check(step, r, n)
+            if why:
+                problems[step] = why
+                if step == "cold":
+                    break  # nothing installed to reconcile or change
+        if "cold" in problems:
+            break
+    out = {}
+    for step in STEPS:
+        st = summarise(runs[step])
+        st["problem"] = problems.get(step)
+        if step in disabled:
+            st["problem"] = "skipped (slower than the time limit at a smaller size)"
+        out[step] = st
+        log(f"  {name} {n:>7} {STEP_TITLES[step]:18} {_fmt_s(st)}{'  ' + st['problem'] if st['problem'] else ''}")
+    return out
+
+
+def measure_breakdown(node: Node, name: str, n: int, disabled: set[str], log: Callable[[str], None]) -> dict:
+    """One instrumented run of each step (bench/phases.py) at `n` prefixes."""
+    out: dict = {"prefixes": n}
+    node.flush()
+    args = {
+        "cold": ("apply", "--config", node.config(n), "--backend", name),
+        "noop": ("reconcile", "--config", node.config(n), "--backend", name),
+        "change": ("apply", "--config", node.config(n, extra=True), "--backend", name),
+    }
+    for step in STEPS:
+        if step in disabled:
+            continue
+        run, data = node.phases(node.dir / f"phases-{step}.json", *args[step])
+        if run.timed_out or data is None:
+            out[step] = {"wall": run.wall, "problem": "timeout" if run.timed_out else "no phase data"}
+            if step == "cold":
+                break
+            continue
+        data["wall"] = run.wall
+        data["rss_mb"] = run.rss_mb
+        out[step] = data
+        log(f"  {name} {n} {STEP_TITLES[step]} breakdown: wall {run.wall:.2f} s")
+    return out
+
+
+# ---------------------------------------------------------------- new-connection cost
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
+                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
+
+
+class FlowSender:
+    """Sends packet i of a burst from one UDP socket to SINK_ADDR port 1+i: every
+    packet of a burst is a new flow.  Many packets per system call with sendmmsg(2)
+    through ctypes (falls back to a sendto loop)."""
+
+    BATCH = 256
+
+    def __init__(self, sock: socket.socket, dst: str, count: int):
+        self.sock = sock
+        self.dst = dst
+        self.count = count
+        self.method = "sendmmsg"
+        try:
+            self._fn = _libc.sendmmsg
+            self._fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+            self._fn.restype = ctypes.c_int
+        except AttributeError:
+            self.method = "sendto loop"
+            return
+        self._payload = ctypes.create_string_buffer(b"ipmq-bench", 10)
+        self._iov = _Iovec(ctypes.cast(self._payload, ctypes.c_void_p), 10)
+        addr = socket.inet_aton(dst)
+        raw = b"".join(struct.pack("=H", socket.AF_INET) + struct.pack("!H", 1 + i) + addr + bytes(8)
+                       for i in range(count))
+        self._names = ctypes.create_string_buffer(raw, len(raw))
+        self._msgs = (_Mmsghdr * count)()
+        base = ctypes.addressof(self._names)
+        iov = ctypes.addressof(self._iov)
+        for i in range(count):
+            h = self._msgs[i].hdr
+            h.name, h.namelen, h.iov, h.iovlen = base + 16 * i, 16, iov, 1
+        self._size = ctypes.sizeof(_Mmsghdr)
+
+    def send(self, start: int, count: int) -> None:
+        end = start + count
+        if self.method != "sendmmsg":
+            for i in range(start, end):
+                self.sock.sendto(b"ipmq-bench", (self.dst, 1 + i))
+            return
+        fd = self.sock.fileno()
+        base = ctypes.addressof(self._msgs)
+        i = start
+        while i < end:
+            sent = self._fn(fd, base + i * self._size, min(self.BATCH, end - i), 0)
+            if sent < 0:
+                e = ctypes.get_errno()
+                if e in (errno.EAGAIN, errno.ENOBUFS, errno.EINTR):
+                    continue
+                raise OSError(e, os.strerror(e))
+            i += sent
+
+
+def _read_forwarded() -> int:
+    """IP ForwDatagrams of the calling thread's namespace (run on a bed's node thread)."""
+    with open("/proc/thread-self/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Ip:")]
+    return int(rows[1][rows[0].index("ForwDatagrams")])
+
+
+def _read_conntrack_count() -> int:
+    try:
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+            return int(f.read())
+    except OSError:
+        return -1
+
+
+class FlowBench:
+    """New-connection cost through one bed's node."""
+
+    def __init__(self, bed: TestBed, max_packets: int):
+        self.bed = bed
+        for ns, argv in ((bed.ext, ["ip", "route", "replace", "blackhole", SINK_NET]),
+                         (bed.node, ["ip", "route", "replace", SINK_NET, "via", bed.ext_addr("eth0")[4],
+                                     "dev", "eth0"])):
+            r = bed.exec_in(ns, argv)
+            if r.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv)} in {ns}: {r.stderr.strip()}")
+        self.sock = bed.in_netns(bed.pod, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((bed.pod_addr[4], 40000))
+        self.sender = FlowSender(self.sock, SINK_ADDR, max_packets)
+        # resolve the neighbours on the way (pod -> node -> ext) before timing anything
+        for _ in range(3):
+            self.sender.send(0, 4)
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def forwarded(self) -> int:
+        return self.bed.in_netns(self.bed.node, _read_forwarded)
+
+    def conntrack_count(self) -> int:
+        return self.bed.in_netns(self.bed.node, _read_conntrack_count)
+
+    def flush_conntrack(self) -> None:
+        self.bed.node_exec(["conntrack", "-F"])
+
+    def burst(self, n: int, paced: bool, batch: int = 16) -> tuple[float, int]:
+        """Send n new flows; (seconds until the node forwarded all of them, forwarded)."""
+        f0 = self.forwarded()
+        start = time.perf_counter()
+        if not paced:
+            # The node forwards a packet in the softirq that the sending call itself
+            # runs, so the burst is normally done when the last send returns.
+            self.sender.send(0, n)
+        else:
+            # Slow rule sets: wait for the node to catch up after every few packets
+            # (else the backlog queue overflows and packets are lost uncounted).
+            sent = 0
+            while sent < n:
+                k = min(batch, n - sent)
+                self.sender.send(sent, k)
+                sent += k
+                deadline = time.perf_counter() + 1.0  # a lost packet must not stall the burst
+                while self.forwarded() - f0 < sent and time.perf_counter() < deadline:
+                    pass
+        done = self.forwarded() - f0
+        deadline = time.perf_counter() + 2.0
+        while done < n and time.perf_counter() < deadline:
+            done = self.forwarded() - f0
+        return time.perf_counter() - start, done
+
+    def measure(self, s: Settings) -> dict:
+        """µs per new connection: median of s.conn_repeats bursts, conntrack flushed before each."""
+        # calibrate: a short paced burst tells the per-packet cost
+        self.flush_conntrack()
+        n_cal = 64
+        while True:
+            secs, done = self.burst(n_cal, paced=True)
+            if secs > 0.05 or n_cal >= 4096:
+                break
+            self.flush_conntrack()
+            n_cal *= 4
+        per = secs / max(done, 1)
+        n = int(min(s.conn_max_packets, max(100, s.conn_run_seconds / per)))
+        paced = per > 50e-6
+        samples, lost, entries = [], 0, []
+        for _ in range(s.conn_repeats):
+            self.flush_conntrack()
+            secs, done = self.burst(n, paced)
+            if done < n and not paced:  # packets lost: redo this one paced
+                paced = True
+                self.flush_conntrack()
+                secs, done = self.burst(n, paced)
+            lost += n - done
+            entries.append(self.conntrack_count())
+            samples.append(secs / n * 1e6)
+        self.flush_conntrack()
+        return {
+            "us_per_conn": statistics.median(samples),
+            "min": min(samples),
+            "max": max(samples),
+            "samples": samples,
+            "packets": n,
+            "paced": paced,
+            "lost": lost,
+            "conntrack_entries": statistics.median(entries),
+            "sender": self.sender.method,
+        }
+
+
+def add_empty_nat_chain(bed: TestBed) -> None:
+    """A nat postrouting base chain with no rules: conntrack and NAT set-up on, no rule."""
+    r = bed.node_exec(["nft", "-f", "-"], input=(
+        "table ip bench_empty_nat {\n"
+        "  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n"
+        "}\n"))
+    if r.returncode != 0:
+        raise RuntimeError(f"empty nat chain: {r.stderr.strip()}")
+
+
+def ip_masq_agent_restore(prefixes: list[str]) -> str:
+    """ip-masq-agent's nat layout: one RETURN rule per prefix, then MASQUERADE."""
+    lines = ["*nat", ":IP-MASQ-AGENT - [0:0]",
+             '-A POSTROUTING -m comment --comment "ip-masq-agent: ensure nat POSTROUTING directs all '
+             'non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain" -m addrtype ! --dst-type LOCAL '
+             "-j IP-MASQ-AGENT"]
+    lines += [f'-A IP-MASQ-AGENT -d {p} -m comment --comment "ip-masq-agent: local traffic is not subject to '
+              'MASQUERADE" -j RETURN' for p in prefixes]
+    lines.append('-A IP-MASQ-AGENT -m comment --comment "ip-masq-agent: outbound traffic is subject to '
+                 'MASQUERADE (must be last in chain)" -j MASQUERADE')
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def _iperf(bed: TestBed, seconds: int, streams: int) -> dict:
+    dst = bed.dest(IPERF_DST)
+    argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(seconds), "-P", str(streams), "-J"]
+    import json
+
+    for _ in range(30):
+        r = bed.pod_exec(argv, timeout=seconds + 30)
+        try:
+            data = json.loads(r.stdout)
+        except ValueError:
+            data = {"error": r.stderr.strip() or r.stdout.strip()}
+        if "error" in data:
+            if "connect" in data["error"]:  # server not listening yet
+                time.sleep(0.1)
+                continue
+            raise RuntimeError(f"iperf3: {data['error']}")
+        end = data["end"]
+        return {"gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
+                "retransmits": end["sum_sent"].get("retransmits"),
+                "cpu_sender_pct": end.get("cpu_utilization_percent", {}).get("host_total"),
+                "tool": "iperf3"}
+    raise RuntimeError("iperf3 server never answered")
+
+
+def _pump(bed: TestBed, seconds: int, streams: int) -> dict:
+    """Python fallback: `streams` TCP connections pod -> ext, each writing 256 KiB chunks."""
+    dst = bed.dest(IPERF_DST)
+    lsock = bed.in_netns(bed.ext, socket.socket, socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((dst, IPERF_PORT + 1))
+    lsock.listen(16)
+    received = [0]
+    lock = threading.Lock()
+
+    def sink(conn: socket.socket) -> None:
+        buf = bytearray(1 << 18)
+        with conn:
+            while True:
+                k = conn.recv_into(buf)
+                if not k:
+                    return
+                with lock:
+                    received[0] += k
+
+    def acceptor() -> None:
+        for _ in range(streams):
+            conn, _ = lsock.accept()
+            threading.Thread(target=sink, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=acceptor, daemon=True).start()
+    chunk = bytes(1 << 18)
+    stop = time.perf_counter() + seconds
+
+    def source() -> None:
+        s = bed.in_netns(bed.pod, socket.socket, socket.AF_INET, socket.SOCK_STREAM)
+        with s:
+            s.connect((dst, IPERF_PORT + 1))
+            while time.perf_counter() < stop:
+                s.sendall(chunk)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=source) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    time.sleep(0.2)
+    lsock.close()
+    return {"gbit_s": received[0] * 8 / elapsed / 1e9, "retransmits": None, "cpu_sender_pct": None,
+            "tool": "python socket pump"}
+
+
+def measure_throughput(bed: TestBed, s: Settings) -> dict:
+    out = {}
+    if shutil.which("iperf3"):
+        server = subprocess.Popen(["ip", "netns", "exec", bed.ext, "iperf3", "-s", "-B", bed.dest(IPERF_DST),
+                                   "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for streams in s.streams:
+                out[streams] = _iperf(bed, s.throughput_seconds, streams)
+        finally:
+            server.terminate()
+            try:
+                server.wait(5)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    else:
+        for streams in s.streams:
+            out[streams] = _pump(bed, s.throughput_seconds, streams)
+    return out
+
+
+# ---------------------------------------------------------------- the suites
+
+
+def available_backends(wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    names, skipped = [], {}
+    for name in wanted or list(backends.NAMES):
+        if name not in backends.NAMES:
+            skipped[name] = f"not a backend of this version (known: {', '.join(backends.NAMES)})"
+            continue
+        try:
+            reason = backends.get(name).unavailable_reason()
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is None:
+            names.append(name)
+        else:
+            skipped[name] = reason
+    return names, skipped
+
+
+def reference_suite(s: Settings, log: Callable[[str], None], end: bool = False) -> dict:
+    """The floor (no netfilter at all in the node), then a nat chain with no rules."""
+    out: dict = {}
+    with new_bed() as bed:
+        flows = FlowBench(bed, s.conn_max_packets)
+        try:
+            out["floor"] = flows.measure(s)
+            log(f"  floor: {out['floor']['us_per_conn']:.2f} µs per new connection")
+            if end:
+                return out
+            out["floor_throughput"] = measure_throughput(bed, s)
+            log("  floor throughput: " + ", ".join(f"{k}x {v['gbit_s']:.1f} Gbit/s"
+                                                    for k, v in out["floor_throughput"].items()))
+            add_empty_nat_chain(bed)
+            out["empty_nat"] = flows.measure(s)
+            log(f"  empty nat chain: {out['empty_nat']['us_per_conn']:.2f} µs per new connection")
+            out["empty_nat_throughput"] = measure_throughput(bed, s)
+        finally:
+            flows.close()
+    return out
+
+
+def ip_masq_agent_suite(s: Settings, workdir: Path, log: Callable[[str], None]) -> dict:
+    """ip-masq-agent's rule layout, loaded with the system's iptables-restore."""
+    out: dict = {"tool": _first_line(["iptables-restore", "--version"]), "sizes": {}}
+    with new_bed() as bed:
+        flows = FlowBench(bed, s.conn_max_packets)
+        try:
+            for n in s.sizes:
+                text = ip_masq_agent_restore(exempt_prefixes(n))
+                path = workdir / f"ip-masq-agent-{n}.rules"
+                path.write_text(text)
+                load = run_measured(["ip", "netns", "exec", bed.node, "sh", "-c",
+                                     f"iptables-restore -w < {path}"], timeout=s.step_timeout * 2)
+                row: dict = {"load_s": load.wall, "load_rss_mb": load.rss_mb}
+                if load.timed_out or load.code != 0:
+                    row["problem"] = "timeout" if load.timed_out else load.stderr.strip()[:200]
+                    out["sizes"][n] = row
+                    log(f"  ip-masq-agent {n}: load failed: {row['problem']}")
+                    break
+                row.update(flows.measure(s))
+                out["sizes"][n] = row
+                log(f"  ip-masq-agent {n:>7}: load {load.wall:.2f} s, {row['us_per_conn']:.2f} µs per new connection")
+        finally:
+            flows.close()
+    return out
+
+
+def backend_suite(name: str, s: Settings, workdir: Path, log: Callable[[str], None]) -> dict:
+    """One fresh bed: for each size the CLI steps, then the new-connection cost with
+    that many prefixes installed; at the end throughput and the phase breakdown."""
+    out: dict = {"apply": {}, "conn": {}, "throughput": None, "breakdown": None}
+    disabled: set[str] = set()
+    with new_bed() as bed:
+        node = Node(bed, workdir, s.step_timeout)
+        flows = FlowBench(bed, s.conn_max_packets)
+        try:
+            installed = None
+            for n in s.sizes:
+                if "cold" in disabled:
+                    out["apply"][n] = {step: {"n": 0, "problem": "skipped (cold apply too slow at a smaller size)"}
+                                       for step in STEPS}
+                    continue
+                res = measure_apply_size(node, name, n, s, disabled, log)
+                out["apply"][n] = res
+                for step in STEPS:
+                    if res[step].get("timeout"):
+                        disabled.add(step)
+                if res["cold"]["problem"]:
+                    disabled.add("cold")
+                    continue
+                # what is installed now: n prefixes, plus one if the change step ran
+                installed = n
+                if res["change"]["n"] == 0:
+                    node.ipmasq("apply", "--config", node.config(n, extra=True), "--backend", name)
+                out["conn"][n] = flows.measure(s)
+                log(f"  {name} {n:>7}: {out['conn'][n]['us_per_conn']:.2f} µs per new connection")
+            if installed is not None:
+                out["throughput"] = {"prefixes": installed, **measure_throughput(bed, s)}
+                log(f"  {name} throughput ({installed} prefixes): " + ", ".join(
+                    f"{k}x {v['gbit_s']:.1f} Gbit/s" for k, v in out["throughput"].items() if k != "prefixes"))
+                out["breakdown"] = measure_breakdown(node, name, installed, disabled, log)
+            node.flush()
+        finally:
+            flows.close()
+    return out

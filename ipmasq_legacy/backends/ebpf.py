@@ -1,0 +1,1197 @@
+"""ebpf backend: source NAT in BPF programs on tc (clsact), the way Cilium's eBPF mode does.
+
+What it installs (shapes and tunables: rules/ebpf.yaml; the datapath: bpf/masq.c):
+
+* maps pinned under IPMASQ_BPF_DIR (default /sys/fs/bpf/ipmasq_legacy), one file each,
+  created from the definitions in the object's BTF (sizes from rules/ebpf.yaml) or
+  reused when already pinned with the same shape, so NAT entries survive every apply;
+* the two programs of bpf/masq.o, loaded with bpf(2) from Python (bpf/loader.py) and
+  pinned beside the maps; reloaded only when the object changed;
+* one direct-action bpf filter per hook (ingress and egress) of every interface that
+  matches `egress-masquerade-interfaces`, named `ipmasq_legacy/<hook>/<digest>`, on a
+  clsact qdisc that is added where none exists (and only then removed again).
+
+Atomic config changes: the decision's data (flags, ports, the exempt and source LPM
+tries) exists in two generations; apply writes the idle one, then flips `ipmq_ctl.gen`
+with one map write. Packets see the old config or the new one, never a mix, and no
+program is reloaded and no NAT entry lost.
+
+Switching: to ebpf from netfilter, the programs go live while netfilter still
+masquerades (packets netfilter already translated are left alone); an empty nat chain
+(`table ip ipmasq_legacy_drain`) keeps netfilter's NAT of its established connections
+working after its rules are gone, until conntrack holds no such connection. From ebpf to
+netfilter, `remove` (called after the new backend is live) keeps the programs in drain
+mode: the flows they translate keep being translated, no new flow is; `reap` removes
+them once those flows have gone quiet, `flush` at once.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import ipaddress
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import ruledata
+from ..bpf import loader
+from ..errors import ApplyError
+from ..plan import FamilyPlan, Plan
+from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
+
+SHAPES = ruledata.load("ebpf")
+PIN_ENV = "IPMASQ_BPF_DIR"
+OBJECT_ENV = "IPMASQ_BPF_OBJECT"
+MAP_PREFIX = "ipmq_"
+HOOKS = ("ingress", "egress")
+PROGRAMS = {"ingress": "ipmq_ingress", "egress": "ipmq_egress"}
+PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}  # TC_H_CLSACT:TC_H_MIN_{INGRESS,EGRESS}
+FILTER = SHAPES["filter_name"]
+BPF_FS_MAGIC = 0xCAFE4A11
+PORTS = 65536
+MAX_RETRIES = 64
+
+# Mirrors of masq.c (its _Static_asserts pin the sizes).
+F_V4, F_V6, F_ANY_SRC4, F_ANY_SRC6, F_RANDOM, F_DRAIN = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+IF_HAS4, IF_HAS6, IF_DRAIN = 0x01, 0x02, 0x04
+N_FOREIGN, N_CLOSED = 0x01, 0x02
+CFG = struct.Struct("=IIII")  # flags, retries, total ports, crc32 of the port list
+CTL = struct.Struct("=I")
+IFACE = struct.Struct("=4s16sII")
+NAT_KEY = struct.Struct("=16s16s2s2sBB2x")
+NAT_VAL = struct.Struct("=16s2sHIQ")
+STATS = ("new_flows", "exhausted", "no_address", "replies", "icmp_errors", "fragments", "fragment_misses",
+         "foreign_reserved", "port_retries")
+LPM = {4: struct.Struct("=IB4s"), 6: struct.Struct("=IB16s")}
+TRIES = {"exempt": {4: "ipmq_exempt4", 6: "ipmq_exempt6"}, "sources": {4: "ipmq_src4", 6: "ipmq_src6"}}
+ARPHRD_L3 = {0xFFFE, 0xFFFF, 512, 519, 768, 769, 776, 778, 823}  # none, void, ppp, rawip, ipip, ip6tnl, sit, gre, ip6gre
+IFA_F_SECONDARY, IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x01, 0x08, 0x20, 0x40
+
+
+def pin_dir() -> Path:
+    return Path(os.environ.get(PIN_ENV) or SHAPES["pin_dir"])
+
+
+def object_path() -> Path:
+    env = os.environ.get(OBJECT_ENV)
+    return Path(env) if env else Path(loader.__file__).with_name(SHAPES["object"])
+
+
+def pin_name(map_name: str) -> str:
+    return map_name.removeprefix(MAP_PREFIX)
+
+
+def filter_name(hook: str, digest: str) -> str:
+    return f"{FILTER}/{hook}/{digest[:12]}"
+
+
+# ---------------------------------------------------------------- pure: plan -> map contents
+
+
+def local_port_range(text: str | None = None) -> tuple[int, int]:
+    """The node's ephemeral range (net.ipv4.ip_local_port_range, per network namespace)."""
+    if text is None:
+        try:
+            text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        except OSError:
+            text = "32768 60999"
+    lo, hi = (int(x) for x in text.split()[:2])
+    return lo, hi
+
+
+def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in str(text).replace(",", " ").split():
+        a, _, b = part.partition("-")
+        out.append((int(a), int(b or a)))
+    return tuple(out)
+
+
+def translated_ports(to_ports, ephemeral: tuple[int, int]) -> list[int]:
+    """Translated source ports: `masquerade-to-ports` (else rules/ebpf.yaml's default)
+    minus the node's ephemeral range, so they never collide with the node's own."""
+    ranges = to_ports or parse_ranges(SHAPES["port_ranges"])
+    lo, hi = ephemeral
+    ports = []
+    for first, last in ranges:
+        ports += [p for p in range(first, last + 1) if not lo <= p <= hi and p > 0]
+    return sorted(set(ports))
+
+
+def port_spans(ports: list[int]) -> list[tuple[int, int]]:
+    spans = []
+    for p in ports:
+        if spans and spans[-1][1] == p - 1:
+            spans[-1] = (spans[-1][0], p)
+        else:
+            spans.append((p, p))
+    return spans
+
+
+def cfg_value(families: dict[int, FamilyPlan | None], ports: list[int], drain: bool = False) -> bytes:
+    flags = 0
+    any_plan = next((fp for fp in families.values() if fp is not None), None)
+    for family, fp in families.items():
+        if fp is None:
+            continue
+        flags |= F_V4 if family == 4 else F_V6
+        if not fp.sources:
+            flags |= F_ANY_SRC4 if family == 4 else F_ANY_SRC6
+    if any_plan is not None and any_plan.random_fully:
+        flags |= F_RANDOM
+    if drain:
+        flags |= F_DRAIN
+    retries = max(1, min(int(SHAPES["port_retries"]), MAX_RETRIES))
+    crc = zlib.crc32(array.array("I", ports).tobytes())
+    return CFG.pack(flags, retries, len(ports), crc)
+
+
+def lpm_key(family: int, gen: int, prefix: str) -> bytes:
+    net = ipaddress.ip_network(prefix)
+    if net.version != family:
+        raise ApplyError(f"prefix {prefix} is IPv{net.version} in the IPv{family} plan")
+    return LPM[family].pack(8 + net.prefixlen, gen, net.network_address.packed)
+
+
+def lpm_prefix(family: int, key: bytes) -> tuple[int, str]:
+    plen, gen, addr = LPM[family].unpack(key)
+    net = ipaddress.ip_network((addr, plen - 8), strict=False)
+    return gen, str(net)
+
+
+def addr16(text: str) -> bytes:
+    ip = ipaddress.ip_address(text)
+    return ip.packed if ip.version == 6 else bytes(12) + ip.packed
+
+
+def addr_text(raw: bytes, family: int) -> str:
+    return str(ipaddress.ip_address(raw[12:] if family == 4 else raw))
+
+
+# ---------------------------------------------------------------- the node's links (pyroute2)
+
+
+@dataclass
+class Link:
+    index: int
+    name: str
+    l2len: int
+    addr4: str | None = None
+    addr6: str | None = None
+    addresses: list[str] = field(default_factory=list)
+
+    def iface_value(self, drain: bool = False) -> bytes:
+        flags = (IF_HAS4 if self.addr4 else 0) | (IF_HAS6 if self.addr6 else 0) | (IF_DRAIN if drain else 0)
+        a4 = ipaddress.ip_address(self.addr4).packed if self.addr4 else bytes(4)
+        a6 = ipaddress.ip_address(self.addr6).packed if self.addr6 else bytes(16)
+        return IFACE.pack(a4, a6, flags, self.l2len)
+
+
+def read_links(ipr) -> dict[int, Link]:
+    """Every link with its primary address per family (what MASQUERADE would pick: the
+    first primary global IPv4 address; the first usable global IPv6 one)."""
+    links = {}
+    for msg in ipr.get_links():
+        links[msg["index"]] = Link(msg["index"], msg.get_attr("IFLA_IFNAME"),
+                                   0 if msg["ifi_type"] in ARPHRD_L3 else 14)
+    candidates: dict[int, dict[int, list]] = {}
+    for msg in ipr.get_addr():
+        link = links.get(msg["index"])
+        if link is None:
+            continue
+        family = 4 if msg["family"] == socket.AF_INET else 6
+        addr = msg.get_attr("IFA_LOCAL") if family == 4 else None
+        addr = addr or msg.get_attr("IFA_ADDRESS")
+        if not addr:
+            continue
+        link.addresses.append(addr)
+        flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
+        candidates.setdefault(link.index, {4: [], 6: []})[family].append((msg["scope"], flags, addr))
+    for index, by_family in candidates.items():
+        link = links[index]
+        v4 = [(s, a) for s, f, a in by_family[4] if not f & IFA_F_SECONDARY]
+        link.addr4 = next((a for s, a in v4 if s == 0), next((a for s, a in v4 if s < 254), None))
+        v6 = [a for s, f, a in by_family[6]
+              if s == 0 and not f & (IFA_F_TENTATIVE | IFA_F_DADFAILED | IFA_F_DEPRECATED)]
+        link.addr6 = v6[0] if v6 else None
+    return links
+
+
+def matching_links(patterns, links: dict[int, Link]) -> dict[int, Link]:
+    from ..links import matches
+
+    if not patterns:
+        return {i: l for i, l in links.items() if l.name != "lo"}
+    return {i: l for i, l in links.items() if any(matches(p, l.name) for p in patterns)}
+
+
+def _ipr():
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def _teach_pyroute2() -> None:
+    """pyroute2 0.9 decodes a bpf filter's name but not its program id and tag."""
+    from pyroute2.netlink.rtnl.tcmsg import sched_bpf
+
+    names = [n for n, _ in sched_bpf.options.nla_map]
+    if "TCA_BPF_ID" not in names:
+        extra = (("TCA_BPF_FLAGS_GEN", "uint32"), ("TCA_BPF_TAG", "hex"), ("TCA_BPF_ID", "uint32"))
+        sched_bpf.options.nla_map = tuple(sched_bpf.options.nla_map) + extra[len(names) - 9:]
+        sched_bpf.options.compile_nla() if hasattr(sched_bpf.options, "compile_nla") else None
+
+
+def _filters(ipr, index: int) -> dict[str, list[dict]]:
+    """Our bpf filters on each hook of a link: [{prio, handle, name, id}]."""
+    _teach_pyroute2()
+    out: dict[str, list[dict]] = {h: [] for h in HOOKS}
+    for hook in HOOKS:
+        try:
+            msgs = list(ipr.get_filters(index=index, parent=PARENT[hook]))
+        except Exception:  # no clsact qdisc: nothing attached
+            continue
+        for msg in msgs:
+            if msg.get_attr("TCA_KIND") != "bpf":
+                continue
+            opts = msg.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+            if name and name.startswith(FILTER + "/"):
+                out[hook].append({"prio": msg["info"] >> 16, "handle": msg["handle"], "name": name,
+                                  "id": opts.get_attr("TCA_BPF_ID")})
+    return out
+
+
+def _has_clsact(ipr, index: int) -> bool:
+    return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=index))
+
+
+def _other_filters(ipr, index: int) -> int:
+    count = 0
+    for hook in HOOKS:
+        try:
+            msgs = list(ipr.get_filters(index=index, parent=PARENT[hook]))
+        except Exception:
+            continue
+        for msg in msgs:
+            opts = msg.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts is not None and hasattr(opts, "get_attr") else None
+            if msg.get_attr("TCA_KIND") and not (name and name.startswith(FILTER + "/")):
+                count += 1
+    return count
+
+
+# ---------------------------------------------------------------- pinned maps
+
+
+class Pinned:
+    """The pinned maps (and programs) of one pin directory, opened on demand."""
+
+    def __init__(self, obj: loader.BpfObject | None, directory: Path | None = None, sysobj=None):
+        self.dir = directory or pin_dir()
+        self.obj = obj
+        self.sys = sysobj or loader.Sys()
+        self.fds: dict[str, int] = {}
+        self.defs: dict[str, loader.MapDef] = {}
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def path(self, name: str) -> Path:
+        return self.dir / pin_name(name)
+
+    def exists(self) -> bool:
+        return self.path("ipmq_ctl").exists()
+
+    def wanted(self, name: str) -> loader.MapDef:
+        d = self.obj.maps[name]
+        size = SHAPES["map_entries"].get(name)
+        return loader.MapDef(d.name, d.type, d.key_size, d.value_size, int(size) if size else d.max_entries, d.flags)
+
+    def open(self, name: str) -> int | None:
+        """fd of a pinned map, or None when it is not pinned."""
+        if name in self.fds:
+            return self.fds[name]
+        try:
+            fd = self.sys.get(str(self.path(name)))
+        except loader.BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        info = self.sys.map_info(fd)
+        self.defs[name] = loader.MapDef(name, info["type"], info["key_size"], info["value_size"],
+                                        info["max_entries"], info["flags"])
+        self.fds[name] = fd
+        return fd
+
+    def fd(self, name: str) -> int:
+        fd = self.open(name)
+        if fd is None:
+            raise ApplyError(f"BPF map {self.path(name)} is not pinned")
+        return fd
+
+    def compatible(self, name: str) -> bool:
+        have, want = self.defs.get(name), self.wanted(name)
+        return have is not None and (have.type, have.key_size, have.value_size, have.max_entries, have.flags) == (
+            want.type, want.key_size, want.value_size, want.max_entries, want.flags)
+
+    def ensure(self) -> list[str]:
+        """Create (and pin) the maps that are missing or of another shape; reuse the rest."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        created = []
+        for name in self.obj.maps:
+            if self.open(name) is not None and self.compatible(name):
+                continue
+            if name in self.fds:
+                os.close(self.fds.pop(name))
+                self.path(name).unlink()
+            d = self.wanted(name)
+            fd = self.sys.map_create(d.type, d.key_size, d.value_size, d.max_entries, d.flags, name)
+            self.sys.pin(fd, str(self.path(name)))
+            self.fds[name] = fd
+            self.defs[name] = d
+            created.append(name)
+        return created
+
+    # -- values
+
+    def value_size(self, name: str) -> int:
+        d = self.defs[name]
+        if d.type in loader.PERCPU_TYPES:
+            return ((d.value_size + 7) // 8 * 8) * loader.possible_cpus()
+        return d.value_size
+
+    def lookup(self, name: str, key: bytes) -> bytes | None:
+        fd = self.fd(name)
+        return self.sys.lookup(fd, key, self.value_size(name))
+
+    def update(self, name: str, key: bytes, value: bytes, flags: int = loader.ANY) -> None:
+        self.sys.update(self.fd(name), key, value, flags)
+
+    def delete(self, name: str, key: bytes) -> bool:
+        return self.sys.delete(self.fd(name), key)
+
+    def keys(self, name: str) -> list[bytes]:
+        fd = self.fd(name)
+        return self.sys.keys(fd, self.defs[name].key_size)
+
+    def items(self, name: str) -> list[tuple[bytes, bytes]]:
+        fd = self.fd(name)
+        d = self.defs[name]
+        return self.sys.items(fd, d.key_size, self.value_size(name), d.max_entries)
+
+    def update_array(self, name: str, first: int, values: array.array) -> None:
+        """Write consecutive u32 entries of an array map, in batches."""
+        fd = self.fd(name)
+        self.sys.update_batch_u32(fd, first, values)
+
+    def gen(self) -> int:
+        raw = self.lookup("ipmq_ctl", struct.pack("=I", 0))
+        return CTL.unpack(raw)[0] & 1 if raw else 0
+
+    def cfg(self, gen: int) -> bytes:
+        return self.lookup("ipmq_cfg", struct.pack("=I", gen)) or bytes(CFG.size)
+
+    def trie(self, kind: str, family: int, gen: int | None = None) -> tuple[str, ...]:
+        """Prefixes of one generation of a trie, sorted (None: all generations)."""
+        out = []
+        for key in self.keys(TRIES[kind][family]):
+            g, prefix = lpm_prefix(family, key)
+            if gen is None or g == gen:
+                out.append(ipaddress.ip_network(prefix))
+        return tuple(str(n) for n in sorted(out))
+
+    def stats(self) -> dict[str, int]:
+        totals = {}
+        ncpu = loader.possible_cpus()
+        for slot, name in enumerate(STATS):
+            raw = self.lookup("ipmq_stats", struct.pack("=I", slot))
+            totals[name] = sum(struct.unpack(f"={ncpu}Q", raw)) if raw else 0
+        return totals
+
+    def if_counters(self) -> dict[tuple[int, int], tuple[int, int]]:
+        out = {}
+        ncpu = loader.possible_cpus()
+        for key, value in self.items("ipmq_ifstats"):
+            index, family = struct.unpack("=II", key)
+            nums = struct.unpack(f"={2 * ncpu}Q", value)
+            out[(index, family)] = (sum(nums[0::2]), sum(nums[1::2]))
+        return out
+
+
+# ---------------------------------------------------------------- helpers: netfilter side
+
+
+def _nft(text: str) -> tuple[int, str]:
+    try:
+        proc = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True)
+    except FileNotFoundError:
+        return 127, "nft: command not found"
+    return proc.returncode, proc.stderr
+
+
+DRAIN_TABLE = f"{SHAPES['filter_name']}_drain"
+
+
+def drain_tables_present() -> list[int]:
+    if shutil.which("nft") is None:
+        return []
+    out = []
+    for family in FAMILIES:
+        fam = "ip" if family == 4 else "ip6"
+        proc = subprocess.run(["nft", "list", "table", fam, DRAIN_TABLE], capture_output=True, text=True)
+        if proc.returncode == 0:
+            out.append(family)
+    return out
+
+
+def add_drain_tables() -> bool:
+    """An empty nat chain per family: keeps netfilter's NAT hooks registered, so the
+    connections netfilter translated keep being translated after its rules are gone."""
+    text = ""
+    for fam in ("ip", "ip6"):
+        text += (f"table {fam} {DRAIN_TABLE} {{\n\tchain postrouting {{\n"
+                 "\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t}\n}\n")
+    return _nft(text)[0] == 0
+
+
+def delete_drain_tables() -> bool:
+    present = drain_tables_present()
+    for family in present:
+        _nft(f"delete table {'ip' if family == 4 else 'ip6'} {DRAIN_TABLE}\n")
+    return bool(present)
+
+
+def netfilter_snat_tuples() -> list[tuple[int, int, bytes, bytes, int, int]]:
+    """Reply tuples of the connections conntrack source-NATs: (family, proto, reply src,
+    reply dst, reply sport, reply dport), ports in host order."""
+    try:
+        from pyroute2 import Conntrack
+    except ImportError:
+        return []
+    out = []
+    try:
+        ct = Conntrack()
+    except Exception:
+        return []
+    try:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                entries = list(ct.dump_entries()) if family == socket.AF_INET else []
+            except Exception:
+                entries = []
+            for e in entries:
+                if not (e.status or 0) & 0x10:  # IPS_SRC_NAT
+                    continue
+                r = e.tuple_reply
+                try:
+                    fam = ipaddress.ip_address(r.saddr).version
+                except (ValueError, TypeError):
+                    continue
+                proto = r.proto
+                if proto in (socket.IPPROTO_ICMP, 58):
+                    sport = dport = getattr(r, "icmp_id", None) or 0
+                else:
+                    sport, dport = r.sport or 0, r.dport or 0
+                out.append((fam, proto, addr16(r.saddr), addr16(r.daddr), sport, dport))
+    finally:
+        ct.close()
+    return out
+
+
+# ---------------------------------------------------------------- the backend
+
+
+@dataclass
+class EbpfFamilyLive(FamilyLive):
+    attached: dict[str, dict[str, str]] = field(default_factory=dict)  # link -> hook -> filter name
+
+
+class EbpfBackend(Backend):
+    name = "ebpf"
+
+    def __init__(self):
+        self._obj: loader.BpfObject | None = None
+
+    # -- availability
+
+    def obj(self) -> loader.BpfObject:
+        if self._obj is None:
+            try:
+                self._obj = loader.read_object(str(object_path()))
+            except loader.ObjectError as exc:
+                raise ApplyError(f"BPF object: {exc}") from None
+        return self._obj
+
+    def unavailable_reason(self) -> str | None:
+        if loader.syscall_number() is None:
+            return f"no bpf(2) syscall number known for this machine ({os.uname().machine})"
+        path = object_path()
+        if not path.exists():
+            return (f"the BPF object {path} is not built: run `bash scripts/setup` (it installs clang, llvm "
+                    "and libbpf-dev and compiles ipmasq_legacy/bpf/masq.c)")
+        try:
+            self.obj()
+        except ApplyError as exc:
+            return str(exc)
+        try:
+            sysobj = loader.Sys()
+            for map_type, key, value, flags in ((loader.MAP_LPM_TRIE, 9, 1, 1), (loader.MAP_LRU_HASH, 40, 32, 0),
+                                                (loader.MAP_PERCPU_ARRAY, 4, 8, 0)):
+                os.close(sysobj.map_create(map_type, key, value, 4, flags, "ipmq_probe"))
+        except loader.BpfError as exc:
+            why = "not permitted (needs root: CAP_BPF and CAP_NET_ADMIN)" if exc.errno == errno.EPERM else exc.strerror
+            return f"the kernel refuses BPF maps: {why}"
+        bpffs = _bpffs_reason(pin_dir())
+        if bpffs and bpffs != "mount":
+            return bpffs
+        return None
+
+    # -- rendering
+
+    def render(self, plan: Plan) -> str:
+        families = self.wanted_families(plan)
+        ports = translated_ports(next((fp.to_ports for fp in plan.families), ()), local_port_range())
+        d = str(pin_dir())
+        lines = [
+            f"# ebpf: programs ipmq_egress / ipmq_ingress of {object_path()} on tc clsact (direct action),",
+            f"# pref {SHAPES['tc_priority']} handle {SHAPES['tc_handle']}, of every interface matching "
+            + (", ".join(plan.interfaces) if plan.interfaces else "any but lo"),
+            f"# maps pinned under {d}; bpftool batch syntax, generation 0 shown (apply writes the idle one, then",
+            "# flips ctl). Translated source ports: "
+            + (", ".join(f"{a}-{b}" if a != b else str(a) for a, b in port_spans(ports)) or "none"),
+            f"map update pinned {d}/cfg key hex 00 00 00 00 value hex {cfg_value(families, ports).hex(' ')}",
+        ]
+        for family in FAMILIES:
+            fp = families[family]
+            if fp is None:
+                lines.append(f"# IPv{family}: disabled")
+                continue
+            lines.append(f"# IPv{family}: sources " + (", ".join(fp.sources) or "any")
+                         + f"; {len(fp.exempt)} exempt prefixes")
+            for kind, prefixes in (("sources", fp.sources), ("exempt", fp.exempt)):
+                pin = pin_name(TRIES[kind][family])
+                for prefix in prefixes:
+                    lines.append(f"map update pinned {d}/{pin} key hex {lpm_key(family, 0, prefix).hex(' ')} "
+                                 f"value hex 01  # {prefix}")
+        lines.append(f"map update pinned {d}/ctl key hex 00 00 00 00 value hex 00 00 00 00")
+        return "\n".join(lines) + "\n"
+
+    # -- reading
+
+    def _read(self, ipr=None) -> tuple[dict, Pinned | None]:
+        """(facts, pinned-or-None). Facts: gen, cfg, tries, attached filters, iface map."""
+        facts: dict = {"attached": {}, "ifaces": {}, "installed": False}
+        own_ipr = ipr is None
+        ipr = ipr or _ipr()
+        try:
+            links = read_links(ipr)
+            facts["links"] = links
+            for index, link in links.items():
+                f = _filters(ipr, index)
+                if any(f.values()):
+                    facts["attached"][index] = {h: [(x["name"], x["id"]) for x in v] for h, v in f.items()}
+        finally:
+            if own_ipr:
+                ipr.close()
+        pinned = None
+        if pin_dir().joinpath("ctl").exists():
+            try:
+                pinned = Pinned(self.obj())
+            except ApplyError:
+                pinned = Pinned(None)
+            if pinned.open("ipmq_ctl") is None:
+                pinned.close()
+                pinned = None
+        if pinned is not None:
+            facts["installed"] = True
+            gen = pinned.gen()
+            facts["gen"] = gen
+            facts["cfg"] = pinned.cfg(gen)
+            if pinned.open("ipmq_ifaces") is not None:
+                facts["ifaces"] = {struct.unpack("=I", k)[0]: v for k, v in pinned.items("ipmq_ifaces")}
+        return facts, pinned
+
+    def live(self) -> Live:
+        facts, pinned = self._read()
+        families = {}
+        try:
+            flags = CFG.unpack(facts["cfg"])[0] if facts.get("installed") else 0
+            drain = bool(flags & F_DRAIN)
+            links = facts["links"]
+            attached_names = {links[i].name if i in links else f"if{i}": hooks for i, hooks in facts["attached"].items()}
+            counters = pinned.if_counters() if pinned is not None and pinned.open("ipmq_ifstats") is not None else {}
+            for family in FAMILIES:
+                on = bool(flags & (F_V4 if family == 4 else F_V6)) and not drain
+                fl = EbpfFamilyLive(family=family, installed=on)
+                if on and pinned is not None:
+                    gen = facts["gen"]
+                    fl.exempt = pinned.trie("exempt", family, gen) if pinned.open(TRIES["exempt"][family]) is not None else ()
+                    fl.attached = attached_names
+                    for name, hooks in sorted(attached_names.items()):
+                        for hook in HOOKS:
+                            for fname, _id in hooks.get(hook, []):
+                                fl.rules.append(f"tc {hook} {name}: bpf da {fname}")
+                    for (index, fam), (packets, nbytes) in sorted(counters.items()):
+                        if fam != family:
+                            continue
+                        name = links[index].name if index in links else f"if{index}"
+                        fl.counters.append(RuleCounter(family, f"tc egress {name}: bpf {PROGRAMS['egress']}", name,
+                                                       packets, nbytes))
+                families[family] = fl
+        finally:
+            if pinned is not None:
+                pinned.close()
+        return Live(self.name, families)
+
+    # -- comparing
+
+    def _desired(self, plan: Plan, links: dict[int, Link]) -> dict:
+        families = self.wanted_families(plan)
+        enabled = [fp for fp in families.values() if fp is not None]
+        ports = translated_ports(enabled[0].to_ports if enabled else (), local_port_range())
+        if enabled and not ports:
+            raise ApplyError("no translated source port left: masquerade-to-ports lies inside the node's "
+                             f"ephemeral range {'-'.join(map(str, local_port_range()))} (ip_local_port_range)")
+        matched = matching_links(plan.interfaces, links) if enabled else {}
+        return {
+            "families": families,
+            "ports": ports,
+            "cfg": cfg_value(families, ports),
+            "matched": matched,
+            "local": {4: sorted({ipaddress.ip_address(a).packed for l in links.values() for a in l.addresses
+                                 if ipaddress.ip_address(a).version == 4}),
+                      6: sorted({ipaddress.ip_address(a).packed for l in links.values() for a in l.addresses
+                                 if ipaddress.ip_address(a).version == 6})},
+        }
+
+    def _problems(self, plan: Plan, facts: dict, pinned: Pinned | None, desired: dict) -> list[str]:
+        obj = self.obj()
+        wanted_any = any(fp is not None for fp in desired["families"].values())
+        if pinned is None:
+            return ["not installed"] if wanted_any else (["programs attached but no maps pinned"]
+                                                          if facts["attached"] else [])
+        problems = []
+        for name in obj.maps:
+            if pinned.open(name) is None:
+                problems.append(f"map {pin_name(name)} missing")
+            elif not pinned.compatible(name):
+                problems.append(f"map {pin_name(name)} has another shape")
+        if problems:
+            return problems
+        gen = facts["gen"]
+        if facts["cfg"] != desired["cfg"]:
+            problems.append("config differs")
+        for kind in ("exempt", "sources"):
+            for family, fp in desired["families"].items():
+                want = tuple(str(n) for n in sorted(ipaddress.ip_network(p) for p in getattr(fp, kind))) if fp else ()
+                if fp is not None and pinned.trie(kind, family, gen) != want:
+                    problems.append(f"ipv{family}: {kind} prefixes differ")
+        prog_ids = {}
+        for hook in HOOKS:
+            prog_ids[hook] = self._prog_pinned(hook, obj)
+            if prog_ids[hook] is None:
+                problems.append(f"program {hook} not loaded")
+        links = facts["links"]
+        for index, link in desired["matched"].items():
+            hooks = facts["attached"].get(index, {})
+            for hook in HOOKS:
+                if hooks.get(hook) != [(filter_name(hook, obj.digest), prog_ids[hook])]:
+                    problems.append(f"{link.name}: {hook} not attached" if not hooks.get(hook)
+                                    else f"{link.name}: {hook} runs another program")
+            if facts["ifaces"].get(index) != link.iface_value():
+                problems.append(f"{link.name}: address or type changed")
+        for index in facts["attached"]:
+            if index not in desired["matched"]:
+                value = facts["ifaces"].get(index)
+                if value is None or not IFACE.unpack(value)[2] & IF_DRAIN:
+                    problems.append(f"{links[index].name if index in links else index}: attached but not matched")
+        for index in facts["ifaces"]:
+            if index not in desired["matched"] and index not in facts["attached"]:
+                problems.append(f"stale interface entry {index}")
+        for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
+            if sorted(pinned.keys(name)) != desired["local"][family]:
+                problems.append(f"ipv{family}: node addresses changed")
+        return problems
+
+    def _prog_pinned(self, hook: str, obj: loader.BpfObject) -> int | None:
+        """Id of the pinned program of a hook when it came from this object, else None."""
+        path = pin_dir() / f"prog_{hook}"
+        if not path.exists():
+            return None
+        try:
+            sysobj = loader.Sys()
+            fd = sysobj.get(str(path))
+        except loader.BpfError:
+            return None
+        try:
+            info = sysobj.prog_info(fd)
+            ok = info["name"] == PROGRAMS[hook] and self._loaded_digest() == obj.digest
+            return info["id"] if ok else None
+        finally:
+            os.close(fd)
+
+    def _loaded_digest(self) -> str | None:
+        """The object digest the pinned programs came from (kept in the `ipmq_meta` map)."""
+        try:
+            with Pinned(None) as p:
+                fd = p.open("ipmq_meta")
+                if fd is None:
+                    return None
+                raw = p.sys.lookup(fd, struct.pack("=I", 0), p.defs["ipmq_meta"].value_size)
+                return raw.hex() if raw and any(raw) else None
+        except loader.BpfError:
+            return None
+
+    def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
+        facts, pinned = self._read()
+        try:
+            desired = self._desired(plan, facts["links"])
+            return self._problems(plan, facts, pinned, desired)
+        finally:
+            if pinned is not None:
+                pinned.close()
+
+    # -- changing
+
+    def apply(self, plan: Plan) -> list[str]:
+        from .. import state
+
+        ensure_bpffs(pin_dir())
+        ipr = _ipr()
+        facts, pinned = self._read(ipr)
+        try:
+            desired = self._desired(plan, facts["links"])
+            problems = self._problems(plan, facts, pinned, desired)
+            if not problems:
+                self._reap(facts, pinned, ipr)
+                return []
+            previous = state.read().get("backend")
+            if previous and previous != self.name and shutil.which("nft"):
+                add_drain_tables()  # netfilter's translated connections keep working after it goes
+            if pinned is None:
+                pinned = Pinned(self.obj())
+            try:
+                changes = self._install(plan, facts, pinned, desired, ipr)
+            except (loader.BpfError, OSError) as exc:
+                raise ApplyError(f"ebpf: {exc}") from None
+            self._reap(facts, pinned, ipr)
+        finally:
+            if pinned is not None:
+                pinned.close()
+            ipr.close()
+        installed = "installed" if not facts["installed"] else "updated (" + ", ".join(problems[:3]) + (
+            ", ..." if len(problems) > 3 else "") + ")"
+        out = []
+        for family, fp in desired["families"].items():
+            if fp is None:
+                continue
+            out.append(f"ipv{family} {installed}: tc on {len(desired['matched'])} interfaces, "
+                       f"{len(fp.exempt)} exempt prefixes")
+        disabled = [f for f, fp in desired["families"].items() if fp is None]
+        if disabled and facts["installed"]:
+            flags = CFG.unpack(facts["cfg"])[0]
+            out += [f"ipv{f} removed (disabled)" for f in disabled if flags & (F_V4 if f == 4 else F_V6)]
+        return out or changes
+
+    def _install(self, plan: Plan, facts: dict, pinned: Pinned, desired: dict, ipr) -> list[str]:
+        obj = self.obj()
+        created = pinned.ensure()
+        if "ipmq_nat_fwd" in created or "ipmq_nat_rev" in created:
+            self._seed_foreign(pinned)
+        live_gen = pinned.gen()
+        idle = 1 - live_gen
+        # 1. the idle generation: ports, tries, cfg
+        ports = desired["ports"]
+        table = array.array("I", ports) + array.array("I", [0]) * (PORTS - len(ports))
+        index = array.array("I", [0]) * PORTS
+        for i, port in enumerate(ports):
+            index[port] = i + 1
+        pinned.update_array("ipmq_ports", idle * PORTS, table)
+        pinned.update_array("ipmq_portidx", idle * PORTS, index)
+        for kind in ("exempt", "sources"):
+            for family in FAMILIES:
+                name = TRIES[kind][family]
+                for key in pinned.keys(name):
+                    if key[4] == idle:
+                        pinned.delete(name, key)
+                fp = desired["families"][family]
+                for prefix in (getattr(fp, kind) if fp else ()):
+                    pinned.update(name, lpm_key(family, idle, prefix), b"\x01")
+        pinned.update("ipmq_cfg", struct.pack("=I", idle), desired["cfg"])
+        # 2. node facts: local addresses, the matched interfaces' addresses
+        for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
+            want = set(desired["local"][family])
+            have = set(pinned.keys(name))
+            for addr in want - have:
+                pinned.update(name, addr, b"\x01")
+            for addr in have - want:
+                pinned.delete(name, addr)
+        for index, link in desired["matched"].items():
+            pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value())
+        # 3. the switch: one write
+        pinned.update("ipmq_ctl", struct.pack("=I", 0), CTL.pack(idle))
+        for kind in ("exempt", "sources"):
+            for family in FAMILIES:
+                name = TRIES[kind][family]
+                for key in pinned.keys(name):
+                    if key[4] == live_gen:
+                        pinned.delete(name, key)
+        # 4. programs, then the filters
+        fds = self._programs(pinned, obj)
+        try:
+            for index, link in desired["matched"].items():
+                self._attach(ipr, pinned, link, fds, obj)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        # 5. links no longer matched: drain (flows keep their decision) or detach
+        stale = [i for i in facts["attached"] if i not in desired["matched"]]
+        stale += [i for i in facts["ifaces"] if i not in desired["matched"] and i not in facts["attached"]]
+        if stale:
+            busy = self._busy_ifindexes(pinned)
+            for index in set(stale):
+                link = facts["links"].get(index)
+                if link is not None and index in busy and index in facts["attached"]:
+                    pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value(drain=True))
+                else:
+                    self._detach(ipr, pinned, index)
+        return [f"{len(desired['matched'])} interfaces"]
+
+    def _programs(self, pinned: Pinned, obj: loader.BpfObject) -> dict[str, int]:
+        """fds of the programs: the pinned ones when they came from this object, else
+        freshly loaded (and pinned in their place)."""
+        sysobj = pinned.sys
+        fds = {}
+        fresh = self._loaded_digest() != obj.digest
+        for hook in HOOKS:
+            path = pin_dir() / f"prog_{hook}"
+            if not fresh and path.exists():
+                try:
+                    fds[hook] = sysobj.get(str(path))
+                    continue
+                except loader.BpfError:
+                    pass
+            map_fds = {name: pinned.fd(name) for name in obj.maps}
+            prog = obj.progs[PROGRAMS[hook]]
+            try:
+                fd = sysobj.prog_load(loader.PROG_SCHED_CLS, loader.patched(prog, map_fds), obj.license, prog.name)
+            except loader.BpfError as exc:
+                for other in fds.values():
+                    os.close(other)
+                raise ApplyError(f"ebpf: the kernel refused program {prog.name}: {exc.strerror}") from None
+            if path.exists():  # (bpffs refuses rename; the attached filter holds the program)
+                path.unlink()
+            sysobj.pin(fd, str(path))
+            fds[hook] = fd
+        pinned.update("ipmq_meta", struct.pack("=I", 0), bytes.fromhex(obj.digest))
+        return fds
+
+    def _attach(self, ipr, pinned: Pinned, link: Link, fds: dict[str, int], obj: loader.BpfObject) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        if not _has_clsact(ipr, link.index):
+            try:
+                ipr.tc("add", "clsact", link.index)
+                pinned.update("ipmq_owned", struct.pack("=I", link.index), struct.pack("=I", 1))
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise ApplyError(f"ebpf: cannot add a clsact qdisc to {link.name}: {exc}") from None
+        current = _filters(ipr, link.index)
+        for hook in HOOKS:
+            want = filter_name(hook, obj.digest)
+            ours = current[hook]
+            if [(f["name"], f["id"]) for f in ours] == [(want, pinned.sys.prog_info(fds[hook])["id"])]:
+                continue
+            # replace in place (one netlink message: the old program or the new one, never none)
+            cmd = "replace-filter" if any(f["prio"] == SHAPES["tc_priority"] for f in ours) else "add-filter"
+            try:
+                ipr.tc(cmd, "bpf", index=link.index, handle=SHAPES["tc_handle"], parent=PARENT[hook],
+                       prio=SHAPES["tc_priority"], fd=fds[hook], name=want, direct_action=True,
+                       protocol=0x0003)  # ETH_P_ALL
+            except NetlinkError as exc:
+                raise ApplyError(f"ebpf: cannot attach to {link.name} {hook}: {exc}") from None
+            for f in ours:  # filters of ours at another priority (a changed rules/ebpf.yaml)
+                if f["prio"] != SHAPES["tc_priority"]:
+                    self._del_filter(ipr, link.index, hook, f)
+
+    @staticmethod
+    def _del_filter(ipr, index: int, hook: str, f: dict) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            ipr.tc("del-filter", "bpf", index=index, handle=f["handle"], parent=PARENT[hook], prio=f["prio"],
+                   protocol=0x0003)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                raise
+
+    def _detach(self, ipr, pinned: Pinned | None, index: int) -> bool:
+        """Our filters off one link, its interface entry gone, and the clsact qdisc too
+        when we added it and nobody else uses it."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        found = False
+        try:
+            current = _filters(ipr, index)
+        except NetlinkError:
+            current = {h: [] for h in HOOKS}
+        for hook in HOOKS:
+            for f in current[hook]:
+                self._del_filter(ipr, index, hook, f)
+                found = True
+        key = struct.pack("=I", index)
+        if pinned is not None:
+            if pinned.open("ipmq_ifaces") is not None:
+                pinned.delete("ipmq_ifaces", key)
+            owned = pinned.open("ipmq_owned") is not None and pinned.lookup("ipmq_owned", key)
+            if owned:
+                try:
+                    if _has_clsact(ipr, index) and _other_filters(ipr, index) == 0:
+                        ipr.tc("del", "clsact", index)
+                except NetlinkError:
+                    pass
+                pinned.delete("ipmq_owned", key)
+        return found
+
+    def _seed_foreign(self, pinned: Pinned) -> None:
+        """Reply tuples of connections netfilter translated: never handed out by us."""
+        for family, proto, src, dst, sport, dport in netfilter_snat_tuples():
+            key = NAT_KEY.pack(src, dst, struct.pack("!H", sport), struct.pack("!H", dport), proto, family)
+            value = NAT_VAL.pack(bytes(16), b"\0\0", N_FOREIGN, 0, time.monotonic_ns())
+            try:
+                pinned.update("ipmq_nat_rev", key, value, loader.NOEXIST)
+            except loader.BpfError:
+                pass
+
+    def _busy_ifindexes(self, pinned: Pinned) -> set[int]:
+        """Out-interfaces of translated flows that are still in use (rules/ebpf.yaml drain_idle)."""
+        idle = SHAPES["drain_idle"]
+        now = time.monotonic_ns()
+        busy = set()
+        for key, value in pinned.items("ipmq_nat_fwd"):
+            proto = key[36]
+            _addr, _port, flags, ifindex, seen = NAT_VAL.unpack(value)
+            if flags & N_FOREIGN:
+                continue
+            if proto == socket.IPPROTO_TCP:
+                limit = idle["tcp_closed"] if flags & N_CLOSED else idle["tcp"]
+            else:
+                limit = idle["other"]
+            if now - seen < limit * 1e9:
+                busy.add(ifindex)
+        return busy
+
+    def _reap(self, facts: dict, pinned: Pinned | None, ipr) -> list[str]:
+        """Finish what drains: netfilter's old connections (the drain table), links no
+        longer matched, and the whole datapath after a switch away from ebpf."""
+        done = []
+        if drain_tables_present() and not netfilter_snat_tuples():
+            if delete_drain_tables():
+                done.append("netfilter drain table removed")
+        if pinned is None or pinned.open("ipmq_ifaces") is None:
+            return done
+        draining = [struct.unpack("=I", k)[0] for k, v in pinned.items("ipmq_ifaces") if IFACE.unpack(v)[2] & IF_DRAIN]
+        whole = bool(CFG.unpack(pinned.cfg(pinned.gen()))[0] & F_DRAIN)
+        if not draining and not whole:
+            return done
+        busy = self._busy_ifindexes(pinned)
+        if whole and not busy:
+            self._remove_all(ipr)
+            return done + ["drained datapath removed"]
+        for index in draining:
+            if index not in busy:
+                self._detach(ipr, pinned, index)
+                done.append(f"link {index} detached")
+        return done
+
+    def reap(self) -> list[str]:
+        """For callers after a switch away from ebpf: remove the drained datapath once
+        its flows are quiet. Cheap when nothing of ours is installed."""
+        if not pin_dir().joinpath("ctl").exists() and not drain_tables_present():
+            return []
+        ipr = _ipr()
+        facts, pinned = self._read(ipr)
+        try:
+            return self._reap(facts, pinned, ipr)
+        finally:
+            if pinned is not None:
+                pinned.close()
+            ipr.close()
+
+    def _other_backend_live(self) -> bool:
+        from . import NAMES, get
+
+        for name in NAMES:
+            if name == self.name:
+                continue
+            try:
+                backend = get(name)
+                if backend.unavailable_reason() is None and backend.live().installed:
+                    return True
+            except Exception:
+                continue
+        return False
+
+    def remove(self) -> list[str]:
+        if loader.syscall_number() is None:
+            return []
+        ipr = _ipr()
+        try:
+            facts, pinned = self._read(ipr)
+            try:
+                if not facts["installed"] and not facts["attached"]:
+                    return ["netfilter drain table"] if delete_drain_tables() else []
+                flags = CFG.unpack(facts["cfg"])[0] if facts["installed"] else 0
+                families = [f"ipv{f}" for f in FAMILIES if flags & (F_V4 if f == 4 else F_V6)] or ["programs"]
+                if pinned is not None and facts["attached"] and not flags & F_DRAIN and self._other_backend_live():
+                    # a switch: another backend masquerades new flows now; ours keep theirs
+                    busy = self._busy_ifindexes(pinned)
+                    if busy:
+                        self._enter_drain(pinned)
+                        return [f + " (draining its connections)" for f in families]
+                if pinned is not None:
+                    pinned.close()
+                    pinned = None
+                self._remove_all(ipr)
+                return families
+            finally:
+                if pinned is not None:
+                    pinned.close()
+        finally:
+            ipr.close()
+
+    def _enter_drain(self, pinned: Pinned) -> None:
+        live_gen = pinned.gen()
+        idle = 1 - live_gen
+        flags, retries, total, crc = CFG.unpack(pinned.cfg(live_gen))
+        for name in ("ipmq_ports", "ipmq_portidx"):
+            base = idle * PORTS
+            values = array.array("I")
+            for i in range(PORTS):
+                raw = pinned.lookup(name, struct.pack("=I", live_gen * PORTS + i))
+                values.append(struct.unpack("=I", raw)[0] if raw else 0)
+            pinned.update_array(name, base, values)
+        pinned.update("ipmq_cfg", struct.pack("=I", idle), CFG.pack(flags | F_DRAIN, retries, total, crc))
+        pinned.update("ipmq_ctl", struct.pack("=I", 0), CTL.pack(idle))
+
+    def _remove_all(self, ipr) -> None:
+        """Every filter of ours off every link, qdiscs we added, pins, drain tables."""
+        pinned = None
+        if pin_dir().joinpath("ctl").exists() or pin_dir().joinpath("owned").exists():
+            pinned = Pinned(None)
+        try:
+            for msg in ipr.get_links():
+                self._detach(ipr, pinned, msg["index"])
+        finally:
+            if pinned is not None:
+                pinned.close()
+        delete_drain_tables()
+        directory = pin_dir()
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if entry.name in {pin_name(m) for m in KNOWN_MAPS} or entry.name.startswith("prog_"):
+                    entry.unlink()
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+
+KNOWN_MAPS = ("ipmq_cfg", "ipmq_ctl", "ipmq_ports", "ipmq_portidx", "ipmq_ifaces", "ipmq_local4", "ipmq_local6",
+              "ipmq_exempt4", "ipmq_exempt6", "ipmq_src4", "ipmq_src6", "ipmq_nat_fwd", "ipmq_nat_rev",
+              "ipmq_pass", "ipmq_frag", "ipmq_stats", "ipmq_ifstats", "ipmq_meta", "ipmq_owned")
+
+
+BPFFS_ROOT = Path("/sys/fs/bpf")
+
+
+def _bpffs_mountable(directory: Path) -> bool:
+    """The pin directory is under /sys/fs/bpf, where we may mount bpffs ourselves (as
+    Cilium does) when the system has not: the kernel has the filesystem."""
+    if not (directory == BPFFS_ROOT or BPFFS_ROOT in directory.parents) or not BPFFS_ROOT.is_dir():
+        return False
+    try:
+        return any(line.split()[-1] == "bpf" for line in Path("/proc/filesystems").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def ensure_bpffs(directory: Path) -> None:
+    """Mount bpffs at /sys/fs/bpf when the pin directory needs it and none is mounted."""
+    if _bpffs_reason(directory, allow_mount=False) is None or not _bpffs_mountable(directory):
+        return  # already on bpffs, or not ours to mount (the error comes with the first pin)
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS_ROOT)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ApplyError(f"ebpf: cannot mount bpffs at {BPFFS_ROOT}: {proc.stderr.strip() or proc.returncode}")
+
+
+def _bpffs_reason(directory: Path, allow_mount: bool = True) -> str | None:
+    """None when `directory` is (or would be created) on a bpffs mount, or when apply may
+    mount one for it (allow_mount)."""
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    best, fstype = "", None
+    target = str(directory.resolve() if directory.exists() else directory)
+    for line in mounts:
+        parts = line.split()
+        try:
+            sep = parts.index("-")
+        except ValueError:
+            continue
+        point = parts[4].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fstype = point, parts[sep + 1]
+    if fstype != "bpf" and not (allow_mount and _bpffs_mountable(directory)):
+        where = directory.parent if not directory.exists() else directory
+        return (f"no bpf filesystem at {where} to pin maps in (mount -t bpf bpf /sys/fs/bpf, or set "
+                f"{PIN_ENV} to a directory on one)")
+    if fstype != "bpf":
+        return "mount"
+    return None
+
+
+def stats() -> dict:
+    """Counters of the installed datapath (python -m ipmasq_legacy.backends.ebpf stats)."""
+    with Pinned(None) as p:
+        if p.open("ipmq_stats") is None:
+            return {}
+        out = p.stats()
+        out["nat_entries"] = len(p.keys("ipmq_nat_fwd")) if p.open("ipmq_nat_fwd") is not None else 0
+        return out
+
+
+def _main(argv=None) -> int:
+    import json
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["stats"]:
+        print(json.dumps(stats(), indent=2, sort_keys=True))
+        return 0
+    if args[:1] == ["reap"]:
+        print("\n".join(EbpfBackend().reap()))
+        return 0
+    print("usage: python -m ipmasq_legacy.backends.ebpf stats|reap", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())

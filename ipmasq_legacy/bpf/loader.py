@@ -1,0 +1,445 @@
+"""bpf(2) from Python, and a small loader for masq.o: no libbpf, no compiler at run time.
+
+* `Sys`: the bpf syscall through ctypes (map create/lookup/update/delete/iterate/batch,
+  program load, pin, get, object info).
+* `read_object`: the compiled object's programs (instructions and the map each
+  relocation names) and its map definitions (from the BTF of the `.maps` section, the
+  libbpf convention), so the C source stays the one place that defines them.
+* `load_program`: relocations patched to map fds, BPF_PROG_LOAD, the verifier's last
+  lines in the error when it refuses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import platform
+import struct
+from dataclasses import dataclass, field
+from functools import cache
+
+# enum bpf_cmd
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
+PROG_LOAD, OBJ_PIN, OBJ_GET = 5, 6, 7
+OBJ_GET_INFO_BY_FD = 15
+MAP_LOOKUP_BATCH = 24
+MAP_UPDATE_BATCH = 26
+# map types
+MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY = 1, 2, 5, 6
+MAP_LRU_HASH, MAP_LPM_TRIE = 9, 11
+MAP_TYPE_NAMES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 11: "lpm_trie"}
+PERCPU_TYPES = {MAP_PERCPU_HASH, MAP_PERCPU_ARRAY}
+PROG_SCHED_CLS = 3
+# update flags
+ANY, NOEXIST, EXIST = 0, 1, 2
+PSEUDO_MAP_FD = 1
+
+_SYSCALL = {"x86_64": 321, "aarch64": 280, "arm64": 280, "riscv64": 280, "ppc64le": 361, "ppc64": 361,
+            "s390x": 351, "armv7l": 386, "armv6l": 386, "i686": 357, "i386": 357, "loongarch64": 280}
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfError(OSError):
+    """A bpf(2) call failed; errno and a message naming the command."""
+
+
+def syscall_number() -> int | None:
+    return _SYSCALL.get(platform.machine())
+
+
+@cache
+def possible_cpus() -> int:
+    """Per-CPU map values come as one slot per *possible* CPU."""
+    try:
+        text = open("/sys/devices/system/cpu/possible").read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+def _addr(buf) -> int:
+    return ctypes.addressof(buf) if buf is not None else 0
+
+
+class Sys:
+    """Thin wrappers over bpf(2). Every call raises BpfError with errno on failure."""
+
+    ATTR = 128
+
+    def __init__(self):
+        nr = syscall_number()
+        if nr is None:
+            raise BpfError(errno.ENOSYS, f"no bpf syscall number known for {platform.machine()}")
+        self.nr = nr
+
+    def call(self, cmd: int, attr, what: str) -> int:
+        ret = _libc.syscall(self.nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise BpfError(err, f"bpf {what}: {os.strerror(err)}")
+        return ret
+
+    # -- maps
+
+    def map_create(self, map_type: int, key_size: int, value_size: int, max_entries: int, flags: int,
+                   name: str) -> int:
+        attr = ctypes.create_string_buffer(self.ATTR)
+        struct.pack_into("=7I16s", attr, 0, map_type, key_size, value_size, max_entries, flags, 0, 0,
+                         name.encode()[:15])
+        return self.call(MAP_CREATE, attr, f"map create {name}")
+
+    def _elem(self, fd: int, key, value, flags: int = 0):
+        attr = ctypes.create_string_buffer(self.ATTR)
+        struct.pack_into("=IIQQQ", attr, 0, fd, 0, _addr(key), _addr(value), flags)
+        return attr
+
+    def lookup(self, fd: int, key: bytes, value_size: int) -> bytes | None:
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(value_size)
+        try:
+            self.call(MAP_LOOKUP_ELEM, self._elem(fd, k, v), "map lookup")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return v.raw
+
+    def update(self, fd: int, key: bytes, value: bytes, flags: int = ANY) -> None:
+        k = ctypes.create_string_buffer(key, len(key))
+        v = ctypes.create_string_buffer(value, len(value))
+        self.call(MAP_UPDATE_ELEM, self._elem(fd, k, v, flags), "map update")
+
+    def delete(self, fd: int, key: bytes) -> bool:
+        k = ctypes.create_string_buffer(key, len(key))
+        try:
+            self.call(MAP_DELETE_ELEM, self._elem(fd, k, None), "map delete")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def keys(self, fd: int, key_size: int) -> list[bytes]:
+        out = []
+        cur = None
+        nxt = ctypes.create_string_buffer(key_size)
+        while True:
+            attr = self._elem(fd, cur, nxt)
+            try:
+                self.call(MAP_GET_NEXT_KEY, attr, "map get next key")
+            except BpfError as exc:
+                if exc.errno == errno.ENOENT:
+                    return out
+                raise
+            out.append(nxt.raw)
+            cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+    def items(self, fd: int, key_size: int, value_size: int, max_entries: int) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash-like map: BPF_MAP_LOOKUP_BATCH where the kernel has
+        it, else key by key. `value_size` is the full size (per-CPU: all slots)."""
+        try:
+            return self._items_batch(fd, key_size, value_size, max_entries)
+        except BpfError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: the kernel's ENOTSUPP
+                raise
+        out = []
+        for key in self.keys(fd, key_size):
+            value = self.lookup(fd, key, value_size)
+            if value is not None:
+                out.append((key, value))
+        return out
+
+    def _items_batch(self, fd, key_size, value_size, max_entries):
+        chunk = max(1, min(max_entries, 4096))
+        keys = ctypes.create_string_buffer(key_size * chunk)
+        values = ctypes.create_string_buffer(value_size * chunk)
+        in_batch = None
+        out_batch = ctypes.create_string_buffer(8)
+        out = []
+        while True:
+            attr = ctypes.create_string_buffer(self.ATTR)
+            struct.pack_into("=QQQQIIQQ", attr, 0, _addr(in_batch), _addr(out_batch), _addr(keys), _addr(values),
+                             chunk, fd, 0, 0)
+            done = False
+            try:
+                self.call(MAP_LOOKUP_BATCH, attr, "map lookup batch")
+            except BpfError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                done = True
+            count = struct.unpack_from("=I", attr, 32)[0]
+            kr, vr = keys.raw, values.raw
+            for i in range(count):
+                out.append((kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size]))
+            if done:
+                return out
+            in_batch = ctypes.create_string_buffer(out_batch.raw, 8)
+
+    def update_batch_u32(self, fd: int, first: int, values) -> None:
+        """Array map: entries first, first+1, ... set to `values` (u32), in few syscalls
+        (BPF_MAP_UPDATE_BATCH; one by one where the kernel lacks it)."""
+        import array
+
+        n = len(values)
+        keys = array.array("I", range(first, first + n))
+        vals = array.array("I", values)
+        kb = ctypes.create_string_buffer(keys.tobytes(), len(keys) * 4)
+        vb = ctypes.create_string_buffer(vals.tobytes(), len(vals) * 4)
+        attr = ctypes.create_string_buffer(self.ATTR)
+        struct.pack_into("=QQQQIIQQ", attr, 0, 0, 0, _addr(kb), _addr(vb), n, fd, 0, 0)
+        try:
+            self.call(MAP_UPDATE_BATCH, attr, "map update batch")
+            return
+        except BpfError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+                raise
+        for k, v in zip(keys, vals):
+            self.update(fd, struct.pack("=I", k), struct.pack("=I", v))
+
+    # -- objects
+
+    def pin(self, fd: int, path: str) -> None:
+        p = ctypes.create_string_buffer(os.fsencode(path))
+        attr = ctypes.create_string_buffer(self.ATTR)
+        struct.pack_into("=QI", attr, 0, _addr(p), fd)
+        self.call(OBJ_PIN, attr, f"pin {path}")
+
+    def get(self, path: str) -> int:
+        p = ctypes.create_string_buffer(os.fsencode(path))
+        attr = ctypes.create_string_buffer(self.ATTR)
+        struct.pack_into("=QI", attr, 0, _addr(p), 0)
+        return self.call(OBJ_GET, attr, f"get {path}")
+
+    def _info(self, fd: int, size: int) -> bytes:
+        info = ctypes.create_string_buffer(size)
+        attr = ctypes.create_string_buffer(self.ATTR)
+        struct.pack_into("=IIQ", attr, 0, fd, size, _addr(info))
+        self.call(OBJ_GET_INFO_BY_FD, attr, "object info")
+        return info.raw
+
+    def map_info(self, fd: int) -> dict:
+        raw = self._info(fd, 88)
+        type_, id_, key_size, value_size, max_entries, flags = struct.unpack_from("=6I", raw, 0)
+        name = raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
+        return {"type": type_, "id": id_, "key_size": key_size, "value_size": value_size,
+                "max_entries": max_entries, "flags": flags, "name": name}
+
+    def prog_info(self, fd: int) -> dict:
+        raw = self._info(fd, 96)
+        type_, id_ = struct.unpack_from("=II", raw, 0)
+        tag = raw[8:16].hex()
+        name = raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
+        return {"type": type_, "id": id_, "tag": tag, "name": name}
+
+    def prog_load(self, prog_type: int, insns: bytes, license: str, name: str) -> int:
+        ins = ctypes.create_string_buffer(insns, len(insns))
+        lic = ctypes.create_string_buffer(license.encode())
+
+        def attempt(log_level: int, log_size: int):
+            log = ctypes.create_string_buffer(log_size) if log_size else None
+            attr = ctypes.create_string_buffer(self.ATTR)
+            struct.pack_into("=IIQQIIQII16s", attr, 0, prog_type, len(insns) // 8, _addr(ins), _addr(lic),
+                             log_level, log_size, _addr(log), 0, 0, name.encode()[:15])
+            try:
+                return self.call(PROG_LOAD, attr, f"load program {name}"), None
+            except BpfError as exc:
+                text = log.value.decode(errors="replace") if log is not None else ""
+                return None, (exc, text)
+
+        fd, failure = attempt(0, 0)
+        if fd is not None:
+            return fd
+        fd, failure2 = attempt(1, 16 << 20)
+        if fd is not None:
+            return fd
+        exc, text = failure2 or failure
+        tail = [ln for ln in text.strip().splitlines() if ln.strip()][-3:]
+        raise BpfError(exc.errno, f"{exc.strerror}" + (f"; verifier: {' | '.join(tail)}" if tail else ""))
+
+
+# ---------------------------------------------------------------- the object file
+
+
+@dataclass
+class MapDef:
+    name: str
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+
+
+@dataclass
+class ProgDef:
+    name: str
+    section: str
+    insns: bytes
+    relocs: list[tuple[int, str]] = field(default_factory=list)  # (instruction index, map name)
+
+
+@dataclass
+class BpfObject:
+    path: str
+    digest: str
+    license: str
+    maps: dict[str, MapDef]
+    progs: dict[str, ProgDef]
+
+
+class ObjectError(ValueError):
+    pass
+
+
+_SHT_SYMTAB, _SHT_REL = 2, 9
+_SHF_EXECINSTR = 0x4
+_R_BPF_64_64 = 1
+_BTF_KIND_TAIL = {1: 4, 2: 0, 3: 12, 4: -12, 5: -12, 6: -8, 7: 0, 8: 0, 9: 0, 10: 0, 11: 0, 12: 0, 13: -8,
+                  14: 4, 15: -12, 16: 0, 17: 4, 18: 0, 19: -12}
+
+
+def _btf_maps(btf: bytes) -> dict[str, MapDef]:
+    """Map definitions of the `.maps` DATASEC (libbpf's __uint/__type convention)."""
+    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from("<HBBIIIII", btf, 0)
+    if magic != 0xEB9F:
+        raise ObjectError("bad BTF magic")
+    strings = btf[hdr_len + str_off: hdr_len + str_off + str_len]
+
+    def name(off):
+        return strings[off: strings.index(b"\0", off)].decode()
+
+    types = [None]  # id 0 is void
+    pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+    while pos < end:
+        name_off, info, size_type = struct.unpack_from("<III", btf, pos)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        tail = _BTF_KIND_TAIL.get(kind)
+        if tail is None:
+            raise ObjectError(f"unknown BTF kind {kind}")
+        tail_len = -tail * vlen if tail < 0 else tail
+        types.append((kind, name_off, size_type, btf[pos + 12: pos + 12 + tail_len], vlen))
+        pos += 12 + tail_len
+
+    def resolve(tid):
+        while types[tid][0] in (8, 9, 10, 11, 18):  # typedef, volatile, const, restrict, type tag
+            tid = types[tid][2]
+        return tid
+
+    def size(tid):
+        tid = resolve(tid)
+        kind, _, size_type, tail, _ = types[tid]
+        if kind in (1, 4, 5, 6, 16, 19):
+            return size_type
+        if kind == 2:
+            return 8
+        if kind == 3:
+            elem, _idx, nelems = struct.unpack_from("<III", tail, 0)
+            return size(elem) * nelems
+        raise ObjectError(f"cannot size BTF kind {kind}")
+
+    maps = {}
+    for kind, name_off, _st, tail, vlen in types[1:]:
+        if kind != 15 or name(name_off) != ".maps":
+            continue
+        for i in range(vlen):
+            var_id, _off, _size = struct.unpack_from("<III", tail, i * 12)
+            vkind, vname_off, vtype, _vtail, _ = types[var_id]
+            if vkind != 14:
+                continue
+            st = types[resolve(vtype)]
+            if st[0] != 4:
+                raise ObjectError(f"map {name(vname_off)}: definition is not a struct")
+            fields = {}
+            for m in range(st[4]):
+                mname_off, mtype, _moff = struct.unpack_from("<III", st[3], m * 12)
+                ptr = types[resolve(mtype)]
+                if ptr[0] != 2:
+                    continue
+                target = resolve(ptr[2])
+                mname = name(mname_off)
+                if mname in ("key", "value"):
+                    fields[mname] = size(target)
+                elif types[target][0] == 3:  # __uint(x, N): int (*x)[N]
+                    fields[mname] = struct.unpack_from("<III", types[target][3], 0)[2]
+            mapname = name(vname_off)
+            try:
+                maps[mapname] = MapDef(mapname, fields["type"], fields["key"], fields["value"],
+                                       fields["max_entries"], fields.get("map_flags", 0))
+            except KeyError as exc:
+                raise ObjectError(f"map {mapname}: no {exc.args[0]} in its definition") from None
+    return maps
+
+
+def read_object(path: str) -> BpfObject:
+    """Programs and map definitions of a BPF ELF object (little-endian ELF64)."""
+    try:
+        data = open(path, "rb").read()
+    except OSError as exc:
+        raise ObjectError(f"cannot read {path}: {exc.strerror}") from None
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ObjectError(f"{path} is not a little-endian ELF64 object")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = []
+    for i in range(shnum):
+        sh = struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize)
+        sections.append({"name_off": sh[0], "type": sh[1], "flags": sh[2], "offset": sh[4], "size": sh[5],
+                         "link": sh[6], "info": sh[7]})
+    shstr = sections[shstrndx]
+    for s in sections:
+        start = shstr["offset"] + s["name_off"]
+        s["name"] = data[start: data.index(b"\0", start)].decode()
+        s["data"] = data[s["offset"]: s["offset"] + s["size"]]
+    by_name = {s["name"]: i for i, s in enumerate(sections)}
+    symtab = next((s for s in sections if s["type"] == _SHT_SYMTAB), None)
+    if symtab is None or ".BTF" not in by_name or ".maps" not in by_name:
+        raise ObjectError(f"{path}: no symbol table, .BTF or .maps section (compile with clang -g)")
+    strtab = sections[symtab["link"]]["data"]
+    symbols = []
+    for off in range(0, len(symtab["data"]), 24):
+        st_name, st_info, _other, shndx, value, size = struct.unpack_from("<IBBHQQ", symtab["data"], off)
+        name = strtab[st_name: strtab.index(b"\0", st_name)].decode()
+        symbols.append((name, st_info, shndx, value, size))
+    maps_idx = by_name[".maps"]
+    maps = _btf_maps(sections[by_name[".BTF"]]["data"])
+
+    progs = {}
+    for idx, sec in enumerate(sections):
+        if not (sec["flags"] & _SHF_EXECINSTR) or not sec["size"]:
+            continue
+        rel = next((s for s in sections if s["type"] == _SHT_REL and s["info"] == idx), None)
+        relocs = []
+        if rel is not None:
+            for off in range(0, len(rel["data"]), 16):
+                r_offset, r_info = struct.unpack_from("<QQ", rel["data"], off)
+                sym = symbols[r_info >> 32]
+                if (r_info & 0xFFFFFFFF) != _R_BPF_64_64 or sym[2] != maps_idx:
+                    raise ObjectError(f"{path}: section {sec['name']}: unsupported relocation to {sym[0]!r} "
+                                      "(only map references; inline every function)")
+                relocs.append((r_offset, sym[0]))
+        for name, info, shndx, value, size in symbols:
+            if shndx != idx or (info & 0xF) != 2:  # STT_FUNC
+                continue
+            own = [((o - value) // 8, m) for o, m in relocs if value <= o < value + size]
+            progs[name] = ProgDef(name, sec["name"], sec["data"][value: value + size], own)
+    lic = sections[by_name["license"]]["data"].split(b"\0", 1)[0].decode() if "license" in by_name else ""
+    return BpfObject(path, hashlib.sha256(data).hexdigest(), lic, maps, progs)
+
+
+def patched(prog: ProgDef, map_fds: dict[str, int]) -> bytes:
+    """The program's instructions with every map reference turned into its fd."""
+    insns = bytearray(prog.insns)
+    for index, map_name in prog.relocs:
+        off = index * 8
+        if insns[off] != 0x18:  # BPF_LD | BPF_IMM | BPF_DW
+            raise ObjectError(f"{prog.name}: relocation at instruction {index} is not a 64-bit load")
+        insns[off + 1] = (insns[off + 1] & 0x0F) | (PSEUDO_MAP_FD << 4)
+        struct.pack_into("<i", insns, off + 4, map_fds[map_name])
+    return bytes(insns)
