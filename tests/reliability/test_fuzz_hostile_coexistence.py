@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ipmasq_legacy import backends, config, plan
 from ipmasq_legacy.errors import ConfigError
 
-from ..nodeutil import Node, add_foreign_rules
+from ..nodeutil import add_foreign_rules
 from ..test_traffic import NETFILTER_BACKENDS
 from .common import publish, scale
 
