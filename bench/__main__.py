@@ -34,18 +34,21 @@ def run(s: measure.Settings, names: list[str], skipped: dict[str, str], log) -> 
     for name, why in skipped.items():
         log(f"skipping backend {name}: {why}")
     before = measure.host_snapshot()
-    with tempfile.TemporaryDirectory(prefix="ipmq-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ipmasq-bench-") as tmp:
         workdir = Path(tmp)
         measure.warm_bytecode(measure.cli_env(workdir))
 
         def attempt(what: str, fn, *args, default=None):
-            """One suite; a failure is recorded and logged, and the run goes on."""
+            """One suite, tried twice (on a shared machine a bed can be broken under us);
+            a second failure is recorded and logged, and the run goes on."""
             log(what)
-            try:
-                return fn(*args)
-            except Exception as exc:
-                log(f"  FAILED: {type(exc).__name__}: {exc}")
-                return {"error": f"{type(exc).__name__}: {exc}", **(default or {})}
+            for tries in (1, 2):
+                try:
+                    return fn(*args)
+                except Exception as exc:
+                    log(f"  FAILED{' (trying once more)' if tries == 1 else ''}: {type(exc).__name__}: {exc}")
+                    error = f"{type(exc).__name__}: {exc}"
+            return {"error": error, **(default or {})}
 
         def startup():
             with measure.new_bed() as bed:

@@ -167,7 +167,11 @@ def warm_bytecode(env: dict) -> None:
     """Compile the package and what it imports into our bytecode cache (no side effects)."""
     code = ("import importlib, pkgutil, ipmasq_legacy\n"
             "for m in pkgutil.walk_packages(ipmasq_legacy.__path__, 'ipmasq_legacy.'):\n"
-            "    importlib.import_module(m.name)\n")
+            "    if not m.name.endswith('__main__'):\n"
+            "        try:\n"
+            "            importlib.import_module(m.name)\n"
+            "        except Exception:\n"
+            "            pass\n")
     subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, timeout=120)
 
 
@@ -300,6 +304,20 @@ class Node:
         self.env["IPMASQ_STATE_DIR"] = str(self.dir / "state")
         self.timeout = timeout
         self._configs: dict[int, str] = {}
+        # The ebpf backend pins its maps in bpffs; `ip netns exec` remounts /sys, so pins
+        # under /sys/fs/bpf would vanish with each command.  As the tests do: a bpffs
+        # instance of the node's own (a mount on our temp dir, not network state).
+        self.bpffs: Path | None = self.dir / "bpffs"
+        self.bpffs.mkdir()
+        if subprocess.run(["mount", "-t", "bpf", "bpf", str(self.bpffs)], capture_output=True).returncode == 0:
+            self.env["IPMASQ_BPF_DIR"] = str(self.bpffs / "ipmasq_legacy")
+        else:
+            self.bpffs = None
+
+    def close(self) -> None:
+        if self.bpffs is not None:
+            subprocess.run(["umount", "-l", str(self.bpffs)], capture_output=True)
+            self.bpffs = None
 
     def config(self, n: int, extra: bool = False) -> str:
         key = -n if extra else n
@@ -400,10 +418,8 @@ def _check(step: str, run: Run, n: int) -> str | None:
         return f"exit {run.code}: {run.stderr.strip()[:200]}"
     if step == "noop" and (run.stdout.strip() or run.stderr.strip()):
         return f"not silent: {(run.stdout + run.stderr).strip()[:200]}"
-    if step == "cold" and "installed" not in run.stdout:
-        return f"unexpected output: {run.stdout.strip()[:200]}"
-    if step == "change" and "updated" not in run.stdout:
-        return f"unexpected output: {run.stdout.strip()[:200]}"
+    if step in ("cold", "change") and (not run.stdout.strip() or "unchanged" in run.stdout):
+        return f"changed nothing: {run.stdout.strip()[:200]}"
     return None
 
 
@@ -850,8 +866,9 @@ def backend_suite(name: str, s: Settings, workdir: Path, log: Callable[[str], No
     disabled: set[str] = set()
     with new_bed() as bed:
         node = Node(bed, workdir, s.step_timeout)
-        flows = FlowBench(bed, s.conn_max_packets)
+        flows = None
         try:
+            flows = FlowBench(bed, s.conn_max_packets)
             installed = None
             for n in s.sizes:
                 if "cold" in disabled:
@@ -879,5 +896,7 @@ def backend_suite(name: str, s: Settings, workdir: Path, log: Callable[[str], No
                 out["breakdown"] = measure_breakdown(node, name, installed, disabled, log)
             node.flush()
         finally:
-            flows.close()
+            if flows is not None:
+                flows.close()
+            node.close()
     return out

@@ -119,7 +119,7 @@ def _sync(cfg, lock_timeout, metrics_file, only_if_drifted):
             metrics.write_file(metrics_file, collector)
         raise
     state.record_sync(ok=True, repairs=[agent.drift_kind(d) for d in result.drift])
-    collector.last = result
+    collector.observe(result)
     if metrics_file:
         metrics.write_file(metrics_file, collector)
     return result
@@ -195,7 +195,7 @@ def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics
         logging.getLogger("ipmasq").info("metrics on http://%s:%d/metrics", metrics_address, server.port)
 
     def on_sync(result):
-        collector.last = result
+        collector.observe(result)
         if metrics_file:
             metrics.write_file(metrics_file, collector)
 

@@ -21,6 +21,9 @@ import yaml
 from .errors import ConfigError
 from .ruledata import DEFAULTS
 
+# libyaml's loader when PyYAML has it: ten times faster on long prefix lists.
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 DATAPATHS = ("auto", "iptables", "iptables-legacy", "iptables-nft", "nftables", "ebpf")
 
 
@@ -215,7 +218,7 @@ def _read_yaml(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what} {path}: cannot read: {exc}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

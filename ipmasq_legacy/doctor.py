@@ -55,6 +55,16 @@ def _probe_clsact() -> str | None:
     return None if proc.returncode == 0 else (proc.stderr.strip() or "failed")
 
 
+def _ebpf_detail() -> str:
+    """`available` (with the object and pin directory), or why the ebpf backend cannot run."""
+    from .backends import ebpf
+
+    reason = ebpf.EbpfBackend().unavailable_reason()
+    if reason:
+        return reason
+    return f"available (object {ebpf.object_path()}, maps pinned under {ebpf.pin_dir()})"
+
+
 def availability() -> dict[str, str | None]:
     """Each backend: None when it can run here, else the reason."""
     result = {}
@@ -100,6 +110,7 @@ def report() -> dict:
         "bpf": {
             "bpffs mounted at /sys/fs/bpf": _bpffs_mounted(),
             "clsact": _probe_clsact() or "ok",
+            "ebpf backend": _ebpf_detail(),
             "kernel config": {k: kconfig.get(k, "unknown") for k in wanted} if kconfig else "not readable",
         },
         "backends": {name: ("available" if reason is None else reason) for name, reason in available.items()},
@@ -117,6 +128,7 @@ def render_text(data: dict) -> str:
         lines.append(f"  {engine}: {hint}")
     bpf = data["bpf"]
     lines.append(f"bpffs: {'mounted' if bpf['bpffs mounted at /sys/fs/bpf'] else 'not mounted'}; clsact: {bpf['clsact']}")
+    lines.append(f"ebpf: {bpf['ebpf backend']}")
     if isinstance(bpf["kernel config"], dict):
         lines.append("kernel config: " + ", ".join(f"{k}={v}" for k, v in bpf["kernel config"].items()))
     lines.append("backends:")

@@ -7,6 +7,7 @@ Packet and byte counts are read from the backend's own rule counters when scrape
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,10 @@ class Collector:
 
     def __init__(self):
         self.last = None  # agent.SyncResult of the last successful sync in this process
+        self.last_success = 0.0  # and when it ended (time.time())
+
+    def observe(self, result) -> None:
+        self.last, self.last_success = result, time.time()
 
     def collect(self):
         history = state.read_history()
@@ -84,8 +89,17 @@ def write_file(path: str, collector: Collector) -> None:
     write_to_textfile(path, registry_with(collector))
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class Server:
-    """/metrics, and /healthz: 200 while the last successful sync is younger than `max_age`."""
+    """/metrics, and /healthz: 200 while this agent's last successful sync is younger than
+    `max_age` (its own, not another process's: a cron reconcile must not keep it green)."""
 
     def __init__(self, address: str, port: int, collector: Collector, max_age: float):
         registry = registry_with(collector)
@@ -95,7 +109,7 @@ class Server:
                 if self.path.startswith("/metrics"):
                     body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
                 elif self.path.startswith("/healthz"):
-                    age = time.time() - state.read_history().get("last_success", 0)
+                    age = time.time() - collector.last_success
                     ok = age <= max_age
                     body = (f"ok: last sync {age:.0f}s ago\n" if ok else f"stale: last sync {age:.0f}s ago\n").encode()
                     status, ctype = (200 if ok else 503), "text/plain"
@@ -110,7 +124,7 @@ class Server:
             def log_message(self, *args):  # scrapes are not news
                 pass
 
-        self.httpd = ThreadingHTTPServer((address, port), Handler)
+        self.httpd = (_Server6 if ":" in address else _Server)((address, port), Handler)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()

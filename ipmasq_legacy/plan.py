@@ -66,15 +66,32 @@ class Plan:
 
 
 def normalise(prefixes) -> tuple[str, ...]:
-    """Merge duplicates, contained and adjacent prefixes; sorted; one family at a time."""
-    by_family: dict[int, list] = {4: [], 6: []}
+    """Merge duplicates, contained and adjacent prefixes; sorted; IPv4 first.
+
+    Works on integers (ipaddress.collapse_addresses builds a network object per
+    step, which costs seconds at 100,000 prefixes)."""
+    by_family: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
     for p in prefixes:
         net = p if isinstance(p, (ipaddress.IPv4Network, ipaddress.IPv6Network)) else ipaddress.ip_network(p)
-        by_family[net.version].append(net)
-    merged = []
-    for family in (4, 6):
-        merged.extend(ipaddress.collapse_addresses(by_family[family]))
-    return tuple(str(n) for n in merged)
+        by_family[net.version].append((int(net.network_address), net.prefixlen))
+    out: list[str] = []
+    for family, bits, address in ((4, 32, ipaddress.IPv4Address), (6, 128, ipaddress.IPv6Address)):
+        merged: list[tuple[int, int]] = []
+        covered_to = -1
+        for start, plen in sorted(by_family[family]):  # by start, the wider first
+            if start <= covered_to:
+                continue  # inside the previous prefix (prefixes never overlap partially)
+            merged.append((start, plen))
+            covered_to = start + (1 << (bits - plen)) - 1
+            # two halves of one prefix become that prefix, as often as it cascades
+            while len(merged) >= 2:
+                (s1, p1), (s2, p2) = merged[-2], merged[-1]
+                size = 1 << (bits - p1)
+                if p1 != p2 or p1 == 0 or s2 != s1 + size or s1 % (size << 1):
+                    break
+                merged[-2:] = [(s1, p1 - 1)]
+        out += [f"{address(start)}/{plen}" for start, plen in merged]
+    return tuple(out)
 
 
 def _exempt(cfg: Config, family: int) -> list:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import textwrap
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipmasq_legacy import config, plan
 from ipmasq_legacy.backends import iptables as ipt
@@ -130,3 +134,17 @@ def test_large_prefix_list_sizes_the_set(tmp_path):
     first = ipt.render_set(fp).splitlines()[0]
     assert "maxelem 65536" in first and "hashsize 4096" in first
     assert len(ipt.chain_rules(fp)) == 4  # one set lookup, not one rule per prefix
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([4, 6]), st.integers(0, 2**16 - 1), st.integers(0, 16)), max_size=60))
+def test_normalise_equals_collapse_addresses(items):
+    """The integer merge gives exactly what ipaddress.collapse_addresses gives, per family."""
+    nets = []
+    for family, bits16, plen16 in items:
+        bits = 32 if family == 4 else 128
+        plen = bits - 16 + plen16 if plen16 else 0
+        addr = (bits16 << (bits - 16)) >> (bits - plen) << (bits - plen) if plen else 0
+        nets.append(ipaddress.ip_network((addr, plen)))
+    want = [str(n) for f in (4, 6) for n in ipaddress.collapse_addresses(x for x in nets if x.version == f)]
+    assert list(plan.normalise(nets)) == want
