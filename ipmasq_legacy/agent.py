@@ -38,6 +38,18 @@ def drift_kind(phrase: str) -> str:
 
 
 def sync(cfg: Config, only_if_drifted: bool = False) -> SyncResult:
+    """Sync, and record it in the sync history (metrics read it): success with the
+    kinds of drift repaired, or one more error."""
+    try:
+        result = _sync(cfg, only_if_drifted)
+    except ApplyError:
+        state.record_sync(ok=False)
+        raise
+    state.record_sync(ok=True, repairs=[drift_kind(d) for d in result.drift])
+    return result
+
+
+def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
     started = time.monotonic()
     backend, why = backends.resolve(cfg.datapath)
     reason = backend.unavailable_reason()

@@ -113,16 +113,11 @@ def _sync(cfg, lock_timeout, metrics_file, only_if_drifted):
     try:
         with lock.held(lock_timeout):
             result = agent.sync(cfg, only_if_drifted=only_if_drifted)
-    except ApplyError:
-        state.record_sync(ok=False)
-        if metrics_file:
+        collector.observe(result)
+        return result
+    finally:
+        if metrics_file:  # also after a failure: the error count and the stale timestamp are news
             metrics.write_file(metrics_file, collector)
-        raise
-    state.record_sync(ok=True, repairs=[agent.drift_kind(d) for d in result.drift])
-    collector.observe(result)
-    if metrics_file:
-        metrics.write_file(metrics_file, collector)
-    return result
 
 
 @cli.command()

@@ -111,7 +111,6 @@ class Watcher:
             return
         except IpmasqError as exc:
             log.error("%s: sync failed: %s", reason, exc)
-            state.record_sync(ok=False)
             return
         config_changed = self.cfg is None or cfg != self.cfg
         self.cfg = cfg
@@ -119,7 +118,6 @@ class Watcher:
             self._rewatch()
         if result.changes:
             log.info("%s: %s: %s", reason, result.backend, "; ".join(result.changes))
-        state.record_sync(ok=True, repairs=[agent.drift_kind(d) for d in result.drift])
         self.on_sync(result)
 
     def run(self) -> int:

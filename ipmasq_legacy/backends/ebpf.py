@@ -435,6 +435,23 @@ class Pinned:
 
 
 # ---------------------------------------------------------------- helpers: netfilter side
+#
+# Two small nft tables of our own (nothing else of netfilter is touched):
+#   inet ipmasq_legacy_ebpf   while ebpf is installed: one `ct state` rule, so conntrack
+#                             tracks flows from their first packet. A netfilter backend
+#                             installed later then sees our flows as established and
+#                             leaves them to us, instead of picking them up mid-stream
+#                             as new and masquerading them again with another port.
+#   ip/ip6 ipmasq_legacy_drain   after a switch from netfilter: an empty nat chain that
+#                             keeps netfilter's NAT hooks registered, so the connections
+#                             netfilter translated keep being translated, until conntrack
+#                             holds none.
+
+KEEPER_TABLE = f"{SHAPES['filter_name']}_ebpf"
+DRAIN_TABLE = f"{SHAPES['filter_name']}_drain"
+KEEPER = (f"table inet {KEEPER_TABLE} {{\n\tchain conntrack {{\n"
+          "\t\ttype filter hook prerouting priority filter; policy accept;\n"
+          "\t\tct state untracked accept\n\t}\n}\n")
 
 
 def _nft(text: str) -> tuple[int, str]:
@@ -445,24 +462,37 @@ def _nft(text: str) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
-DRAIN_TABLE = f"{SHAPES['filter_name']}_drain"
-
-
-def drain_tables_present() -> list[int]:
+def _nft_tables() -> set[tuple[str, str]]:
     if shutil.which("nft") is None:
-        return []
-    out = []
-    for family in FAMILIES:
-        fam = "ip" if family == 4 else "ip6"
-        proc = subprocess.run(["nft", "list", "table", fam, DRAIN_TABLE], capture_output=True, text=True)
-        if proc.returncode == 0:
-            out.append(family)
+        return set()
+    proc = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+    out = set()
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "table":
+            out.add((parts[1], parts[2]))
     return out
 
 
+def drain_tables_present(tables: set | None = None) -> list[str]:
+    tables = _nft_tables() if tables is None else tables
+    return [fam for fam in ("ip", "ip6") if (fam, DRAIN_TABLE) in tables]
+
+
+def keeper_present(tables: set | None = None) -> bool:
+    tables = _nft_tables() if tables is None else tables
+    return ("inet", KEEPER_TABLE) in tables
+
+
+def add_keeper() -> bool:
+    if shutil.which("nft") is None:
+        return False
+    return _nft(f"add table inet {KEEPER_TABLE}\ndelete table inet {KEEPER_TABLE}\n" + KEEPER)[0] == 0
+
+
 def add_drain_tables() -> bool:
-    """An empty nat chain per family: keeps netfilter's NAT hooks registered, so the
-    connections netfilter translated keep being translated after its rules are gone."""
+    if shutil.which("nft") is None:
+        return False
     text = ""
     for fam in ("ip", "ip6"):
         text += (f"table {fam} {DRAIN_TABLE} {{\n\tchain postrouting {{\n"
@@ -470,47 +500,53 @@ def add_drain_tables() -> bool:
     return _nft(text)[0] == 0
 
 
-def delete_drain_tables() -> bool:
-    present = drain_tables_present()
-    for family in present:
-        _nft(f"delete table {'ip' if family == 4 else 'ip6'} {DRAIN_TABLE}\n")
-    return bool(present)
+def delete_tables(drain: bool = True, keeper: bool = True) -> list[str]:
+    tables = _nft_tables()
+    text = ""
+    gone = []
+    if drain:
+        for fam in drain_tables_present(tables):
+            text += f"delete table {fam} {DRAIN_TABLE}\n"
+            gone.append(f"{fam} {DRAIN_TABLE}")
+    if keeper and keeper_present(tables):
+        text += f"delete table inet {KEEPER_TABLE}\n"
+        gone.append(f"inet {KEEPER_TABLE}")
+    if text:
+        _nft(text)
+    return gone
 
 
 def netfilter_snat_tuples() -> list[tuple[int, int, bytes, bytes, int, int]]:
     """Reply tuples of the connections conntrack source-NATs: (family, proto, reply src,
-    reply dst, reply sport, reply dport), ports in host order."""
-    try:
-        from pyroute2 import Conntrack
-    except ImportError:
+    reply dst, reply sport, reply dport), ports in host order (`conntrack -L --src-nat`)."""
+    if shutil.which("conntrack") is None:
         return []
     out = []
-    try:
-        ct = Conntrack()
-    except Exception:
-        return []
-    try:
-        for family in (socket.AF_INET, socket.AF_INET6):
+    for fam, family in (("ipv4", 4), ("ipv6", 6)):
+        proc = subprocess.run(["conntrack", "-L", "-f", fam, "--src-nat"], capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
+            words = line.split()
+            if len(words) < 2 or not words[1].isdigit():
+                continue
+            proto = int(words[1])
+            kv = [w.split("=", 1) for w in words if "=" in w]
+            srcs = [v for k, v in kv if k == "src"]
+            dsts = [v for k, v in kv if k == "dst"]
+            if len(srcs) < 2 or len(dsts) < 2:
+                continue
+            if proto in (socket.IPPROTO_ICMP, 58):
+                ids = [int(v) for k, v in kv if k == "id"]
+                sport = dport = ids[1] if len(ids) > 1 else (ids[0] if ids else 0)
+            else:
+                sports = [int(v) for k, v in kv if k == "sport"]
+                dports = [int(v) for k, v in kv if k == "dport"]
+                if len(sports) < 2 or len(dports) < 2:
+                    continue
+                sport, dport = sports[1], dports[1]
             try:
-                entries = list(ct.dump_entries()) if family == socket.AF_INET else []
-            except Exception:
-                entries = []
-            for e in entries:
-                if not (e.status or 0) & 0x10:  # IPS_SRC_NAT
-                    continue
-                r = e.tuple_reply
-                try:
-                    fam = ipaddress.ip_address(r.saddr).version
-                except (ValueError, TypeError):
-                    continue
-                proto = r.proto
-                if proto in (socket.IPPROTO_ICMP, 58):
-                    sport = dport = getattr(r, "icmp_id", None) or 0
-                else:
-                    sport, dport = r.sport or 0, r.dport or 0
-                out.append((fam, proto, addr16(r.saddr), addr16(r.daddr), sport, dport))
-    finally:
-        ct.close()
+                out.append((family, proto, addr16(srcs[1]), addr16(dsts[1]), sport, dport))
+            except ValueError:
+                continue
     return out
 
 
@@ -727,6 +763,8 @@ class EbpfBackend(Backend):
         for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
             if sorted(pinned.keys(name)) != desired["local"][family]:
                 problems.append(f"ipv{family}: node addresses changed")
+        if SHAPES["conntrack_keeper"] and shutil.which("nft") and not keeper_present():
+            problems.append(f"nft table inet {KEEPER_TABLE} missing")
         return problems
 
     def _prog_pinned(self, hook: str, obj: loader.BpfObject) -> int | None:
@@ -782,8 +820,10 @@ class EbpfBackend(Backend):
                 self._reap(facts, pinned, ipr)
                 return []
             previous = state.read().get("backend")
-            if previous and previous != self.name and shutil.which("nft"):
+            if previous and previous != self.name:
                 add_drain_tables()  # netfilter's translated connections keep working after it goes
+            if SHAPES["conntrack_keeper"] and not keeper_present():
+                add_keeper()
             if pinned is None:
                 pinned = Pinned(self.obj())
             try:
@@ -1002,7 +1042,7 @@ class EbpfBackend(Backend):
         longer matched, and the whole datapath after a switch away from ebpf."""
         done = []
         if drain_tables_present() and not netfilter_snat_tuples():
-            if delete_drain_tables():
+            if delete_tables(drain=True, keeper=False):
                 done.append("netfilter drain table removed")
         if pinned is None or pinned.open("ipmq_ifaces") is None:
             return done
@@ -1056,7 +1096,7 @@ class EbpfBackend(Backend):
             facts, pinned = self._read(ipr)
             try:
                 if not facts["installed"] and not facts["attached"]:
-                    return ["netfilter drain table"] if delete_drain_tables() else []
+                    return ["nft tables " + ", ".join(gone)] if (gone := delete_tables()) else []
                 flags = CFG.unpack(facts["cfg"])[0] if facts["installed"] else 0
                 families = [f"ipv{f}" for f in FAMILIES if flags & (F_V4 if f == 4 else F_V6)] or ["programs"]
                 if pinned is not None and facts["attached"] and not flags & F_DRAIN and self._other_backend_live():
@@ -1101,7 +1141,7 @@ class EbpfBackend(Backend):
         finally:
             if pinned is not None:
                 pinned.close()
-        delete_drain_tables()
+        delete_tables()
         directory = pin_dir()
         if directory.is_dir():
             for entry in directory.iterdir():
