@@ -89,8 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
     names, skipped = measure.available_backends(wanted)
 
-    # SIGTERM unwinds like Ctrl-C, so every bed is deleted on the way out
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM unwinds like Ctrl-C, so every bed is deleted on the way out.  Only in this
+    # process: a forked helper (pyroute2 forks to make namespaces, then SIGTERMs the child)
+    # must die at once, not run our exit handlers (they would delete the live beds).
+    main_pid = os.getpid()
+
+    def on_sigterm(*_):
+        if os.getpid() != main_pid:
+            os._exit(143)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     results = run(s, names, skipped, _logger(time.monotonic()))
 
     out = Path(args.out)

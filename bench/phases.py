@@ -19,20 +19,22 @@ import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
+# every backend class whose verbs are timed: (module, class)
+BACKENDS = [("ipmasq_legacy.backends.iptables", "IptablesBackend"),
+            ("ipmasq_legacy.backends.nftables", "NftablesBackend"),
+            ("ipmasq_legacy.backends.ebpf", "EbpfBackend")]
+
 # label -> list of (module, attribute path); every target shares the label's timer
 TARGETS: dict[str, list[tuple[str, str]]] = {
     "config.load": [("ipmasq_legacy.config", "load")],
-    "yaml.safe_load": [("yaml", "safe_load")],
+    "yaml": [("yaml", "safe_load"), ("yaml", "load")],
     "config.parse_networks": [("ipmasq_legacy.config", "parse_networks")],
     "plan.build": [("ipmasq_legacy.plan", "build")],
     "plan.normalise": [("ipmasq_legacy.plan", "normalise")],
     "agent.sync": [("ipmasq_legacy.agent", "sync")],
-    "backend.drift": [("ipmasq_legacy.backends.iptables", "IptablesBackend.drift"),
-                      ("ipmasq_legacy.backends.nftables", "NftablesBackend.drift")],
-    "backend.apply": [("ipmasq_legacy.backends.iptables", "IptablesBackend.apply"),
-                      ("ipmasq_legacy.backends.nftables", "NftablesBackend.apply")],
-    "backend.live": [("ipmasq_legacy.backends.iptables", "IptablesBackend.live"),
-                     ("ipmasq_legacy.backends.nftables", "NftablesBackend.live")],
+    "backend.drift": [(m, f"{c}.drift") for m, c in BACKENDS],
+    "backend.apply": [(m, f"{c}.apply") for m, c in BACKENDS],
+    "backend.live": [(m, f"{c}.live") for m, c in BACKENDS],
     "subprocess.run": [("subprocess", "run")],
     "libnftables": [("ipmasq_legacy.backends.nftables", "_LibRunner.cmd")],
     "nft.parse_table": [("ipmasq_legacy.backends.nftables", "parse_table")],

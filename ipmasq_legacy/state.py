@@ -28,7 +28,7 @@ def read() -> dict:
         return {}
 
 
-def _write_json(name: str, data: dict) -> None:
+def write_json(name: str, data: dict) -> None:
     """Write atomically: a reader sees the old file or the new one."""
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -40,7 +40,7 @@ def _write_json(name: str, data: dict) -> None:
 
 def write(backend: str, fingerprint: str) -> None:
     """Record the backend and the digest of the plan it holds."""
-    _write_json("state.json", {"backend": backend, "fingerprint": fingerprint, "applied_at": time.time()})
+    write_json("state.json", {"backend": backend, "fingerprint": fingerprint, "applied_at": time.time()})
 
 
 def clear() -> None:
@@ -73,5 +73,5 @@ def record_sync(ok: bool, repairs: list[str] = ()) -> dict:
         history["errors"] += 1
     for kind in repairs:
         history["repairs"][kind] = history["repairs"].get(kind, 0) + 1
-    _write_json("history.json", history)
+    write_json("history.json", history)
     return history

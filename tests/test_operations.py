@@ -271,3 +271,24 @@ def test_metrics_file_parses_and_counters_move(node):
     node.ipmasq("reconcile", "--config", config_path, "--metrics-file", str(metrics_file), check=True)
     text = metrics_file.read_text()
     assert _metric(text, "ipmasq_drift_repairs", kind="N jumps from POSTROUTING instead of N") == 1
+
+
+def test_nftables_noop_reconcile_lists_nothing_until_the_generation_moves(node):
+    """The fingerprint: an unchanged nf_tables generation answers 'in sync' without a listing."""
+    wrapper_dir = node.dir / "bin"
+    wrapper_dir.mkdir()
+    calls = node.dir / "nft-calls"
+    wrapper = wrapper_dir / "nft"
+    wrapper.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexec /usr/sbin/nft \"$@\"\n")
+    wrapper.chmod(0o755)
+    node.env.update({"IPMASQ_NFT_CLI": "1", "PATH": f"{wrapper_dir}:{os.environ['PATH']}"})
+    config_path = node.write_config({}, agent="")
+    node.ipmasq("apply", "--config", config_path, "--backend", "nftables", check=True)
+    node.ipmasq("reconcile", "--config", config_path, check=True)  # full read, records the generation
+    calls.write_text("")
+    assert node.ipmasq("reconcile", "--config", config_path, check=True).stderr == ""
+    assert calls.read_text() == "", "a no-op reconcile listed the ruleset"
+    node.sh("nft add element ip ipmasq_legacy exempt '{ 1.2.3.0/24 }'")
+    repair = node.ipmasq("reconcile", "--config", config_path, check=True)
+    assert "set exempt members differ" in repair.stderr
+    assert calls.read_text(), "the moved generation did not lead to a listing"

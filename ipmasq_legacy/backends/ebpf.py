@@ -517,13 +517,20 @@ def delete_tables(drain: bool = True, keeper: bool = True) -> list[str]:
 
 
 def netfilter_snat_tuples() -> list[tuple[int, int, bytes, bytes, int, int]]:
-    """Reply tuples of the connections conntrack source-NATs: (family, proto, reply src,
-    reply dst, reply sport, reply dport), ports in host order (`conntrack -L --src-nat`)."""
+    """Reply tuples of the connections conntrack source-NATs."""
+    return conntrack_tuples(snat_only=True, reply=True)
+
+
+def conntrack_tuples(snat_only: bool, reply: bool) -> list[tuple[int, int, bytes, bytes, int, int]]:
+    """(family, proto, src, dst, sport, dport) of conntrack's entries, the original or the
+    reply tuple, ports in host order (`conntrack -L`, `--src-nat`: only source-NATed ones)."""
     if shutil.which("conntrack") is None:
         return []
     out = []
+    which = 1 if reply else 0
     for fam, family in (("ipv4", 4), ("ipv6", 6)):
-        proc = subprocess.run(["conntrack", "-L", "-f", fam, "--src-nat"], capture_output=True, text=True)
+        argv = ["conntrack", "-L", "-f", fam] + (["--src-nat"] if snat_only else [])
+        proc = subprocess.run(argv, capture_output=True, text=True)
         for line in proc.stdout.splitlines():
             words = line.split()
             if len(words) < 2 or not words[1].isdigit():
@@ -536,15 +543,16 @@ def netfilter_snat_tuples() -> list[tuple[int, int, bytes, bytes, int, int]]:
                 continue
             if proto in (socket.IPPROTO_ICMP, 58):
                 ids = [int(v) for k, v in kv if k == "id"]
-                sport = dport = ids[1] if len(ids) > 1 else (ids[0] if ids else 0)
+                sport = dport = ids[min(which, len(ids) - 1)] if ids else 0
             else:
                 sports = [int(v) for k, v in kv if k == "sport"]
                 dports = [int(v) for k, v in kv if k == "dport"]
                 if len(sports) < 2 or len(dports) < 2:
-                    continue
-                sport, dport = sports[1], dports[1]
+                    sport = dport = 0  # a protocol without ports
+                else:
+                    sport, dport = sports[which], dports[which]
             try:
-                out.append((family, proto, addr16(srcs[1]), addr16(dsts[1]), sport, dport))
+                out.append((family, proto, addr16(srcs[which]), addr16(dsts[which]), sport, dport))
             except ValueError:
                 continue
     return out
@@ -765,6 +773,15 @@ class EbpfBackend(Backend):
                 problems.append(f"ipv{family}: node addresses changed")
         if SHAPES["conntrack_keeper"] and shutil.which("nft") and not keeper_present():
             problems.append(f"nft table inet {KEEPER_TABLE} missing")
+        # drains that are done: reconcile removes what is left of them
+        if drain_tables_present() and not netfilter_snat_tuples():
+            problems.append(f"nft tables {DRAIN_TABLE}: netfilter's connections have ended")
+        draining = [i for i, v in facts["ifaces"].items() if IFACE.unpack(v)[2] & IF_DRAIN]
+        if draining:
+            busy = self._busy_ifindexes(pinned)
+            for index in draining:
+                if index not in busy:
+                    problems.append(f"{links[index].name if index in links else index}: drained")
         return problems
 
     def _prog_pinned(self, hook: str, obj: loader.BpfObject) -> int | None:
@@ -895,8 +912,17 @@ class EbpfBackend(Backend):
         # 4. programs, then the filters
         fds = self._programs(pinned, obj)
         try:
+            # Ingress first: from then on every UDP (or other) flow entering is recorded,
+            # and flows already under way are taken from conntrack, so that no reply
+            # leaving a pod-facing interface is ever mistaken for a new flow.
+            fresh = [i for i in desired["matched"] if "egress" not in facts["attached"].get(i, {})
+                     or not facts["attached"][i]["egress"]]
             for index, link in desired["matched"].items():
-                self._attach(ipr, pinned, link, fds, obj)
+                self._attach(ipr, pinned, link, fds, obj, hooks=("ingress",))
+            if fresh:
+                self._seed_pass(pinned)
+            for index, link in desired["matched"].items():
+                self._attach(ipr, pinned, link, fds, obj, hooks=("egress",))
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -942,7 +968,8 @@ class EbpfBackend(Backend):
         pinned.update("ipmq_meta", struct.pack("=I", 0), bytes.fromhex(obj.digest))
         return fds
 
-    def _attach(self, ipr, pinned: Pinned, link: Link, fds: dict[str, int], obj: loader.BpfObject) -> None:
+    def _attach(self, ipr, pinned: Pinned, link: Link, fds: dict[str, int], obj: loader.BpfObject,
+                hooks=HOOKS) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
         if not _has_clsact(ipr, link.index):
@@ -953,7 +980,7 @@ class EbpfBackend(Backend):
                 if exc.code != errno.EEXIST:
                     raise ApplyError(f"ebpf: cannot add a clsact qdisc to {link.name}: {exc}") from None
         current = _filters(ipr, link.index)
-        for hook in HOOKS:
+        for hook in hooks:
             want = filter_name(hook, obj.digest)
             ours = current[hook]
             if [(f["name"], f["id"]) for f in ours] == [(want, pinned.sys.prog_info(fds[hook])["id"])]:
@@ -1008,6 +1035,18 @@ class EbpfBackend(Backend):
                     pass
                 pinned.delete("ipmq_owned", key)
         return found
+
+    def _seed_pass(self, pinned: Pinned) -> None:
+        """Flows conntrack already knows (UDP and other handshake-less protocols), as
+        seen entering: their replies are replies, not new flows."""
+        for family, proto, src, dst, sport, dport in conntrack_tuples(snat_only=False, reply=False):
+            if proto in (socket.IPPROTO_TCP, socket.IPPROTO_ICMP, 58):
+                continue
+            key = NAT_KEY.pack(src, dst, struct.pack("!H", sport), struct.pack("!H", dport), proto, family)
+            try:
+                pinned.update("ipmq_pass", key, b"\x01", loader.NOEXIST)
+            except loader.BpfError:
+                pass
 
     def _seed_foreign(self, pinned: Pinned) -> None:
         """Reply tuples of connections netfilter translated: never handed out by us."""
