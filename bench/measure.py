@@ -693,7 +693,7 @@ def add_nat_chain(bed: TestBed, rule: str = "") -> None:
     """A nat postrouting base chain (conntrack and NAT set-up on) holding `rule`, if any."""
     r = bed.node_exec(["nft", "-f", "-"], input=(
         "table ip bench_nat {\n"
-        f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; {rule} }}\n"
+        f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; {rule}{'; ' if rule else ''}}}\n"
         "}\n"))
     if r.returncode != 0:
         raise RuntimeError(f"nat chain: {r.stderr.strip()}")

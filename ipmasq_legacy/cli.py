@@ -216,7 +216,7 @@ def status(cfg, output):
     the_plan = planmod.build(cfg)
     live = backend.live()
     drift = backend.drift(the_plan, live)
-    exempt = [p for f in live.families.values() for p in f.exempt]
+    exempt = planmod.sort_prefixes(p for f in live.families.values() for p in f.exempt)
     matched = links.matching(the_plan.interfaces)
     counters = [c for f in live.families.values() for c in f.counters]
     if output == "json":
@@ -252,7 +252,7 @@ def status(cfg, output):
 def list_cmd(cfg, output):
     """The exempt prefixes in effect (as `cilium bpf ipmasq list` prints them)."""
     live = _installed_backend(cfg).live()
-    exempt = [p for f in live.families.values() for p in f.exempt]
+    exempt = planmod.sort_prefixes(p for f in live.families.values() for p in f.exempt)
     if output == "json":
         _emit_json({"exempt": exempt})
     elif not exempt:

@@ -94,6 +94,12 @@ def normalise(prefixes) -> tuple[str, ...]:
     return tuple(out)
 
 
+def sort_prefixes(prefixes) -> list[str]:
+    """In address order, IPv4 first (for people: `list`, `status`)."""
+    nets = [ipaddress.ip_network(p) for p in prefixes]
+    return [str(n) for n in sorted(nets, key=lambda n: (n.version, n))]
+
+
 def _exempt(cfg: Config, family: int) -> list:
     native = cfg.ipv4_native_routing_cidr if family == 4 else cfg.ipv6_native_routing_cidr
     pods = cfg.ipv4_pod_cidr if family == 4 else cfg.ipv6_pod_cidr

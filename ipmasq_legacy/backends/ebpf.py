@@ -68,7 +68,7 @@ IFACE = struct.Struct("=4s16sII")
 NAT_KEY = struct.Struct("=16s16s2s2sBB2x")
 NAT_VAL = struct.Struct("=16s2sHIQ")
 STATS = ("new_flows", "exhausted", "no_address", "replies", "icmp_errors", "fragments", "fragment_misses",
-         "foreign_reserved", "port_retries")
+         "foreign_reserved", "port_retries", "failed")
 LPM = {4: struct.Struct("=IB4s"), 6: struct.Struct("=IB16s")}
 TRIES = {"exempt": {4: "ipmq_exempt4", 6: "ipmq_exempt6"}, "sources": {4: "ipmq_src4", 6: "ipmq_src6"}}
 ARPHRD_L3 = {0xFFFE, 0xFFFF, 512, 519, 768, 769, 776, 778, 823}  # none, void, ppp, rawip, ipip, ip6tnl, sit, gre, ip6gre

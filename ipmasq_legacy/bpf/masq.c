@@ -73,6 +73,7 @@ enum {
 	S_FRAG_MISS = 6,   /* non-first fragments of unknown flows (passed as they are) */
 	S_FOREIGN = 7,     /* reply tuples reserved for netfilter-translated flows */
 	S_RETRIES = 8,     /* port collisions resolved by picking another port */
+	S_FAILED = 9,      /* packets dropped: a rewrite failed (should never happen) */
 	S_SLOTS = 16,
 };
 
@@ -1096,8 +1097,10 @@ int ipmq_egress(struct __sk_buff *skb)
 		rk.pad[1] = 0;
 		bpf_map_delete_elem(&ipmq_nat_rev, &rk);
 		v = bpf_map_lookup_elem(&ipmq_nat_fwd, &key);
-		if (!v)
+		if (!v) {
+			stat_inc(S_FAILED);
 			return TC_ACT_SHOT;
+		}
 		val = *v;
 	} else {
 		stat_inc(S_NEW_FLOWS);
@@ -1108,8 +1111,10 @@ int ipmq_egress(struct __sk_buff *skb)
 		struct frag_val fv = { .sport = key.sport, .dport = key.dport };
 		bpf_map_update_elem(&ipmq_frag, &fk, &fv, BPF_ANY);
 	}
-	if (snat(skb, &p, &val) < 0)
+	if (snat(skb, &p, &val) < 0) {
+		stat_inc(S_FAILED);
 		return TC_ACT_SHOT;
+	}
 	return TC_ACT_UNSPEC;
 }
 
@@ -1222,10 +1227,10 @@ int ipmq_ingress(struct __sk_buff *skb)
 		struct frag_val fv = { .sport = p.sport, .dport = p.dport };
 		bpf_map_update_elem(&ipmq_frag, &fk, &fv, BPF_ANY);
 	}
-	if (p.has_ports && rewrite_port(skb, &p, 0, val.port) < 0)
+	if ((p.has_ports && rewrite_port(skb, &p, 0, val.port) < 0) || rewrite_addr(skb, &p, 0, val.addr) < 0) {
+		stat_inc(S_FAILED);
 		return TC_ACT_SHOT;
-	if (rewrite_addr(skb, &p, 0, val.addr) < 0)
-		return TC_ACT_SHOT;
+	}
 	stat_inc(S_REPLIES);
 	return TC_ACT_UNSPEC;
 }
