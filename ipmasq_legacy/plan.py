@@ -37,6 +37,44 @@ class FamilyPlan:
 
 
 @dataclass(frozen=True)
+class MasqueradeRule:
+    """One masquerade rule of a family, whatever the backend spells it as."""
+
+    source: str | None  # a pod CIDR; None: any source
+    interface: str | None  # as configured ('eth+'); None: any interface but lo
+    protocol: str | None = None  # 'tcp' or 'udp' when the rule carries a port range
+    ports: tuple[int, int] | None = None
+    # With several port ranges: take this rule for `share` / 2^31 of the new connections
+    # that reach it (the way xt_statistic and nft's `meta random` count); None: all of them.
+    share: int | None = None
+
+
+# masquerade-to-ports needs a protocol with ports; other protocols get no range.
+PORT_PROTOCOLS = ("tcp", "udp")
+
+
+def masquerade_rules(fp: FamilyPlan) -> list[MasqueradeRule]:
+    """Every source x out-interface; with port ranges, per protocol and range first, the
+    connections spread over the ranges by size, then one rule without ports for the rest."""
+    variants: list[tuple] = [(None, None, None)]
+    if fp.to_ports:
+        ranged = []
+        remaining = sum(last - first + 1 for first, last in fp.to_ports)
+        for i, (first, last) in enumerate(fp.to_ports):
+            size = last - first + 1
+            share = None if i == len(fp.to_ports) - 1 else round(size / remaining * 2**31)
+            ranged.append(((first, last), share))
+            remaining -= size
+        variants = [(proto, ports, share) for proto in PORT_PROTOCOLS for ports, share in ranged] + variants
+    return [
+        MasqueradeRule(source, interface, proto, ports, share)
+        for source in (fp.sources or (None,))
+        for interface in (fp.interfaces or (None,))
+        for proto, ports, share in variants
+    ]
+
+
+@dataclass(frozen=True)
 class Plan:
     families: tuple[FamilyPlan, ...]  # only the enabled families
 

@@ -209,16 +209,22 @@ def test_tke_exempt_is_exactly_the_configmap(tmp_path):
     assert plan.families[0].exempt == ("10.0.0.0/16", "172.18.0.0/16", "192.168.0.0/17")
 
 
-def test_port_shares_match_iptables_probabilities():
+def test_port_shares_come_from_the_plan_in_both_spellings():
+    from ipmasq_legacy import plan as planmod
     from ipmasq_legacy.backends import iptables
 
     fp = FamilyPlan(4, (), (), (), to_ports=((1024, 2047), (4096, 4607), (30000, 30999)))
-    ipt = [share for _, share, _ in iptables._port_choices(fp) if share]
-    nft = [share for _, share, _ in nftmod._port_choices(fp) if share]
-    assert len(ipt) == len(nft) == 4  # (tcp, udp) x the two ranges before the last
-    for i, n in zip(ipt, nft):
-        probability = float(i.split()[-1])
-        assert int(n.split()[-1]) == round(probability * 2**31)
+    rules = planmod.masquerade_rules(fp)
+    shares = [r.share for r in rules if r.share is not None]
+    assert shares == [round(1024 / 2536 * 2**31), round(512 / 1512 * 2**31)] * 2  # (tcp, udp) x first two ranges
+    for rule in rules:
+        if rule.share is None:
+            continue
+        ipt_line = iptables.masquerade_line(rule, False)
+        nft_line = nftmod.masquerade_line(rule, 4, False)
+        probability = float(ipt_line.split("--probability ")[1].split()[0])
+        assert round(probability * 2**31) == rule.share
+        assert f"meta random & 2147483647 < {rule.share} " in nft_line
 
 
 def test_interfaces_are_rendered_defensively():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import ruledata
-from ..plan import FamilyPlan, Plan
+from ..plan import FamilyPlan, MasqueradeRule, Plan, masquerade_rules
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter, missing_tools, run
 
 SHAPES = ruledata.load("iptables")
@@ -60,26 +60,17 @@ def render_set(fp: FamilyPlan, name: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _port_choices(fp: FamilyPlan) -> list[tuple[str, str, str]]:
-    """(protocol, port_share, to_ports) variants of one masquerade rule."""
-    plain = ("", "", "")
-    if not fp.to_ports:
-        return [plain]
-    choices = []
-    remaining = sum(last - first + 1 for first, last in fp.to_ports)
-    shares = []
-    for i, (first, last) in enumerate(fp.to_ports):
-        size = last - first + 1
-        last_range = i == len(fp.to_ports) - 1
-        # xt_statistic keeps the probability as a fraction of 2^31 and prints that back.
-        probability = round(size / remaining * 2**31) / 2**31
-        share = "" if last_range else SHAPES["port_share"].format(probability=probability)
-        shares.append((share, SHAPES["to_ports"].format(first=first, last=last)))
-        remaining -= size
-    for proto in SHAPES["port_protocols"]:
-        for share, to_ports in shares:
-            choices.append((SHAPES["protocol"].format(protocol=proto), share, to_ports))
-    return choices + [plain]
+def masquerade_line(rule: MasqueradeRule, random_fully: bool) -> str:
+    return SHAPES["rules"]["masquerade"].format(
+        source=SHAPES["source"].format(prefix=rule.source) if rule.source else "",
+        out_interface=(SHAPES["out_interface"].format(interface=rule.interface) if rule.interface
+                       else SHAPES["out_interface_any"]),
+        protocol=SHAPES["protocol"].format(protocol=rule.protocol) if rule.protocol else "",
+        # xt_statistic keeps the probability as a fraction of 2^31 and prints that back
+        port_share=SHAPES["port_share"].format(probability=rule.share / 2**31) if rule.share is not None else "",
+        to_ports=SHAPES["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
+        random_fully=SHAPES["random_fully"] if random_fully else "",
+    )
 
 
 def chain_rules(fp: FamilyPlan) -> list[str]:
@@ -88,25 +79,7 @@ def chain_rules(fp: FamilyPlan) -> list[str]:
     lines = [f"-N {CHAIN}", rules["local"]]
     if fp.exempt:
         lines.append(rules["exempt"].format(set=set_name(fp)))
-    sources = [SHAPES["source"].format(prefix=p) for p in fp.sources] or [""]
-    interfaces = [SHAPES["out_interface"].format(interface=i) for i in fp.interfaces] or [
-        SHAPES["out_interface_any"]
-    ]
-    random_fully = SHAPES["random_fully"] if fp.random_fully else ""
-    for source in sources:
-        for interface in interfaces:
-            for protocol, share, to_ports in _port_choices(fp):
-                lines.append(
-                    rules["masquerade"].format(
-                        source=source,
-                        out_interface=interface,
-                        protocol=protocol,
-                        port_share=share,
-                        to_ports=to_ports,
-                        random_fully=random_fully,
-                    )
-                )
-    return lines
+    return lines + [masquerade_line(r, fp.random_fully) for r in masquerade_rules(fp)]
 
 
 def render_restore(fp: FamilyPlan, live_jumps: list[str] = ()) -> str:

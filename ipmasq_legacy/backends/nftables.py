@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .. import ruledata, state
 from ..errors import ApplyError, ConfigError
-from ..plan import FamilyPlan, Plan
+from ..plan import FamilyPlan, MasqueradeRule, Plan, masquerade_rules
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
 
 SHAPES = ruledata.load("nftables")
@@ -108,54 +108,27 @@ def interface_of(rule: str) -> str:
     return pattern.replace("\\*", "*")
 
 
-def _port_choices(fp: FamilyPlan) -> list[tuple[str, str, str]]:
-    """(protocol, port_share, to_ports) variants of one masquerade rule."""
-    plain = ("", "", "")
-    if not fp.to_ports:
-        return [plain]
-    remaining = sum(last - first + 1 for first, last in fp.to_ports)
-    shares = []
-    for i, (first, last) in enumerate(fp.to_ports):
-        size = last - first + 1
-        last_range = i == len(fp.to_ports) - 1
-        # iptables-nft's spelling of `-m statistic --probability p`: p as a fraction of 2^31.
-        threshold = round(size / remaining * 2**31)
-        share = "" if last_range else SHAPES["port_share"].format(threshold=threshold)
-        shares.append((share, SHAPES["to_ports"].format(first=int(first), last=int(last))))
-        remaining -= size
-    choices = []
-    for proto in SHAPES["port_protocols"]:
-        for share, to_ports in shares:
-            choices.append((SHAPES["protocol"].format(protocol=proto), share, to_ports))
-    return choices + [plain]
+def masquerade_line(rule: MasqueradeRule, family: int, random_fully: bool) -> str:
+    payload = SHAPES["payload"][family]
+    return SHAPES["rules"]["masquerade"].format(
+        out_interface=interface_match(rule.interface) if rule.interface else SHAPES["out_interface_any"],
+        source=(SHAPES["source"].format(payload=payload, prefix=_prefix_text(_network(rule.source, family)))
+                if rule.source else ""),
+        protocol=SHAPES["protocol"].format(protocol=rule.protocol) if rule.protocol else "",
+        # iptables-nft's spelling of `-m statistic --probability p`: p as a fraction of 2^31
+        port_share=SHAPES["port_share"].format(threshold=rule.share) if rule.share is not None else "",
+        to_ports=SHAPES["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
+        random_fully=SHAPES["random_fully"] if random_fully else "",
+    )
 
 
 def chain_rules(fp: FamilyPlan) -> list[str]:
     """Our chain's rules, as `nft list table` prints them (counters left out)."""
     rules = SHAPES["rules"]
-    payload = SHAPES["payload"][fp.family]
     lines = [rules["local"]]
     if fp.exempt:
-        lines.append(rules["exempt"].format(payload=payload))
-    sources = [
-        SHAPES["source"].format(payload=payload, prefix=_prefix_text(_network(p, fp.family))) for p in fp.sources
-    ] or [""]
-    interfaces = [interface_match(i) for i in fp.interfaces] or [SHAPES["out_interface_any"]]
-    random_fully = SHAPES["random_fully"] if fp.random_fully else ""
-    for source in sources:
-        for interface in interfaces:
-            for protocol, share, to_ports in _port_choices(fp):
-                lines.append(
-                    rules["masquerade"].format(
-                        out_interface=interface,
-                        source=source,
-                        protocol=protocol,
-                        port_share=share,
-                        to_ports=to_ports,
-                        random_fully=random_fully,
-                    )
-                )
-    return lines
+        lines.append(rules["exempt"].format(payload=SHAPES["payload"][fp.family]))
+    return lines + [masquerade_line(r, fp.family, fp.random_fully) for r in masquerade_rules(fp)]
 
 
 def set_declaration(family: int) -> list[str]:
