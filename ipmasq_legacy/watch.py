@@ -149,6 +149,7 @@ class Watcher:
                 self.reload_requested = False
                 self._sync("SIGHUP", only_if_drifted=False)
             elif time.monotonic() >= next_resync:
+                self._rewatch()  # a directory that did not exist yet (a late ConfigMap mount) may now
                 self._sync("resync", only_if_drifted=True)
                 next_resync = time.monotonic() + resync_interval(self.cfg)
         if self.flush_on_exit:
