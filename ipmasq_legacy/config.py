@@ -12,7 +12,7 @@ import difflib
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,7 +56,6 @@ class Config:
     # Loaded from ip_masq_agent_config_path when enable_ip_masq_agent is on.
     masq_agent: MasqAgentConfig | None = None
     source: str = "<defaults>"
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 # ---------------------------------------------------------------- value parsers
