@@ -50,21 +50,30 @@ def run(s: measure.Settings, names: list[str], skipped: dict[str, str], log) -> 
                     error = f"{type(exc).__name__}: {exc}"
             return {"error": error, **(default or {})}
 
-        def startup():
-            with measure.new_bed() as bed:
-                return measure.measure_startup(workdir, bed)
-
-        results["startup"] = attempt("CLI start-up cost", startup)
-        results["plan"] = attempt("ipmasq plan (no kernel access)", measure.measure_plan, workdir, s, names, log)
-        results["reference"] = attempt("references: no netfilter at all (the floor), then a nat chain with no rules",
-                                       measure.reference_suite, s, log)
-        results["ip_masq_agent"] = attempt("reference: ip-masq-agent's rule layout", measure.ip_masq_agent_suite,
-                                           s, workdir, log, default={"sizes": {}})
-        for name in names:
-            results["backends"][name] = attempt(f"backend {name}", measure.backend_suite, name, s, workdir, log)
-        end = attempt("the floor again (drift of the machine over the run)", measure.reference_suite, s, log, True)
-        if "floor" in end:
-            results["reference"]["floor_end"] = end["floor"]
+        # The floor's bed lives through the whole run and never gets a netfilter rule: every
+        # new-connection figure is measured in alternation with a burst there.
+        with measure.new_bed() as floor_bed:
+            floor = measure.FlowBench(floor_bed, s.conn_max_packets)
+            try:
+                results["startup"] = attempt("CLI start-up cost", measure.measure_startup, workdir, floor_bed)
+                results["plan"] = attempt("ipmasq plan (no kernel access)", measure.measure_plan, workdir, s, names,
+                                          log)
+                results["reference"] = attempt(
+                    "references: no netfilter at all (the floor); a nat chain with no rules; one masquerade rule",
+                    measure.reference_suite, s, log, floor_bed, floor)
+                results["ip_masq_agent"] = attempt("reference: ip-masq-agent's rule layout",
+                                                   measure.ip_masq_agent_suite, s, workdir, log, floor,
+                                                   default={"sizes": {}})
+                for name in names:
+                    results["backends"][name] = attempt(f"backend {name}", measure.backend_suite, name, s, workdir,
+                                                        log, floor)
+                end = attempt("the floor again (drift of the machine over the run)",
+                              measure.floor_suite, s, log, floor_bed, floor)
+                if "floor" in end:
+                    results["reference"]["floor_end"] = end["floor"]
+                    results["reference"]["floor_end_throughput"] = end["floor_throughput"]
+            finally:
+                floor.close()
 
     changed = measure.host_diff(before, measure.host_snapshot())
     results["meta"]["host_namespace_changed"] = changed

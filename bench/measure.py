@@ -68,6 +68,7 @@ class Settings:
     conn_run_seconds: float  # aim of one timed burst of new connections
     conn_max_packets: int
     throughput_seconds: int
+    throughput_runs: int = 1
     streams: tuple[int, ...] = (1, 4)
 
 
@@ -76,8 +77,8 @@ def settings_for(quick: bool) -> Settings:
         return Settings(quick=True, sizes=(10, 1_000, 10_000), repeats=1, cell_budget=5.0, step_timeout=30.0,
                         conn_repeats=3, conn_run_seconds=0.1, conn_max_packets=20_000, throughput_seconds=1)
     return Settings(quick=False, sizes=(10, 1_000, 10_000, 100_000), repeats=3, cell_budget=20.0,
-                    step_timeout=120.0, conn_repeats=5, conn_run_seconds=0.3, conn_max_packets=60_000,
-                    throughput_seconds=5)
+                    step_timeout=120.0, conn_repeats=7, conn_run_seconds=0.3, conn_max_packets=60_000,
+                    throughput_seconds=5, throughput_runs=2)
 
 
 # ---------------------------------------------------------------- prefixes and configs
@@ -150,8 +151,9 @@ def run_measured(argv: list[str], env: dict | None = None, timeout: float = 60.0
     a sum).  On timeout the whole process group is killed."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.NamedTemporaryFile(prefix="ipmasq-bench-run-") as stats:
+        # cwd: `python -m ipmasq_legacy` then runs this checkout's package, in a tox env too
         proc = subprocess.Popen([PYTHON, "-S", "-I", "-c", _LAUNCHER, stats.name, *argv], stdout=out, stderr=err,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=REPO)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -191,7 +193,7 @@ def warm_bytecode(env: dict) -> None:
             "            importlib.import_module(m.name)\n"
             "        except Exception:\n"
             "            pass\n")
-    subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, timeout=120)
+    subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, timeout=120, cwd=REPO)
 
 
 def summarise(runs: list[Run]) -> dict:
@@ -478,13 +480,16 @@ def measure_apply_size(node: Node, name: str, n: int, s: Settings, disabled: set
         st["problem"] = problems.get(step)
         if step in disabled:
             st["problem"] = "skipped (slower than the time limit at a smaller size)"
+        elif step != "cold" and "cold" in problems and not runs[step]:
+            st["problem"] = "not run (cold apply failed)"
         out[step] = st
         log(f"  {name} {n:>7} {STEP_TITLES[step]:18} {_fmt_s(st)}{'  ' + st['problem'] if st['problem'] else ''}")
     return out
 
 
-def measure_breakdown(node: Node, name: str, n: int, disabled: set[str], log: Callable[[str], None]) -> dict:
-    """One instrumented run of each step (bench/phases.py) at `n` prefixes."""
+def measure_breakdown(node: Node, name: str, n: int, skip: set[str], log: Callable[[str], None]) -> dict:
+    """One instrumented run of each step (bench/phases.py) at `n` prefixes, but those in
+    `skip` (steps that failed or timed out at that size: cold always runs, as set-up)."""
     out: dict = {"prefixes": n}
     node.flush()
     args = {
@@ -493,7 +498,7 @@ def measure_breakdown(node: Node, name: str, n: int, disabled: set[str], log: Ca
         "change": ("apply", "--config", node.config(n, extra=True), "--backend", name),
     }
     for step in STEPS:
-        if step in disabled:
+        if step in skip and step != "cold":
             continue
         run, data = node.phases(node.dir / f"phases-{step}.json", *args[step])
         if run.timed_out or data is None:
@@ -503,6 +508,7 @@ def measure_breakdown(node: Node, name: str, n: int, disabled: set[str], log: Ca
             continue
         data["wall"] = run.wall
         data["rss_mb"] = run.rss_mb
+        data["problem"] = _check(step, run, n)
         out[step] = data
         log(f"  {name} {n} {STEP_TITLES[step]} breakdown: wall {run.wall:.2f} s")
     return out
@@ -608,6 +614,7 @@ class FlowBench:
         self.sock = bed.in_netns(bed.pod, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((bed.pod_addr[4], 40000))
         self.sender = FlowSender(self.sock, SINK_ADDR, max_packets)
+        self.plan: tuple[int, bool] | None = None
         # resolve the neighbours on the way (pod -> node -> ext) before timing anything
         for _ in range(3):
             self.sender.send(0, 4)
@@ -650,33 +657,50 @@ class FlowBench:
             done = self.forwarded() - f0
         return time.perf_counter() - start, done
 
-    def measure(self, s: Settings) -> dict:
-        """µs per new connection: median of s.conn_repeats bursts, conntrack flushed before each."""
-        # calibrate: a short paced burst tells the per-packet cost
-        self.flush_conntrack()
-        n_cal = 64
-        while True:
-            secs, done = self.burst(n_cal, paced=True)
-            if secs > 0.05 or n_cal >= 4096:
-                break
+    def calibrate(self, s: Settings) -> tuple[int, bool]:
+        """(packets per burst, paced) for the rules installed now, from a short paced burst."""
+        if self.plan is None:
             self.flush_conntrack()
-            n_cal *= 4
-        per = secs / max(done, 1)
-        n = int(min(s.conn_max_packets, max(100, s.conn_run_seconds / per)))
-        paced = per > 50e-6
-        samples, lost, entries = [], 0, []
-        for _ in range(s.conn_repeats):
+            n_cal = 64
+            while True:
+                secs, done = self.burst(n_cal, paced=True)
+                if secs > 0.05 or n_cal >= 4096:
+                    break
+                self.flush_conntrack()
+                n_cal *= 4
+            per = secs / max(done, 1)
+            self.plan = (int(min(s.conn_max_packets, max(100, s.conn_run_seconds / per))), per > 50e-6)
+        return self.plan
+
+    def one(self, n: int, paced: bool) -> tuple[float, int, bool]:
+        """One burst after a conntrack flush: (µs per packet, packets lost, paced)."""
+        self.flush_conntrack()
+        secs, done = self.burst(n, paced)
+        if done < n and not paced:  # packets lost: redo this one paced
+            paced = True
             self.flush_conntrack()
             secs, done = self.burst(n, paced)
-            if done < n and not paced:  # packets lost: redo this one paced
-                paced = True
-                self.flush_conntrack()
-                secs, done = self.burst(n, paced)
-            lost += n - done
+        return secs / n * 1e6, n - done, paced
+
+    def measure(self, s: Settings, baseline: FlowBench | None = None) -> dict:
+        """µs per new connection: median of s.conn_repeats bursts.  With `baseline` (the
+        floor's bed), each burst is followed by one there, so that every row has a floor
+        measured at the same moment (the machine is shared: its speed drifts)."""
+        self.plan = None  # the rules changed since the last call: calibrate again
+        n, paced = self.calibrate(s)
+        base = baseline.calibrate(s) if baseline is not None else None
+        samples, floor, ratios, entries, lost = [], [], [], [], 0
+        for _ in range(s.conn_repeats):
+            us, missing, paced = self.one(n, paced)
+            lost += missing
             entries.append(self.conntrack_count())
-            samples.append(secs / n * 1e6)
+            samples.append(us)
+            if baseline is not None:
+                f, _, _ = baseline.one(*base)
+                floor.append(f)
+                ratios.append(us / f)
         self.flush_conntrack()
-        return {
+        out = {
             "us_per_conn": statistics.median(samples),
             "min": min(samples),
             "max": max(samples),
@@ -687,6 +711,9 @@ class FlowBench:
             "conntrack_entries": statistics.median(entries),
             "sender": self.sender.method,
         }
+        if baseline is not None:
+            out.update(floor_us=statistics.median(floor), floor_samples=floor, ratio=statistics.median(ratios))
+        return out
 
 
 def add_nat_chain(bed: TestBed, rule: str = "") -> None:
@@ -793,24 +820,50 @@ def _pump(bed: TestBed, seconds: int, streams: int) -> dict:
             "tool": "python socket pump"}
 
 
-def measure_throughput(bed: TestBed, s: Settings) -> dict:
-    out = {}
-    if shutil.which("iperf3"):
-        server = subprocess.Popen(["ip", "netns", "exec", bed.ext, "iperf3", "-s", "-B", bed.dest(IPERF_DST),
-                                   "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+class _IperfServer:
+    """`iperf3 -s` in a bed's ext namespace, for as long as the `with` lasts."""
+
+    def __init__(self, bed: TestBed):
+        self.proc = subprocess.Popen(["ip", "netns", "exec", bed.ext, "iperf3", "-s", "-B", bed.dest(IPERF_DST),
+                                      "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
         try:
-            for streams in s.streams:
-                out[streams] = _iperf(bed, s.throughput_seconds, streams)
-        finally:
-            server.terminate()
-            try:
-                server.wait(5)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-    else:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def measure_throughput(bed: TestBed, s: Settings, baseline: TestBed | None = None) -> dict:
+    """Gbit/s with 1 and 4 streams, median of s.throughput_runs runs.  With `baseline`
+    (the floor's bed), each run is followed by the same run there, and `ratio` is the
+    median of the pairs: the machine is shared and its speed drifts."""
+    out = {}
+    if not shutil.which("iperf3"):
         for streams in s.streams:
             out[streams] = _pump(bed, s.throughput_seconds, streams)
+            if baseline is not None:
+                plain = _pump(baseline, s.throughput_seconds, streams)["gbit_s"]
+                out[streams].update(plain_gbit_s=plain, ratio=out[streams]["gbit_s"] / plain)
+        return out
+    with _IperfServer(bed), (_IperfServer(baseline) if baseline is not None else _IperfServer.__new__(_IperfServer)) \
+            if False else _servers(bed, baseline):
+        for streams in s.streams:
+            runs, plain = [], []
+            for _ in range(s.throughput_runs):
+                runs.append(_iperf(bed, s.throughput_seconds, streams))
+                if baseline is not None:
+                    plain.append(_iperf(baseline, s.throughput_seconds, streams)["gbit_s"])
+            out[streams] = {**runs[0], "gbit_s": statistics.median(r["gbit_s"] for r in runs),
+                            "samples": [r["gbit_s"] for r in runs]}
+            if plain:
+                out[streams].update(plain_gbit_s=statistics.median(plain), plain_samples=plain,
+                                    ratio=statistics.median(r["gbit_s"] / p for r, p in zip(runs, plain)))
     return out
 
 
@@ -834,26 +887,33 @@ def available_backends(wanted: list[str] | None) -> tuple[list[str], dict[str, s
     return names, skipped
 
 
-def reference_suite(s: Settings, log: Callable[[str], None], end: bool = False) -> dict:
-    """The floor (no netfilter at all in the node), then a nat chain with no rules."""
-    out: dict = {}
+def _tp_text(tp: dict) -> str:
+    return ", ".join(f"{k}x {v['gbit_s']:.1f} Gbit/s" for k, v in tp.items() if k != "prefixes")
+
+
+def floor_suite(s: Settings, log: Callable[[str], None], floor_bed: TestBed, floor: FlowBench) -> dict:
+    """The floor: plain forwarding, no netfilter at all in the node (this bed never gets any)."""
+    out = {"floor": floor.measure(s)}
+    log(f"  floor: {out['floor']['us_per_conn']:.2f} µs per new connection")
+    out["floor_throughput"] = measure_throughput(floor_bed, s)
+    log(f"  floor throughput: {_tp_text(out['floor_throughput'])}")
+    return out
+
+
+def reference_suite(s: Settings, log: Callable[[str], None], floor_bed: TestBed, floor: FlowBench) -> dict:
+    """The floor, then in a bed of their own a nat chain with no rules, and one
+    masquerade rule with no exemptions."""
+    out: dict = floor_suite(s, log, floor_bed, floor)
     with new_bed() as bed:
         flows = FlowBench(bed, s.conn_max_packets)
         try:
-            out["floor"] = flows.measure(s)
-            log(f"  floor: {out['floor']['us_per_conn']:.2f} µs per new connection")
-            if end:
-                return out
-            out["floor_throughput"] = measure_throughput(bed, s)
-            log("  floor throughput: " + ", ".join(f"{k}x {v['gbit_s']:.1f} Gbit/s"
-                                                    for k, v in out["floor_throughput"].items()))
             add_nat_chain(bed)
-            out["empty_nat"] = flows.measure(s)
+            out["empty_nat"] = flows.measure(s, floor)
             log(f"  nat chain, no rules: {out['empty_nat']['us_per_conn']:.2f} µs per new connection")
             out["empty_nat_throughput"] = measure_throughput(bed, s)
             delete_nat_chain(bed)
             add_nat_chain(bed, 'oifname != "lo" masquerade')
-            out["masquerade_only"] = flows.measure(s)
+            out["masquerade_only"] = flows.measure(s, floor)
             log(f"  one masquerade rule: {out['masquerade_only']['us_per_conn']:.2f} µs per new connection")
             out["masquerade_only_throughput"] = measure_throughput(bed, s)
         finally:
@@ -861,7 +921,7 @@ def reference_suite(s: Settings, log: Callable[[str], None], end: bool = False) 
     return out
 
 
-def ip_masq_agent_suite(s: Settings, workdir: Path, log: Callable[[str], None]) -> dict:
+def ip_masq_agent_suite(s: Settings, workdir: Path, log: Callable[[str], None], floor: FlowBench) -> dict:
     """ip-masq-agent's rule layout, loaded with the system's iptables-restore."""
     out: dict = {"tool": _first_line(["iptables-restore", "--version"]), "sizes": {}}
     with new_bed() as bed:
@@ -879,7 +939,7 @@ def ip_masq_agent_suite(s: Settings, workdir: Path, log: Callable[[str], None]) 
                     out["sizes"][n] = row
                     log(f"  ip-masq-agent {n}: load failed: {row['problem']}")
                     break
-                row.update(flows.measure(s))
+                row.update(flows.measure(s, floor))
                 out["sizes"][n] = row
                 log(f"  ip-masq-agent {n:>7}: load {load.wall:.2f} s, {row['us_per_conn']:.2f} µs per new connection")
         finally:
@@ -887,7 +947,7 @@ def ip_masq_agent_suite(s: Settings, workdir: Path, log: Callable[[str], None]) 
     return out
 
 
-def backend_suite(name: str, s: Settings, workdir: Path, log: Callable[[str], None]) -> dict:
+def backend_suite(name: str, s: Settings, workdir: Path, log: Callable[[str], None], floor: FlowBench) -> dict:
     """One fresh bed: for each size the CLI steps, then the new-connection cost with
     that many prefixes installed; at the end throughput and the phase breakdown."""
     out: dict = {"apply": {}, "conn": {}, "throughput": None, "breakdown": None}
@@ -915,13 +975,13 @@ def backend_suite(name: str, s: Settings, workdir: Path, log: Callable[[str], No
                 installed = n
                 if res["change"]["n"] == 0:
                     node.ipmasq("apply", "--config", node.config(n, extra=True), "--backend", name)
-                out["conn"][n] = flows.measure(s)
+                out["conn"][n] = flows.measure(s, floor)
                 log(f"  {name} {n:>7}: {out['conn'][n]['us_per_conn']:.2f} µs per new connection")
             if installed is not None:
                 out["throughput"] = {"prefixes": installed, **measure_throughput(bed, s)}
-                log(f"  {name} throughput ({installed} prefixes): " + ", ".join(
-                    f"{k}x {v['gbit_s']:.1f} Gbit/s" for k, v in out["throughput"].items() if k != "prefixes"))
-                out["breakdown"] = measure_breakdown(node, name, installed, disabled, log)
+                log(f"  {name} throughput ({installed} prefixes): {_tp_text(out['throughput'])}")
+                failed = {step for step, st in out["apply"][installed].items() if st.get("problem")}
+                out["breakdown"] = measure_breakdown(node, name, installed, failed, log)
             node.flush()
         finally:
             if flows is not None:

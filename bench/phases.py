@@ -18,6 +18,7 @@ T0 = time.perf_counter()
 import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 # every backend class whose verbs are timed: (module, class)
 BACKENDS = [("ipmasq_legacy.backends.iptables", "IptablesBackend"),
@@ -86,6 +87,8 @@ def _patch() -> None:
 
 def main() -> int:
     out_path, argv = sys.argv[1], sys.argv[2:]
+    # the package of this checkout, as `python -m ipmasq_legacy` run from its root imports it
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     t_import = time.perf_counter()
     from ipmasq_legacy import agent, cli  # noqa: F401  (agent: imported so it can be patched)
 

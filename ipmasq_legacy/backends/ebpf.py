@@ -56,7 +56,7 @@ PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}  # TC_H_CLSACT:TC_H_MIN_{
 FILTER = SHAPES["filter_name"]
 BPF_FS_MAGIC = 0xCAFE4A11
 PORTS = 65536
-MAX_RETRIES = 64
+MAX_RETRIES = 64  # masq.c's bound
 
 # Mirrors of masq.c (its _Static_asserts pin the sizes).
 F_V4, F_V6, F_ANY_SRC4, F_ANY_SRC6, F_RANDOM, F_DRAIN = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -518,44 +518,79 @@ def delete_tables(drain: bool = True, keeper: bool = True) -> list[str]:
 
 def netfilter_snat_tuples() -> list[tuple[int, int, bytes, bytes, int, int]]:
     """Reply tuples of the connections conntrack source-NATs."""
-    return conntrack_tuples(snat_only=True, reply=True)
+    return conntrack_tuples(["--src-nat"], reply=True)
 
 
-def conntrack_tuples(snat_only: bool, reply: bool) -> list[tuple[int, int, bytes, bytes, int, int]]:
-    """(family, proto, src, dst, sport, dport) of conntrack's entries, the original or the
-    reply tuple, ports in host order (`conntrack -L`, `--src-nat`: only source-NATed ones)."""
+def conntrack_tuples(filters: list[str], reply: bool) -> list[tuple[int, int, bytes, bytes, int, int]]:
+    """(family, proto, src, dst, sport, dport) of conntrack's entries (`conntrack -L` with
+    `filters`), the original or the reply tuple, ports (ICMP: the echo id) in host order."""
     if shutil.which("conntrack") is None:
         return []
     out = []
     which = 1 if reply else 0
     for fam, family in (("ipv4", 4), ("ipv6", 6)):
-        argv = ["conntrack", "-L", "-f", fam] + (["--src-nat"] if snat_only else [])
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        proc = subprocess.run(["conntrack", "-L", "-f", fam, *filters], capture_output=True, text=True)
         for line in proc.stdout.splitlines():
             words = line.split()
-            if len(words) < 2 or not words[1].isdigit():
+            if len(words) < 6 or not words[1].isdigit():
                 continue
             proto = int(words[1])
-            kv = [w.split("=", 1) for w in words if "=" in w]
-            srcs = [v for k, v in kv if k == "src"]
-            dsts = [v for k, v in kv if k == "dst"]
-            if len(srcs) < 2 or len(dsts) < 2:
+            found: dict[str, list[str]] = {"src": [], "dst": [], "sport": [], "dport": [], "id": []}
+            for word in words[2:]:
+                key, sep, value = word.partition("=")
+                if sep and key in found:
+                    found[key].append(value)
+            if len(found["src"]) < 2 or len(found["dst"]) < 2:
                 continue
-            if proto in (socket.IPPROTO_ICMP, 58):
-                ids = [int(v) for k, v in kv if k == "id"]
-                sport = dport = ids[min(which, len(ids) - 1)] if ids else 0
-            else:
-                sports = [int(v) for k, v in kv if k == "sport"]
-                dports = [int(v) for k, v in kv if k == "dport"]
-                if len(sports) < 2 or len(dports) < 2:
+            ports = found["id"] * 2 if proto in (socket.IPPROTO_ICMP, 58) else None
+            if ports is None:
+                if len(found["sport"]) < 2:
                     sport = dport = 0  # a protocol without ports
                 else:
-                    sport, dport = sports[which], dports[which]
+                    sport, dport = int(found["sport"][which]), int(found["dport"][which])
+            else:
+                sport = dport = int(found["id"][min(which, len(found["id"]) - 1)]) if found["id"] else 0
             try:
-                out.append((family, proto, addr16(srcs[which]), addr16(dsts[which]), sport, dport))
+                out.append((family, proto, addr16(found["src"][which]), addr16(found["dst"][which]), sport, dport))
             except ValueError:
                 continue
     return out
+
+
+def forget_conntrack(flows) -> int:
+    """Delete conntrack's entries of flows we translated (original tuples), so that a
+    netfilter backend sees their next packet as new and masquerades it, instead of
+    taking them for established connections without NAT (our conntrack keeper made
+    conntrack track them untranslated). Returns how many went."""
+    try:
+        from pyroute2 import Conntrack
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+    except ImportError:
+        return 0
+    flows = list(flows)
+    if not flows:
+        return 0
+    gone = 0
+    sockets = {}
+    try:
+        for family, proto, src, dst, sport, dport in flows:
+            af = socket.AF_INET if family == 4 else socket.AF_INET6
+            if af not in sockets:
+                sockets[af] = Conntrack(nfgen_family=af)
+            kw = {"family": af, "saddr": addr_text(src, family), "daddr": addr_text(dst, family), "proto": proto}
+            if proto in (socket.IPPROTO_ICMP, 58):
+                kw.update(icmp_id=sport, icmp_type=8 if family == 4 else 128, icmp_code=0)
+            else:
+                kw.update(sport=sport, dport=dport)
+            try:
+                sockets[af].entry("del", tuple_orig=NFCTAttrTuple(**kw))
+                gone += 1
+            except Exception:
+                continue
+    finally:
+        for sock in sockets.values():
+            sock.close()
+    return gone
 
 
 # ---------------------------------------------------------------- the backend
@@ -1039,9 +1074,7 @@ class EbpfBackend(Backend):
     def _seed_pass(self, pinned: Pinned) -> None:
         """Flows conntrack already knows (UDP and other handshake-less protocols), as
         seen entering: their replies are replies, not new flows."""
-        for family, proto, src, dst, sport, dport in conntrack_tuples(snat_only=False, reply=False):
-            if proto in (socket.IPPROTO_TCP, socket.IPPROTO_ICMP, 58):
-                continue
+        for family, proto, src, dst, sport, dport in conntrack_tuples(["-p", "udp"], reply=False):
             key = NAT_KEY.pack(src, dst, struct.pack("!H", sport), struct.pack("!H", dport), proto, family)
             try:
                 pinned.update("ipmq_pass", key, b"\x01", loader.NOEXIST)
@@ -1057,6 +1090,19 @@ class EbpfBackend(Backend):
                 pinned.update("ipmq_nat_rev", key, value, loader.NOEXIST)
             except loader.BpfError:
                 pass
+
+    def _our_flows(self, pinned: Pinned, ifindexes: set[int] | None = None):
+        """(family, proto, src, dst, sport, dport) of the flows we translate (host-order ports)."""
+        if pinned.open("ipmq_nat_fwd") is None:
+            return []
+        out = []
+        for key, value in pinned.items("ipmq_nat_fwd"):
+            saddr, daddr, sport, dport, proto, family = NAT_KEY.unpack(key)
+            _addr, _port, flags, ifindex, _seen = NAT_VAL.unpack(value)
+            if flags & N_FOREIGN or (ifindexes is not None and ifindex not in ifindexes):
+                continue
+            out.append((family, proto, saddr, daddr, struct.unpack("!H", sport)[0], struct.unpack("!H", dport)[0]))
+        return out
 
     def _busy_ifindexes(self, pinned: Pinned) -> set[int]:
         """Out-interfaces of translated flows that are still in use (rules/ebpf.yaml drain_idle)."""
@@ -1095,6 +1141,7 @@ class EbpfBackend(Backend):
             return done + ["drained datapath removed"]
         for index in draining:
             if index not in busy:
+                forget_conntrack(self._our_flows(pinned, {index}))
                 self._detach(ipr, pinned, index)
                 done.append(f"link {index} detached")
         return done
@@ -1170,13 +1217,16 @@ class EbpfBackend(Backend):
         pinned.update("ipmq_ctl", struct.pack("=I", 0), CTL.pack(idle))
 
     def _remove_all(self, ipr) -> None:
-        """Every filter of ours off every link, qdiscs we added, pins, drain tables."""
+        """Every filter of ours off every link, qdiscs we added, pins, drain tables; and
+        conntrack's entries of the flows we translated (see forget_conntrack)."""
         pinned = None
         if pin_dir().joinpath("ctl").exists() or pin_dir().joinpath("owned").exists():
             pinned = Pinned(None)
         try:
+            flows = self._our_flows(pinned) if pinned is not None else []
             for msg in ipr.get_links():
                 self._detach(ipr, pinned, msg["index"])
+            forget_conntrack(flows)
         finally:
             if pinned is not None:
                 pinned.close()
@@ -1194,7 +1244,7 @@ class EbpfBackend(Backend):
 
 KNOWN_MAPS = ("ipmq_cfg", "ipmq_ctl", "ipmq_ports", "ipmq_portidx", "ipmq_ifaces", "ipmq_local4", "ipmq_local6",
               "ipmq_exempt4", "ipmq_exempt6", "ipmq_src4", "ipmq_src6", "ipmq_nat_fwd", "ipmq_nat_rev",
-              "ipmq_pass", "ipmq_frag", "ipmq_stats", "ipmq_ifstats", "ipmq_meta", "ipmq_owned")
+              "ipmq_pass", "ipmq_frag", "ipmq_stats", "ipmq_ifstats", "ipmq_meta", "ipmq_owned", "ipmq_scratch")
 
 
 BPFFS_ROOT = Path("/sys/fs/bpf")

@@ -41,7 +41,7 @@
 #define NULL ((void *)0)
 #endif
 
-#define MAX_RETRIES 64
+#define MAX_RETRIES 64 /* the verifier walks every iteration: ~80k instructions at 64 */
 #define PORTS 65536
 #define REFRESH_NS 1000000000ULL /* refresh `seen` and re-check the pair at most once a second */
 
@@ -72,7 +72,7 @@ enum {
 	S_FRAGS = 5,       /* non-first fragments translated */
 	S_FRAG_MISS = 6,   /* non-first fragments of unknown flows (passed as they are) */
 	S_FOREIGN = 7,     /* reply tuples reserved for netfilter-translated flows */
-	S_RETRIES = 8,     /* port collisions resolved by picking another port */
+	S_RETRIES = 8,     /* ports tried that were taken */
 	S_FAILED = 9,      /* packets dropped: a rewrite failed (should never happen) */
 	S_SLOTS = 16,
 };
@@ -279,6 +279,26 @@ struct {
 	__type(value, __u64);
 	__uint(max_entries, S_SLOTS);
 } ipmq_stats SEC(".maps");
+
+/* The slow path of a new flow works on a copy of its context here, so that the many
+ * ways of parsing a packet reach the port search in the same verifier state. */
+struct scratch {
+	struct pkt_copy {
+		__u8 raw[72];
+	} p;
+	struct nat_key key;
+	struct nat_val val;
+	struct nat_val rval;
+	__u32 gen;
+	__u32 ifindex;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct scratch);
+	__uint(max_entries, 1);
+} ipmq_scratch SEC(".maps");
 
 /* For the loader only (the programs never read them): the sha256 of the object the
  * pinned programs came from, and the links whose clsact qdisc the loader added. */
@@ -670,8 +690,10 @@ static __always_inline int must_masquerade(const struct cfg *cfg, __u8 gen, cons
 /* ---------------------------------------------------------------- port allocation */
 
 /* Claim a reply tuple for the flow `fwd` translated to `addr`: the original port when it
- * is a translated port and free (unless random-fully), else a random one, then the next
- * ones, at most cfg->retries tries. Returns the port (network order) or 0. */
+ * is a translated port and free (unless random-fully), else random ones (taken ports
+ * cluster: kept ports are often consecutive, so a linear probe would get stuck), at
+ * most cfg->retries tries; a range no larger than that is scanned port by port, so it
+ * is used completely. Returns the port (network order) or 0. */
 static __always_inline __be16 claim_port(const struct cfg *cfg, __u32 gen, const struct nat_key *fwd,
 					 const __u8 *addr, struct nat_val *rval, __u8 has_ports)
 {
@@ -702,25 +724,33 @@ static __always_inline __be16 claim_port(const struct cfg *cfg, __u32 gen, const
 	}
 	__u32 start = bpf_get_prandom_u32() % total;
 	__u32 retries = cfg->retries;
+	int scan = total <= retries; /* a small range: try every port once */
+	__be16 found = 0;
 	for (__u32 i = 0; i < MAX_RETRIES; i++) {
 		if (i >= retries)
 			break;
-		__u32 idx = (i == 0 && kept) ? kept - 1 : (start + i) % total;
+		__u32 idx;
+		if (i == 0 && kept)
+			idx = kept - 1;
+		else if (scan)
+			idx = (start + i) % total;
+		else
+			idx = bpf_get_prandom_u32() % total;
 		__u32 k = base + (idx & (PORTS - 1));
 		__u32 *pp = bpf_map_lookup_elem(&ipmq_ports, &k);
 		if (!pp)
-			return 0;
+			break;
 		__be16 port = bpf_htons((__u16)*pp);
 		rkey.dport = port;
 		if (is_icmp)
 			rkey.sport = port;
 		if (bpf_map_update_elem(&ipmq_nat_rev, &rkey, rval, BPF_NOEXIST) == 0) {
-			if (i > 0)
-				stat_inc(S_RETRIES);
-			return port;
+			found = port;
+			break;
 		}
+		stat_inc(S_RETRIES);
 	}
-	return 0;
+	return found;
 }
 
 /* ---------------------------------------------------------------- ICMP errors */
@@ -933,6 +963,69 @@ static __always_inline int egress_icmp_error(struct __sk_buff *skb, struct pkt *
 	return TC_ACT_UNSPEC;
 }
 
+/* A new flow to masquerade: claim a port, record both halves, translate. Everything
+ * comes from the scratch copy (see struct scratch). */
+static __always_inline int new_flow(struct __sk_buff *skb, struct scratch *sc, __u64 now)
+{
+	__u32 gen = sc->gen & 1;
+	struct cfg *cfg = bpf_map_lookup_elem(&ipmq_cfg, &gen);
+	if (!cfg)
+		return TC_ACT_UNSPEC;
+	struct pkt *sp = (struct pkt *)&sc->p;
+	__u8 has_ports = sp->has_ports;
+	int icmp = sc->key.proto == IPPROTO_ICMP || sc->key.proto == IPPROTO_ICMPV6_;
+	__builtin_memset(&sc->rval, 0, sizeof(sc->rval));
+	__builtin_memcpy(sc->rval.addr, sc->key.saddr, 16);
+	sc->rval.port = sc->key.sport;
+	sc->rval.ifindex = sc->ifindex;
+	sc->rval.seen = now;
+	__be16 port = claim_port(cfg, gen, &sc->key, sc->val.addr, &sc->rval, has_ports);
+	if (!port) {
+		stat_inc(S_EXHAUSTED);
+		return TC_ACT_SHOT;
+	}
+	sc->val.port = has_ports ? port : 0;
+	sc->val.ifindex = sc->ifindex;
+	sc->val.seen = now;
+	if (bpf_map_update_elem(&ipmq_nat_fwd, &sc->key, &sc->val, BPF_NOEXIST) != 0) {
+		/* another CPU translated the same flow first: give our port back, use theirs */
+		struct nat_key rk;
+		__builtin_memcpy(rk.saddr, sc->key.daddr, 16);
+		__builtin_memcpy(rk.daddr, sc->val.addr, 16);
+		rk.sport = icmp ? port : sc->key.dport;
+		rk.dport = has_ports ? port : 0;
+		if (!has_ports)
+			rk.sport = 0;
+		rk.proto = sc->key.proto;
+		rk.family = sc->key.family;
+		rk.pad[0] = 0;
+		rk.pad[1] = 0;
+		bpf_map_delete_elem(&ipmq_nat_rev, &rk);
+		struct nat_val *v = bpf_map_lookup_elem(&ipmq_nat_fwd, &sc->key);
+		if (!v) {
+			stat_inc(S_FAILED);
+			return TC_ACT_SHOT;
+		}
+		sc->val = *v;
+	} else {
+		stat_inc(S_NEW_FLOWS);
+	}
+	struct pkt p;
+	__builtin_memcpy(&p, sp, sizeof(p));
+	if (p.frag == 1) {
+		struct frag_key fk;
+		make_frag_key(&fk, &p);
+		struct frag_val fv = { .sport = sc->key.sport, .dport = sc->key.dport };
+		bpf_map_update_elem(&ipmq_frag, &fk, &fv, BPF_ANY);
+	}
+	struct nat_val val = sc->val;
+	if (snat(skb, &p, &val) < 0) {
+		stat_inc(S_FAILED);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_UNSPEC;
+}
+
 SEC("tc/egress")
 int ipmq_egress(struct __sk_buff *skb)
 {
@@ -1055,67 +1148,30 @@ int ipmq_egress(struct __sk_buff *skb)
 	if (!must_masquerade(cfg, gen, &p))
 		return TC_ACT_UNSPEC;
 
-	struct nat_val val = {};
+	__u32 zero32 = 0;
+	struct scratch *sc = bpf_map_lookup_elem(&ipmq_scratch, &zero32);
+	if (!sc)
+		return TC_ACT_UNSPEC;
+	__builtin_memset(&sc->val, 0, sizeof(sc->val));
 	if (p.family == 4) {
 		if (!(ifc->flags & IF_HAS4)) {
 			stat_inc(S_NO_ADDR);
 			return TC_ACT_SHOT;
 		}
-		__builtin_memcpy(&val.addr[12], &ifc->addr4, 4);
+		__builtin_memcpy(&sc->val.addr[12], &ifc->addr4, 4);
 	} else {
 		if (!(ifc->flags & IF_HAS6)) {
 			stat_inc(S_NO_ADDR);
 			return TC_ACT_SHOT;
 		}
-		__builtin_memcpy(val.addr, ifc->addr6, 16);
+		__builtin_memcpy(sc->val.addr, ifc->addr6, 16);
 	}
-	struct nat_val rval = {};
-	__builtin_memcpy(rval.addr, key.saddr, 16);
-	rval.port = key.sport;
-	rval.ifindex = ifindex;
-	rval.seen = now;
-	__be16 port = claim_port(cfg, gen, &key, val.addr, &rval, p.has_ports);
-	if (!port) {
-		stat_inc(S_EXHAUSTED);
-		return TC_ACT_SHOT;
-	}
-	val.port = p.has_ports ? port : 0;
-	val.ifindex = ifindex;
-	val.seen = now;
-	if (bpf_map_update_elem(&ipmq_nat_fwd, &key, &val, BPF_NOEXIST) != 0) {
-		/* another CPU translated the same flow first: give our port back, use theirs */
-		struct nat_key rk;
-		__builtin_memcpy(rk.saddr, key.daddr, 16);
-		__builtin_memcpy(rk.daddr, val.addr, 16);
-		rk.sport = icmp ? port : key.dport;
-		rk.dport = p.has_ports ? port : 0;
-		if (!p.has_ports)
-			rk.sport = 0;
-		rk.proto = key.proto;
-		rk.family = key.family;
-		rk.pad[0] = 0;
-		rk.pad[1] = 0;
-		bpf_map_delete_elem(&ipmq_nat_rev, &rk);
-		v = bpf_map_lookup_elem(&ipmq_nat_fwd, &key);
-		if (!v) {
-			stat_inc(S_FAILED);
-			return TC_ACT_SHOT;
-		}
-		val = *v;
-	} else {
-		stat_inc(S_NEW_FLOWS);
-	}
-	if (p.frag == 1) {
-		struct frag_key fk;
-		make_frag_key(&fk, &p);
-		struct frag_val fv = { .sport = key.sport, .dport = key.dport };
-		bpf_map_update_elem(&ipmq_frag, &fk, &fv, BPF_ANY);
-	}
-	if (snat(skb, &p, &val) < 0) {
-		stat_inc(S_FAILED);
-		return TC_ACT_SHOT;
-	}
-	return TC_ACT_UNSPEC;
+	_Static_assert(sizeof(struct pkt) <= sizeof(struct pkt_copy), "scratch pkt");
+	__builtin_memcpy(&sc->p, &p, sizeof(p));
+	sc->key = key;
+	sc->gen = gen;
+	sc->ifindex = ifindex;
+	return new_flow(skb, sc, now);
 }
 
 /* ---------------------------------------------------------------- ingress */
