@@ -15,6 +15,7 @@ Three kinds of measurement:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -78,7 +79,7 @@ def settings_for(quick: bool) -> Settings:
                         conn_repeats=3, conn_run_seconds=0.1, conn_max_packets=20_000, throughput_seconds=1)
     return Settings(quick=False, sizes=(10, 1_000, 10_000, 100_000), repeats=3, cell_budget=20.0,
                     step_timeout=120.0, conn_repeats=7, conn_run_seconds=0.3, conn_max_packets=60_000,
-                    throughput_seconds=5, throughput_runs=2)
+                    throughput_seconds=5, throughput_runs=1)
 
 
 # ---------------------------------------------------------------- prefixes and configs
@@ -851,8 +852,10 @@ def measure_throughput(bed: TestBed, s: Settings, baseline: TestBed | None = Non
                 plain = _pump(baseline, s.throughput_seconds, streams)["gbit_s"]
                 out[streams].update(plain_gbit_s=plain, ratio=out[streams]["gbit_s"] / plain)
         return out
-    with _IperfServer(bed), (_IperfServer(baseline) if baseline is not None else _IperfServer.__new__(_IperfServer)) \
-            if False else _servers(bed, baseline):
+    with contextlib.ExitStack() as servers:
+        for b in (bed, baseline):
+            if b is not None:
+                servers.enter_context(_IperfServer(b))
         for streams in s.streams:
             runs, plain = [], []
             for _ in range(s.throughput_runs):
@@ -910,12 +913,12 @@ def reference_suite(s: Settings, log: Callable[[str], None], floor_bed: TestBed,
             add_nat_chain(bed)
             out["empty_nat"] = flows.measure(s, floor)
             log(f"  nat chain, no rules: {out['empty_nat']['us_per_conn']:.2f} µs per new connection")
-            out["empty_nat_throughput"] = measure_throughput(bed, s)
+            out["empty_nat_throughput"] = measure_throughput(bed, s, floor_bed)
             delete_nat_chain(bed)
             add_nat_chain(bed, 'oifname != "lo" masquerade')
             out["masquerade_only"] = flows.measure(s, floor)
             log(f"  one masquerade rule: {out['masquerade_only']['us_per_conn']:.2f} µs per new connection")
-            out["masquerade_only_throughput"] = measure_throughput(bed, s)
+            out["masquerade_only_throughput"] = measure_throughput(bed, s, floor_bed)
         finally:
             flows.close()
     return out
@@ -978,7 +981,7 @@ def backend_suite(name: str, s: Settings, workdir: Path, log: Callable[[str], No
                 out["conn"][n] = flows.measure(s, floor)
                 log(f"  {name} {n:>7}: {out['conn'][n]['us_per_conn']:.2f} µs per new connection")
             if installed is not None:
-                out["throughput"] = {"prefixes": installed, **measure_throughput(bed, s)}
+                out["throughput"] = {"prefixes": installed, **measure_throughput(bed, s, floor.bed)}
                 log(f"  {name} throughput ({installed} prefixes): {_tp_text(out['throughput'])}")
                 failed = {step for step, st in out["apply"][installed].items() if st.get("problem")}
                 out["breakdown"] = measure_breakdown(node, name, installed, failed, log)
