@@ -12,7 +12,10 @@ from .measure import STEP_TITLES, STEPS
 TARGET_SIZE = 100_000
 TARGET_TIME = {"cold": 1.5, "noop": 0.3, "change": 0.3}  # seconds, whole CLI process
 TARGET_RSS_MB = 150.0
-TARGET_CONN_RATIO = 1.2  # new-connection cost / the floor's
+# New-connection cost at 100,000 prefixes over the issue's floor: masquerading with no
+# exemptions at all (one masquerade rule). The bed with no netfilter is shown too, to
+# see what NAT itself costs.
+TARGET_CONN_RATIO = 1.2
 
 PHASE_ROWS = [  # (label in phases.py, shown as); indentation shows nesting (times are inclusive)
     ("config.load", "config.load"),
@@ -95,9 +98,19 @@ def apply_verdict(step: str, n: int, st: dict) -> tuple[str, list[str]]:
     return ("MISS", misses) if misses else ("PASS", [])
 
 
+def conn_vs_no_exemptions(results: dict, c: dict) -> float | None:
+    """A row's new-connection cost over one masquerade rule with no exemptions, both taken
+    in no-netfilter floors measured alongside (so a slow moment of the machine is no cost)."""
+    masq = results.get("reference", {}).get("masquerade_only", {})
+    floor = floor_us(results)
+    ratio = c.get("ratio") or (c["us_per_conn"] / floor if floor else None)
+    if ratio and masq.get("ratio"):
+        return ratio / masq["ratio"]
+    return c["us_per_conn"] / masq["us_per_conn"] if masq.get("us_per_conn") else None
+
+
 def target_summary(results: dict) -> list[list]:
     rows = []
-    floor = floor_us(results)
     for name, b in results.get("backends", {}).items():
         if "error" in b:
             rows.append([name, "all", "ERROR", b["error"]])
@@ -121,12 +134,11 @@ def target_summary(results: dict) -> list[list]:
         rows.append([name, f"peak memory < {TARGET_RSS_MB:.0f} MB (every step, every size)",
                      "PASS" if peak < TARGET_RSS_MB else "MISS", f"{peak:.0f} MB"])
         conn = b["conn"].get(TARGET_SIZE) or b["conn"].get(str(TARGET_SIZE))
-        what = f"new connection at {_n(TARGET_SIZE)} <= {TARGET_CONN_RATIO}x floor"
-        if conn and (conn.get("ratio") or floor):
-            f = conn.get("floor_us", floor)
-            ratio = conn.get("ratio") or conn["us_per_conn"] / f
+        what = f"new connection at {_n(TARGET_SIZE)} <= {TARGET_CONN_RATIO}x no exemptions"
+        ratio = conn_vs_no_exemptions(results, conn) if conn else None
+        if ratio:
             rows.append([name, what, "PASS" if ratio <= TARGET_CONN_RATIO else "MISS",
-                         f"{conn['us_per_conn']:.2f} µs = {ratio:.2f}x the floor measured alongside ({f:.2f} µs)"])
+                         f"{conn['us_per_conn']:.2f} µs = {ratio:.2f}x one masquerade rule with no exemptions"])
         else:
             why = "cold apply failed" if at and (at["cold"].get("problem") or at["cold"].get("median") is None) else ""
             rows.append([name, what, "not measured", why])
@@ -264,7 +276,7 @@ def _conn(results: dict) -> str:
     for name, b in results.get("backends", {}).items():
         for n, c in b.get("conn", {}).items():
             verdict = ""
-            ratio = c.get("ratio") or (c["us_per_conn"] / floor if floor else None)
+            ratio = conn_vs_no_exemptions(results, c)
             if int(n) == TARGET_SIZE and ratio:
                 verdict = "PASS" if ratio <= TARGET_CONN_RATIO else "MISS"
             rows.append(row(name, _n(n), c, verdict))
@@ -273,7 +285,7 @@ def _conn(results: dict) -> str:
     return table(f"Cost of a new connection through the node (µs per new UDP flow, median of bursts; sender: "
                  f"{sender}). floor = the no-netfilter bed, burst for burst in alternation with each row (x floor: "
                  f"median of the pairs); whole-run floor {floor_text} µs. Target at {_n(TARGET_SIZE)}: "
-                 f"<= {TARGET_CONN_RATIO}x floor",
+                 f"<= {TARGET_CONN_RATIO}x one masquerade rule with no exemptions",
                  ["config", "prefixes", "µs/conn", "min-max", "floor µs", "+µs vs floor", "x floor",
                   "+µs vs 1 masq rule", "x 1 masq rule", "packets/burst", "paced", "lost", "target"], rows, left=1)
 
