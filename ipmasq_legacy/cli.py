@@ -106,17 +106,18 @@ def metrics_file_option(func):
                         help="Write Prometheus metrics here (atomically), for node_exporter's textfile collector.")(func)
 
 
-def _sync(cfg, lock_timeout, metrics_file, only_if_drifted):
-    from . import agent, metrics
+def _synced(lock_timeout, metrics_file, run):
+    """Run one sync under the node's lock; write the metrics file after it, also after a failure."""
+    from . import metrics
 
     collector = metrics.Collector()
     try:
         with lock.held(lock_timeout):
-            result = agent.sync(cfg, only_if_drifted=only_if_drifted)
+            result = run()
         collector.observe(result)
         return result
     finally:
-        if metrics_file:  # also after a failure: the error count and the stale timestamp are news
+        if metrics_file:  # the error count and the stale timestamp are news too
             metrics.write_file(metrics_file, collector)
 
 
@@ -127,22 +128,29 @@ def _sync(cfg, lock_timeout, metrics_file, only_if_drifted):
 @log_options
 def apply(cfg, lock_timeout, metrics_file, log_format, log_level):
     """Install the config atomically; print one line saying what changed."""
+    from . import agent
+
     logs.setup(log_format, log_level)
-    result = _sync(cfg, lock_timeout, metrics_file, only_if_drifted=False)
+    result = _synced(lock_timeout, metrics_file, lambda: agent.sync(cfg))
     click.echo(f"{result.backend}: " + ("; ".join(result.changes) if result.changes else "unchanged"))
 
 
 @cli.command()
-@config_options
+@key_options
 @lock_option
 @metrics_file_option
 @log_options
-def reconcile(cfg, lock_timeout, metrics_file, log_format, log_level):
+def reconcile(config_path, lock_timeout, metrics_file, log_format, log_level, **kwargs):
     """For cron: repair drift from the config; silent when nothing drifted.
 
-    Reads only what the tool owns; each repair is one log line naming what drifted."""
+    Reads only what the tool owns; each repair is one log line naming what drifted.
+    When the config files and the backend's fingerprint of the kernel state are unchanged
+    since the last reconcile that found everything in sync, it parses nothing."""
+    from . import agent
+
     logs.setup(log_format, log_level)
-    _sync(cfg, lock_timeout, metrics_file, only_if_drifted=True)
+    options = options_of(kwargs)
+    _synced(lock_timeout, metrics_file, lambda: agent.reconcile(config_path, options))
 
 
 @cli.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import ipaddress
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -18,7 +18,9 @@ from typing import Any, Callable
 
 import yaml
 
+from . import prefixes
 from .errors import ConfigError
+from .prefixes import Prefix
 from .ruledata import DEFAULTS
 
 # libyaml's loader when PyYAML has it: ten times faster on long prefix lists.
@@ -122,20 +124,15 @@ def parse_interfaces(value: Any, where: str) -> tuple:
     return tuple(dict.fromkeys(names))  # order kept, duplicates dropped
 
 
-def parse_network(value: Any, where: str, family: int | None = None):
+def parse_network(value: Any, where: str, family: int | None = None) -> Prefix:
     if isinstance(value, bool) or not isinstance(value, str):
         raise ConfigError(f"{where}: expected a CIDR string, got {_show(value)}")
-    text = value.strip()
     try:
-        net = ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
-        try:
-            loose = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise ConfigError(f"{where}: {_show(value)} is not a CIDR ({exc})") from None
-        raise ConfigError(
-            f"{where}: {_show(value)} has host bits set; did you mean {loose}?"
-        ) from None
+        net = prefixes.parse(value.strip())
+    except prefixes.PrefixError as exc:
+        if exc.suggestion:
+            raise ConfigError(f"{where}: {_show(value)} has host bits set; did you mean {exc.suggestion}?") from None
+        raise ConfigError(f"{where}: {exc}") from None
     if family is not None and net.version != family:
         raise ConfigError(f"{where}: {_show(value)} is IPv{net.version}, expected an IPv{family} CIDR")
     return net
@@ -216,6 +213,11 @@ def _read_yaml(path: Path, what: str) -> Any:
         raise ConfigError(f"{what} {path}: is a directory") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what} {path}: cannot read: {exc}") from None
+    if text.lstrip().startswith("{"):
+        try:  # JSON is YAML, and json parses a 100,000-prefix list fifty times faster
+            return json.loads(text)
+        except ValueError:
+            pass  # YAML flow style that is not JSON
     try:
         return yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
@@ -253,7 +255,7 @@ def load_masq_agent(path_text: str) -> MasqAgentConfig:
     path = Path(path_text)
     if path.is_dir():  # a ConfigMap mounted without `items:` holds the key as a file
         path = path / "config"
-    defaults = tuple(ipaddress.ip_network(c) for c in DEFAULTS["non_masquerade_cidrs"])
+    defaults = tuple(prefixes.parse(c) for c in DEFAULTS["non_masquerade_cidrs"])
     if not path.exists():
         return MasqAgentConfig(non_masquerade_cidrs=defaults, source=f"{path} (missing: defaults)")
     doc = _read_yaml(path, "ip-masq-agent config")

@@ -29,7 +29,9 @@ class Collector:
         self.last_success = 0.0  # and when it ended (time.time())
 
     def observe(self, result) -> None:
-        self.last, self.last_success = result, time.time()
+        """A successful sync; `result` None when reconcile found nothing changed."""
+        self.last = result or self.last
+        self.last_success = time.time()
 
     def collect(self):
         history = state.read_history()

@@ -7,11 +7,12 @@ what is masqueraded; they differ only in how they spell it.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from . import prefixes
 from .config import Config
+from .prefixes import Prefix
 from .ruledata import DEFAULTS
 
 
@@ -29,7 +30,8 @@ class FamilyPlan:
 
     def digest(self) -> str:
         """Stable short digest of the family's plan; names content-addressed objects."""
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        blob = json.dumps([self.family, self.interfaces, self.sources, self.exempt_digest(), self.random_fully,
+                           self.to_ports]).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def exempt_digest(self) -> str:
@@ -103,39 +105,15 @@ class Plan:
         }
 
 
-def normalise(prefixes) -> tuple[str, ...]:
-    """Merge duplicates, contained and adjacent prefixes; sorted; IPv4 first.
-
-    Works on integers (ipaddress.collapse_addresses builds a network object per
-    step, which costs seconds at 100,000 prefixes)."""
-    by_family: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
-    for p in prefixes:
-        net = p if isinstance(p, (ipaddress.IPv4Network, ipaddress.IPv6Network)) else ipaddress.ip_network(p)
-        by_family[net.version].append((int(net.network_address), net.prefixlen))
-    out: list[str] = []
-    for family, bits, address in ((4, 32, ipaddress.IPv4Address), (6, 128, ipaddress.IPv6Address)):
-        merged: list[tuple[int, int]] = []
-        covered_to = -1
-        for start, plen in sorted(by_family[family]):  # by start, the wider first
-            if start <= covered_to:
-                continue  # inside the previous prefix (prefixes never overlap partially)
-            merged.append((start, plen))
-            covered_to = start + (1 << (bits - plen)) - 1
-            # two halves of one prefix become that prefix, as often as it cascades
-            while len(merged) >= 2:
-                (s1, p1), (s2, p2) = merged[-2], merged[-1]
-                size = 1 << (bits - p1)
-                if p1 != p2 or p1 == 0 or s2 != s1 + size or s1 % (size << 1):
-                    break
-                merged[-2:] = [(s1, p1 - 1)]
-        out += [f"{address(start)}/{plen}" for start, plen in merged]
-    return tuple(out)
+def normalise(items) -> tuple[str, ...]:
+    """Merge duplicates, contained and adjacent prefixes; sorted, IPv4 first."""
+    parsed = [p if isinstance(p, Prefix) else prefixes.parse(str(p)) for p in items]
+    return tuple(str(p) for p in prefixes.normalise(parsed))
 
 
-def sort_prefixes(prefixes) -> list[str]:
+def sort_prefixes(items) -> list[str]:
     """In address order, IPv4 first (for people: `list`, `status`)."""
-    nets = [ipaddress.ip_network(p) for p in prefixes]
-    return [str(n) for n in sorted(nets, key=lambda n: (n.version, n))]
+    return [str(p) for p in sorted(prefixes.parse(str(p)) for p in items)]
 
 
 def _exempt(cfg: Config, family: int) -> list:
@@ -148,7 +126,7 @@ def _exempt(cfg: Config, family: int) -> list:
         exempt += [n for n in agent.non_masquerade_cidrs if n.version == family]
         masq_link_local = agent.masq_link_local if family == 4 else agent.masq_link_local_ipv6
         if not masq_link_local:
-            exempt.append(ipaddress.ip_network(DEFAULTS["link_local"][family]))
+            exempt.append(prefixes.parse(DEFAULTS["link_local"][family]))
     return exempt
 
 

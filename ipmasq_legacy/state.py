@@ -21,11 +21,7 @@ def state_dir() -> Path:
 
 
 def read() -> dict:
-    try:
-        data = json.loads((state_dir() / "state.json").read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json("state.json")
 
 
 def write_json(name: str, data: dict) -> None:
@@ -43,11 +39,20 @@ def write(backend: str, fingerprint: str) -> None:
     write_json("state.json", {"backend": backend, "fingerprint": fingerprint, "applied_at": time.time()})
 
 
-def clear() -> None:
+def read_json(name: str) -> dict:
     try:
-        (state_dir() / "state.json").unlink()
-    except FileNotFoundError:
-        pass
+        data = json.loads((state_dir() / name).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def clear() -> None:
+    for name in ("state.json", "verified.json"):
+        try:
+            (state_dir() / name).unlink()
+        except FileNotFoundError:
+            pass
 
 
 # ---------------------------------------------------------------- sync history
@@ -56,11 +61,7 @@ def clear() -> None:
 
 
 def read_history() -> dict:
-    try:
-        data = json.loads((state_dir() / "history.json").read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json("history.json")
 
 
 def record_sync(ok: bool, repairs: list[str] = ()) -> dict:

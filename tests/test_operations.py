@@ -292,3 +292,23 @@ def test_nftables_noop_reconcile_lists_nothing_until_the_generation_moves(node):
     repair = node.ipmasq("reconcile", "--config", config_path, check=True)
     assert "set exempt members differ" in repair.stderr
     assert calls.read_text(), "the moved generation did not lead to a listing"
+
+
+@pytest.mark.parametrize("backend", NETFILTER_BACKENDS)
+def test_noop_reconcile_trusts_unchanged_inputs_and_fingerprint(node, backend):
+    config_path = Path(node.write_config({"ipv4-native-routing-cidr": ["198.20.0.0/16"]}, agent=AGENT))
+    node.ipmasq("apply", "--config", str(config_path), "--backend", backend, check=True)
+    quick = "unchanged since the last verified reconcile"
+    first = node.ipmasq("reconcile", "--config", str(config_path), "--log-level", "debug", check=True)
+    assert quick not in first.stderr  # the first one reads everything, then records
+    second = node.ipmasq("reconcile", "--config", str(config_path), "--log-level", "debug", check=True)
+    assert quick in second.stderr
+    # the same bytes written again: still trusted; one byte more: read in full
+    config_path.write_text(config_path.read_text())
+    assert quick in node.ipmasq("reconcile", "--config", str(config_path), "--log-level", "debug").stderr
+    config_path.write_text(config_path.read_text() + "\n")
+    assert quick not in node.ipmasq("reconcile", "--config", str(config_path), "--log-level", "debug").stderr
+    # an option given on the command line is part of what was verified
+    other = node.ipmasq("reconcile", "--config", str(config_path), "--log-level", "debug",
+                        "--egress-masquerade-interfaces", "eth0", check=True)
+    assert quick not in other.stderr and "drift in" in other.stderr

@@ -53,3 +53,14 @@ def resolve(datapath: str, probe: bool = True) -> tuple[Backend, str]:
 
 def all_backends() -> list[Backend]:
     return [get(name) for name in NAMES]
+
+
+def finish_handovers(current: str) -> list[str]:
+    """After a sync with backend `current`: remove what an earlier backend still keeps
+    alive for its own connections once they have ended (the ebpf datapath drains after a
+    switch to netfilter). Cheap when there is nothing of the kind; meant for agent.sync."""
+    if current == "ebpf" or "ebpf" not in NAMES:
+        return []
+    from .ebpf import EbpfBackend
+
+    return EbpfBackend().reap()

@@ -86,6 +86,11 @@ class Backend:
         """Remove everything this backend owns; returns what was removed."""
         raise NotImplementedError
 
+    def fingerprint(self) -> str | None:
+        """A cheap digest of what this backend owns, as the kernel holds it now (counters
+        left out); None where there is no cheap way. reconcile trusts an unchanged one."""
+        return None
+
     def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
         """What differs between the plan and the live state, one phrase each; empty = in sync."""
         raise NotImplementedError

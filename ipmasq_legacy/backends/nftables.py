@@ -12,9 +12,7 @@ checked (dry run), then run. Nothing outside `table ip ipmasq_legacy` and
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import ipaddress
-import json
 import os
 import re
 import shutil
@@ -23,7 +21,7 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
-from .. import ruledata, state
+from .. import prefixes, ruledata
 from ..errors import ApplyError, ConfigError
 from ..plan import FamilyPlan, MasqueradeRule, Plan, masquerade_rules
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
@@ -76,6 +74,17 @@ def _network(prefix, family: int):
         return _NETWORK[family](prefix)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"prefix {prefix!r} is not an IPv{family} network: {exc}") from None
+
+
+def _member_text(prefix: str, family: int) -> str:
+    """A plan prefix, checked again (fast: 100,000 of them), in the set's element syntax."""
+    try:
+        net = prefixes.parse(prefix)
+    except prefixes.PrefixError as exc:
+        raise ConfigError(f"prefix {prefix!r} is not an IPv{family} network: {exc}") from None
+    if net.version != family:
+        raise ConfigError(f"prefix {prefix!r} is IPv{net.version} in the IPv{family} plan")
+    return str(net)
 
 
 def _prefix_text(net) -> str:
@@ -139,7 +148,7 @@ def render_table(fp: FamilyPlan) -> str:
     """The whole table of one family, laid out as `nft list table` prints it."""
     lines = [f"table {table_ref(fp.family)} {{"]
     if fp.exempt:
-        members = [str(_network(p, fp.family)) for p in fp.exempt]
+        members = [_member_text(p, fp.family) for p in fp.exempt]
         lines.append(f"\tset {SET} {{")
         lines += [f"\t\t{line}" for line in set_declaration(fp.family)]
         lines.append("\t\telements = { " + ",\n\t\t\t     ".join(members) + " }")
@@ -155,6 +164,40 @@ def render_transaction(fp: FamilyPlan) -> str:
     """One batch: the old table (if any) goes and the new one comes in the same commit."""
     ref = table_ref(fp.family)
     return f"add table {ref}\ndelete table {ref}\n" + render_table(fp)
+
+
+def render_update(fp: FamilyPlan, live: NftFamilyLive) -> str | None:
+    """One batch that changes our table in place: only the elements that come or go, and
+    the chain's rules only when they differ. None when the table is not ours to patch
+    (missing, odd, another hook) and must be replaced whole.
+
+    Why not always replace the table: the kernel picks a chain's rules once per packet
+    but looks elements up at the generation of the moment, so a packet that crosses the
+    commit can run the old rules against the old set's elements already retired, miss
+    its exemption and be masqueraded. Elements present before and after are never
+    retired here, so a destination whose decision does not change never sees a gap."""
+    if not live.installed or live.problems or live.read_error or live.chain_header != CHAIN_HEADER:
+        return None
+    if live.set_declaration is not None and live.set_declaration != set_declaration(fp.family):
+        return None
+    ref = table_ref(fp.family)
+    lines = []
+    if fp.exempt and live.set_declaration is None:
+        lines.append(f"add set {ref} {SET} {{ " + "; ".join(set_declaration(fp.family)) + "; }")
+    planned = {_member_text(p, fp.family) for p in fp.exempt}
+    current = {str(prefixes.parse(p)) for p in live.exempt}
+    gone, new = sorted(current - planned), sorted(planned - current)
+    if gone and fp.exempt:
+        lines.append(f"delete element {ref} {SET} {{ " + ", ".join(gone) + " }")
+    if new:
+        lines.append(f"add element {ref} {SET} {{ " + ", ".join(new) + " }")
+    rules = chain_rules(fp)
+    if live.rules != rules:
+        lines.append(f"flush chain {ref} {CHAIN}")
+        lines += [f"add rule {ref} {CHAIN} {rule}" for rule in rules]
+    if not fp.exempt and live.set_declaration is not None:
+        lines.append(f"delete set {ref} {SET}")  # after the rules that used it are gone
+    return "\n".join(lines) + "\n"
 
 
 def render_delete(family: int) -> str:
@@ -363,11 +406,22 @@ def _cli_forced() -> bool:
 class NftablesBackend(Backend):
     name = "nftables"
 
+    # Above this many exempt prefixes a batch goes to the nft binary when there is one:
+    # libnftables in-process keeps its cache in the agent (about +120 MB at 100,000
+    # prefixes, never given back to the system), a child process frees it on exit.
+    LARGE = 20_000
+
     def __init__(self, use_cli: bool | None = None):
         """use_cli: True drives the nft binary, False libnftables; None decides by
-        IPMASQ_NFT_CLI, then by whether libnftables loads."""
+        IPMASQ_NFT_CLI, then by whether libnftables loads (and the size of the plan)."""
         self.use_cli = use_cli
         self._runner_obj = None
+
+    def _size_hint(self, plan: Plan) -> None:
+        """A large plan is read and written through the nft binary (see LARGE)."""
+        large = max((len(f.exempt) for f in plan.families), default=0) > self.LARGE
+        if large and self.use_cli is None and shutil.which("nft"):
+            self._runner_obj = _CliRunner()
 
     def _runner(self):
         if self._runner_obj is None:
@@ -454,18 +508,21 @@ class NftablesBackend(Backend):
         return problems
 
     def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
-        """With no live state given, a ruleset generation unchanged since the last
-        verified sync answers "in sync" without listing anything (see _Fingerprint)."""
-        fingerprint = _Fingerprint(plan) if live is None else None
-        if fingerprint and fingerprint.unchanged():
-            return []
+        if live is None:
+            self._size_hint(plan)
         live = live or self.live()
         out = []
         for family, fp in self.wanted_families(plan).items():
             out += [f"ipv{family}: {p}" for p in self._family_drift(fp, live.families[family])]
-        if fingerprint and not out:
-            fingerprint.record()
         return out
+
+    def fingerprint(self) -> str | None:
+        """nf_tables' ruleset generation: every committed change in the namespace (ours,
+        kube-proxy's, a hand edit of our set) moves it, and reading it lists nothing (at
+        100,000 prefixes a listing of our table costs about a second, most of it in the
+        kernel)."""
+        genid = _generation()
+        return None if genid is None else f"nf_tables generation {genid}"
 
     # -- changing
 
@@ -488,9 +545,7 @@ class NftablesBackend(Backend):
         raise ApplyError(f"{runner.name}: delete table {table_ref(family)} failed: {_first_error(err, rc)}")
 
     def apply(self, plan: Plan) -> list[str]:
-        fingerprint = _Fingerprint(plan)
-        if fingerprint.unchanged():
-            return []
+        self._size_hint(plan)
         changes = []
         current = self.live()
         for family, fp in self.wanted_families(plan).items():
@@ -502,53 +557,21 @@ class NftablesBackend(Backend):
                 if self._delete_table(family):
                     changes.append(f"ipv{family} removed (disabled)")
                 continue
-            self._transact(family, render_transaction(fp))
+            update = render_update(fp, live)
+            try:
+                self._transact(family, update or render_transaction(fp))
+            except ApplyError:
+                if update is None:
+                    raise
+                self._transact(family, render_transaction(fp))  # the patch was refused: replace whole
             what = "installed" if not live.installed else "updated (" + ", ".join(problems) + ")"
             changes.append(f"ipv{family} {what}: {len(chain_rules(fp))} rules, {len(fp.exempt)} exempt prefixes")
-        if not changes:
-            fingerprint.record()  # verified in sync by a full read
         return changes
 
     def remove(self) -> list[str]:
         if self.unavailable_reason():
             return []
-        _Fingerprint.forget()
         return [f"ipv{f}" for f in FAMILIES if self._delete_table(f)]
-
-
-class _Fingerprint:
-    """The kernel's nf_tables generation id, recorded when a full read found our tables in
-    sync with a plan. Every committed nf_tables change in the namespace (ours, kube-proxy's,
-    a hand edit of our set) moves the generation; while it has not moved and the plan is the
-    same, nothing can have drifted, and reconcile needs no listing (at 100,000 prefixes a
-    listing costs about a second, most of it in the kernel). The generation is read before
-    the listing, so a change made during it is seen next time."""
-
-    FILE = "nftables.verified"
-
-    def __init__(self, plan: Plan):
-        self.plan = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
-        self.genid = _generation()
-
-    def unchanged(self) -> bool:
-        if self.genid is None:
-            return False
-        try:
-            record = json.loads((state.state_dir() / self.FILE).read_text())
-        except (OSError, ValueError):
-            return False
-        return record == {"genid": self.genid, "plan": self.plan}
-
-    def record(self) -> None:
-        if self.genid is not None:
-            state.write_json(self.FILE, {"genid": self.genid, "plan": self.plan})
-
-    @classmethod
-    def forget(cls) -> None:
-        try:
-            (state.state_dir() / cls.FILE).unlink()
-        except OSError:
-            pass
 
 
 def _generation() -> int | None:
