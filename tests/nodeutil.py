@@ -79,13 +79,27 @@ class Node:
         out = []
         for tool in ["iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save", "ip6tables-nft-save"]:
             out.append(f"## {tool}\n" + self.bed.node_exec([tool]).stdout)
-        out.append("## nft\n" + self.bed.node_exec(["nft", "list", "ruleset"]).stdout)
+        out.append("## nft\n" + _sorted_tables(self.bed.node_exec(["nft", "list", "ruleset"]).stdout))
         # a hash set has no order: its members are listed sorted
         out.append("## ipset\n" + "\n".join(sorted(self.bed.node_exec(["ipset", "save"]).stdout.splitlines())))
         text = "\n".join(out)
         for pattern, repl in _VOLATILE:
             text = pattern.sub(repl, text)
         return text
+
+
+def _sorted_tables(text: str) -> str:
+    """nft lists tables in the order they were made, which says nothing about what they do:
+    an in-place update keeps a table, a replacement makes it anew. Sorted, they compare."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        current.append(line)
+        if line == "}":
+            blocks.append("\n".join(current))
+            current = []
+    if current:
+        blocks.append("\n".join(current))
+    return "\n".join(sorted(blocks)) + "\n"
 
 
 def add_foreign_rules(node: Node, backend: str, nft_table: bool = True) -> None:

@@ -21,7 +21,6 @@ import resource
 import selectors
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -284,7 +283,6 @@ def test_config_change_updates_maps_in_place(node):
 @pytest.mark.traffic
 @needs_ebpf
 def test_interfaces_that_come_and_go_follow_reconcile(node):
-    bed = node.bed
     cfg = {"egress-masquerade-interfaces": "eth+"}
     node.apply(cfg, "ebpf")
     assert tc_prog_ids(node, "eth0") and tc_prog_ids(node, "eth1") and not tc_prog_ids(node, "ens3")
@@ -503,6 +501,7 @@ class NewFlows:
             except Exception as exc:  # a lost reply counts as lost
                 seen = f"lost: {exc}"
             self.seen.append((family, str(seen)))
+            self._stop.wait(0.003)  # paced: the bed's probe ports must not wrap around
 
     def __enter__(self):
         self._thread.start()
@@ -535,6 +534,9 @@ def test_switch_keeps_established_tcp_and_never_leaks(node, old, new):
     server = TcpEcho(bed, bed.dest("public"), 9460)
     server6 = TcpEcho(bed, bed.dest("public6"), 9460)
     conns = []
+    # Earlier tests' flows live on in conntrack (and keep their decision, exempt or
+    # not, for 30 s): start from an empty table so that every probe here is new.
+    node.sh("conntrack -F 2>/dev/null; conntrack -F -f ipv6 2>/dev/null; true")
     try:
         node.apply({}, old)
         conns = [LiveTcp(bed, bed.dest("public"), 9460), LiveTcp(bed, bed.dest("public6"), 9460)]
@@ -564,6 +566,8 @@ def test_switch_keeps_established_tcp_and_never_leaks(node, old, new):
             # still translating its own connections (drain), none of the new ones
             assert tc_prog_ids(node, "eth0")
             assert "ebpf (ipv4 (draining" in proc.stdout
+            reap = [sys.executable, "-m", "ipmasq_legacy.backends.ebpf", "reap"]
+            assert bed.node_exec(reap, env=node.env).stdout.strip() == ""  # still in use
         else:
             assert "ipmasq_legacy_drain" in bed.node_exec(["nft", "list", "tables"]).stdout
     finally:
@@ -571,7 +575,15 @@ def test_switch_keeps_established_tcp_and_never_leaks(node, old, new):
             c.close()
         server.close()
         server6.close()
-    # flush removes the drained datapath too
+    if old == "ebpf":
+        # once its connections are over, the drained datapath goes
+        reaped = bed.node_exec(reap, env={**node.env, "IPMASQ_BPF_DRAIN_IDLE": "0"})
+        assert "drained datapath removed" in reaped.stdout, reaped.stderr
+        assert not tc_prog_ids(node, "eth0") and not (node.bpffs / "ipmasq_legacy").exists()
+        status = json.loads(node.ipmasq("status", "-o", "json", check=True).stdout)
+        assert status["backend"] == new and status["in_sync"]
+        assert bed.source_seen(bed.dest("public")) == bed.uplink_addr["eth0"][4]
+    # flush removes whatever is left
     node.ipmasq("flush", check=True)
     assert not tc_prog_ids(node, "eth0")
     assert "ipmasq_legacy" not in bed.node_exec(["nft", "list", "tables"]).stdout
@@ -649,7 +661,7 @@ def test_ten_thousand_concurrent_udp_flows(bed4):
         for key, s in socks.items():
             sel.register(s, selectors.EVENT_READ, key)
         pending = list(socks)
-        for attempt in range(4):
+        for _attempt in range(4):
             for i in range(0, len(pending), 500):
                 for key in pending[i:i + 500]:
                     socks[key].sendto(b"%d:%d" % key, (bed.dest("public"), 9480))
