@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import array
 import errno
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -62,7 +63,7 @@ MAX_RETRIES = 64  # masq.c's bound
 F_V4, F_V6, F_ANY_SRC4, F_ANY_SRC6, F_RANDOM, F_DRAIN = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 IF_HAS4, IF_HAS6, IF_DRAIN = 0x01, 0x02, 0x04
 N_FOREIGN, N_CLOSED = 0x01, 0x02
-CFG = struct.Struct("=IIII")  # flags, retries, total ports, crc32 of the port list
+CFG = struct.Struct("=IIII32s")  # flags, retries, total ports, crc32 of the port list, sha256 of the tries
 CTL = struct.Struct("=I")
 IFACE = struct.Struct("=4s16sII")
 NAT_KEY = struct.Struct("=16s16s2s2sBB2x")
@@ -150,14 +151,26 @@ def cfg_value(families: dict[int, FamilyPlan | None], ports: list[int], drain: b
         flags |= F_DRAIN
     retries = max(1, min(int(SHAPES["port_retries"]), MAX_RETRIES))
     crc = zlib.crc32(array.array("I", ports).tobytes())
-    return CFG.pack(flags, retries, len(ports), crc)
+    return CFG.pack(flags, retries, len(ports), crc, tries_digest(families))
+
+
+def tries_digest(families: dict[int, FamilyPlan | None]) -> bytes:
+    """What the LPM tries of a generation hold, as one digest: a generation goes live
+    only once its tries are written, so comparing this is comparing the tries."""
+    text = "\n".join(f"{family} {kind} {' '.join(getattr(fp, kind))}" for family, fp in sorted(families.items())
+                     if fp is not None for kind in ("sources", "exempt"))
+    return hashlib.sha256(text.encode()).digest()
 
 
 def lpm_key(family: int, gen: int, prefix: str) -> bytes:
-    net = ipaddress.ip_network(prefix)
-    if net.version != family:
-        raise ApplyError(f"prefix {prefix} is IPv{net.version} in the IPv{family} plan")
-    return LPM[family].pack(8 + net.prefixlen, gen, net.network_address.packed)
+    """The trie key of a (normalised) prefix in one generation."""
+    addr, _, plen = str(prefix).partition("/")
+    try:
+        packed = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, addr)
+    except OSError:
+        raise ApplyError(f"prefix {prefix} is not an IPv{family} prefix") from None
+    bits = int(plen) if plen else len(packed) * 8
+    return LPM[family].pack(8 + bits, gen, packed)
 
 
 def lpm_prefix(family: int, key: bytes) -> tuple[int, str]:
@@ -228,8 +241,8 @@ def matching_links(patterns, links: dict[int, Link]) -> dict[int, Link]:
     from ..links import matches
 
     if not patterns:
-        return {i: l for i, l in links.items() if l.name != "lo"}
-    return {i: l for i, l in links.items() if any(matches(p, l.name) for p in patterns)}
+        return {i: link for i, link in links.items() if link.name != "lo"}
+    return {i: link for i, link in links.items() if any(matches(p, link.name) for p in patterns)}
 
 
 def _ipr():
@@ -387,8 +400,14 @@ class Pinned:
         return self.sys.delete(self.fd(name), key)
 
     def keys(self, name: str) -> list[bytes]:
-        fd = self.fd(name)
-        return self.sys.keys(fd, self.defs[name].key_size)
+        """Every key (BPF_MAP_LOOKUP_BATCH where the kernel has it)."""
+        return [k for k, _ in self.items(name)]
+
+    def update_many(self, name: str, keys: list[bytes], value: bytes) -> None:
+        self.sys.update_many(self.fd(name), keys, [value] * len(keys))
+
+    def delete_many(self, name: str, keys: list[bytes]) -> None:
+        self.sys.delete_many(self.fd(name), keys)
 
     def items(self, name: str) -> list[tuple[bytes, bytes]]:
         fd = self.fd(name)
@@ -681,7 +700,7 @@ class EbpfBackend(Backend):
         try:
             links = read_links(ipr)
             facts["links"] = links
-            for index, link in links.items():
+            for index in links:
                 f = _filters(ipr, index)
                 if any(f.values()):
                     facts["attached"][index] = {h: [(x["name"], x["id"]) for x in v] for h, v in f.items()}
@@ -748,15 +767,21 @@ class EbpfBackend(Backend):
             raise ApplyError("no translated source port left: masquerade-to-ports lies inside the node's "
                              f"ephemeral range {'-'.join(map(str, local_port_range()))} (ip_local_port_range)")
         matched = matching_links(plan.interfaces, links) if enabled else {}
+        for fp in enabled:  # both generations live in one trie: each may use half of it
+            for kind in ("exempt", "sources"):
+                name = TRIES[kind][fp.family]
+                room = int(SHAPES["map_entries"].get(name, self.obj().maps[name].max_entries)) // 2
+                if len(getattr(fp, kind)) > room:
+                    raise ApplyError(f"ebpf: {len(getattr(fp, kind))} IPv{fp.family} {kind} prefixes do not fit "
+                                     f"(at most {room}: map_entries.{name} in rules/ebpf.yaml holds two generations)")
         return {
             "families": families,
             "ports": ports,
             "cfg": cfg_value(families, ports),
             "matched": matched,
-            "local": {4: sorted({ipaddress.ip_address(a).packed for l in links.values() for a in l.addresses
-                                 if ipaddress.ip_address(a).version == 4}),
-                      6: sorted({ipaddress.ip_address(a).packed for l in links.values() for a in l.addresses
-                                 if ipaddress.ip_address(a).version == 6})},
+            "local": {family: sorted({ipaddress.ip_address(a).packed for link in links.values()
+                                      for a in link.addresses if ipaddress.ip_address(a).version == family})
+                      for family in FAMILIES},
         }
 
     def _problems(self, plan: Plan, facts: dict, pinned: Pinned | None, desired: dict) -> list[str]:
@@ -773,14 +798,11 @@ class EbpfBackend(Backend):
                 problems.append(f"map {pin_name(name)} has another shape")
         if problems:
             return problems
-        gen = facts["gen"]
-        if facts["cfg"] != desired["cfg"]:
+        have, want = CFG.unpack(facts["cfg"]), CFG.unpack(desired["cfg"])
+        if have[:4] != want[:4]:
             problems.append("config differs")
-        for kind in ("exempt", "sources"):
-            for family, fp in desired["families"].items():
-                want = tuple(str(n) for n in sorted(ipaddress.ip_network(p) for p in getattr(fp, kind))) if fp else ()
-                if fp is not None and pinned.trie(kind, family, gen) != want:
-                    problems.append(f"ipv{family}: {kind} prefixes differ")
+        if have[4] != want[4]:
+            problems.append("exempt or source prefixes differ")
         prog_ids = {}
         for hook in HOOKS:
             prog_ids[hook] = self._prog_pinned(hook, obj)
@@ -916,15 +938,16 @@ class EbpfBackend(Backend):
             index[port] = i + 1
         pinned.update_array("ipmq_ports", idle * PORTS, table)
         pinned.update_array("ipmq_portidx", idle * PORTS, index)
+        old_keys = {}
         for kind in ("exempt", "sources"):
             for family in FAMILIES:
                 name = TRIES[kind][family]
-                for key in pinned.keys(name):
-                    if key[4] == idle:
-                        pinned.delete(name, key)
+                keys = pinned.keys(name)
+                pinned.delete_many(name, [k for k in keys if k[4] == idle])  # a crashed apply's
+                old_keys[name] = [k for k in keys if k[4] == live_gen]
                 fp = desired["families"][family]
-                for prefix in (getattr(fp, kind) if fp else ()):
-                    pinned.update(name, lpm_key(family, idle, prefix), b"\x01")
+                pinned.update_many(name, [lpm_key(family, idle, p) for p in (getattr(fp, kind) if fp else ())],
+                                   b"\x01")
         pinned.update("ipmq_cfg", struct.pack("=I", idle), desired["cfg"])
         # 2. node facts: local addresses, the matched interfaces' addresses
         for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
@@ -938,25 +961,21 @@ class EbpfBackend(Backend):
             pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value())
         # 3. the switch: one write
         pinned.update("ipmq_ctl", struct.pack("=I", 0), CTL.pack(idle))
-        for kind in ("exempt", "sources"):
-            for family in FAMILIES:
-                name = TRIES[kind][family]
-                for key in pinned.keys(name):
-                    if key[4] == live_gen:
-                        pinned.delete(name, key)
+        for name, keys in old_keys.items():
+            pinned.delete_many(name, keys)
         # 4. programs, then the filters
-        fds = self._programs(pinned, obj)
+        fds = self._programs(pinned, obj, force=bool(created))  # new maps: programs must use them
         try:
             # Ingress first: from then on every UDP (or other) flow entering is recorded,
             # and flows already under way are taken from conntrack, so that no reply
             # leaving a pod-facing interface is ever mistaken for a new flow.
             fresh = [i for i in desired["matched"] if "egress" not in facts["attached"].get(i, {})
                      or not facts["attached"][i]["egress"]]
-            for index, link in desired["matched"].items():
+            for link in desired["matched"].values():
                 self._attach(ipr, pinned, link, fds, obj, hooks=("ingress",))
             if fresh:
                 self._seed_pass(pinned)
-            for index, link in desired["matched"].items():
+            for link in desired["matched"].values():
                 self._attach(ipr, pinned, link, fds, obj, hooks=("egress",))
         finally:
             for fd in fds.values():
@@ -974,12 +993,12 @@ class EbpfBackend(Backend):
                     self._detach(ipr, pinned, index)
         return [f"{len(desired['matched'])} interfaces"]
 
-    def _programs(self, pinned: Pinned, obj: loader.BpfObject) -> dict[str, int]:
-        """fds of the programs: the pinned ones when they came from this object, else
-        freshly loaded (and pinned in their place)."""
+    def _programs(self, pinned: Pinned, obj: loader.BpfObject, force: bool = False) -> dict[str, int]:
+        """fds of the programs: the pinned ones when they came from this object (and no
+        map was recreated), else freshly loaded (and pinned in their place)."""
         sysobj = pinned.sys
         fds = {}
-        fresh = self._loaded_digest() != obj.digest
+        fresh = force or self._loaded_digest() != obj.digest
         for hook in HOOKS:
             path = pin_dir() / f"prog_{hook}"
             if not fresh and path.exists():
@@ -1105,8 +1124,11 @@ class EbpfBackend(Backend):
         return out
 
     def _busy_ifindexes(self, pinned: Pinned) -> set[int]:
-        """Out-interfaces of translated flows that are still in use (rules/ebpf.yaml drain_idle)."""
-        idle = SHAPES["drain_idle"]
+        """Out-interfaces of translated flows that are still in use (rules/ebpf.yaml drain_idle;
+        IPMASQ_BPF_DRAIN_IDLE=SECONDS overrides all three, for tests and impatient operators)."""
+        idle = dict(SHAPES["drain_idle"])
+        if os.environ.get("IPMASQ_BPF_DRAIN_IDLE"):
+            idle = dict.fromkeys(idle, float(os.environ["IPMASQ_BPF_DRAIN_IDLE"]))
         now = time.monotonic_ns()
         busy = set()
         for key, value in pinned.items("ipmq_nat_fwd"):
@@ -1205,15 +1227,21 @@ class EbpfBackend(Backend):
     def _enter_drain(self, pinned: Pinned) -> None:
         live_gen = pinned.gen()
         idle = 1 - live_gen
-        flags, retries, total, crc = CFG.unpack(pinned.cfg(live_gen))
+        flags, retries, total, crc, digest = CFG.unpack(pinned.cfg(live_gen))
         for name in ("ipmq_ports", "ipmq_portidx"):
-            base = idle * PORTS
-            values = array.array("I")
-            for i in range(PORTS):
-                raw = pinned.lookup(name, struct.pack("=I", live_gen * PORTS + i))
-                values.append(struct.unpack("=I", raw)[0] if raw else 0)
-            pinned.update_array(name, base, values)
-        pinned.update("ipmq_cfg", struct.pack("=I", idle), CFG.pack(flags | F_DRAIN, retries, total, crc))
+            values = array.array("I", [0]) * PORTS
+            for key, value in pinned.items(name):
+                index = struct.unpack("=I", key)[0] - live_gen * PORTS
+                if 0 <= index < PORTS:
+                    values[index] = struct.unpack("=I", value)[0]
+            pinned.update_array(name, idle * PORTS, values)
+        for kind in ("exempt", "sources"):  # the same tries in the idle generation
+            for family in FAMILIES:
+                name = TRIES[kind][family]
+                keys = pinned.keys(name)
+                pinned.delete_many(name, [k for k in keys if k[4] == idle])
+                pinned.update_many(name, [k[:4] + bytes([idle]) + k[5:] for k in keys if k[4] == live_gen], b"\x01")
+        pinned.update("ipmq_cfg", struct.pack("=I", idle), CFG.pack(flags | F_DRAIN, retries, total, crc, digest))
         pinned.update("ipmq_ctl", struct.pack("=I", 0), CTL.pack(idle))
 
     def _remove_all(self, ipr) -> None:

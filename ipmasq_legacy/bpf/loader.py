@@ -26,6 +26,7 @@ PROG_LOAD, OBJ_PIN, OBJ_GET = 5, 6, 7
 OBJ_GET_INFO_BY_FD = 15
 MAP_LOOKUP_BATCH = 24
 MAP_UPDATE_BATCH = 26
+MAP_DELETE_BATCH = 27
 # map types
 MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY = 1, 2, 5, 6
 MAP_LRU_HASH, MAP_LPM_TRIE = 9, 11
@@ -161,7 +162,9 @@ class Sys:
         keys = ctypes.create_string_buffer(key_size * chunk)
         values = ctypes.create_string_buffer(value_size * chunk)
         in_batch = None
-        out_batch = ctypes.create_string_buffer(8)
+        # the cursor: a bucket index for hash maps, a whole key for the generic batch ops
+        cursor = max(8, key_size)
+        out_batch = ctypes.create_string_buffer(cursor)
         out = []
         while True:
             attr = ctypes.create_string_buffer(self.ATTR)
@@ -180,7 +183,42 @@ class Sys:
                 out.append((kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size]))
             if done:
                 return out
-            in_batch = ctypes.create_string_buffer(out_batch.raw, 8)
+            in_batch = ctypes.create_string_buffer(out_batch.raw, cursor)
+
+    def update_many(self, fd: int, keys: list[bytes], values: list[bytes], flags: int = ANY) -> None:
+        """Many elements in one BPF_MAP_UPDATE_BATCH (one by one where the kernel lacks it)."""
+        if not keys:
+            return
+        kb = ctypes.create_string_buffer(b"".join(keys))
+        vb = ctypes.create_string_buffer(b"".join(values))
+        attr = ctypes.create_string_buffer(self.ATTR)
+        struct.pack_into("=QQQQIIQQ", attr, 0, 0, 0, _addr(kb), _addr(vb), len(keys), fd, flags, 0)
+        try:
+            self.call(MAP_UPDATE_BATCH, attr, "map update batch")
+            return
+        except BpfError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+                raise
+            done = struct.unpack_from("=I", attr, 32)[0]
+        for k, v in zip(keys[done:], values[done:]):
+            self.update(fd, k, v, flags)
+
+    def delete_many(self, fd: int, keys: list[bytes]) -> None:
+        """Many (existing) elements in one BPF_MAP_DELETE_BATCH (one by one without it)."""
+        if not keys:
+            return
+        kb = ctypes.create_string_buffer(b"".join(keys))
+        attr = ctypes.create_string_buffer(self.ATTR)
+        struct.pack_into("=QQQQIIQQ", attr, 0, 0, 0, _addr(kb), 0, len(keys), fd, 0, 0)
+        try:
+            self.call(MAP_DELETE_BATCH, attr, "map delete batch")
+            return
+        except BpfError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT, 524):
+                raise
+            done = struct.unpack_from("=I", attr, 32)[0]
+        for k in keys[done:]:
+            self.delete(fd, k)
 
     def update_batch_u32(self, fd: int, first: int, values) -> None:
         """Array map: entries first, first+1, ... set to `values` (u32), in few syscalls

@@ -81,7 +81,8 @@ struct cfg {
 	__u32 flags;
 	__u32 retries;           /* <= MAX_RETRIES */
 	__u32 total;             /* how many translated source ports (ipmq_ports) */
-	__u32 pad;
+	__u32 ports_crc;         /* for the loader: crc32 of the port list */
+	__u8 tries_sha256[32];   /* for the loader: what this generation's tries hold */
 };
 
 struct ctl {
@@ -149,7 +150,7 @@ struct counter {
 	__u64 bytes;
 };
 
-_Static_assert(sizeof(struct cfg) == 16, "cfg layout");
+_Static_assert(sizeof(struct cfg) == 48, "cfg layout");
 _Static_assert(sizeof(struct lpm4) == 9, "lpm4 layout");
 _Static_assert(sizeof(struct lpm6) == 21, "lpm6 layout");
 _Static_assert(sizeof(struct iface) == 28, "iface layout");
