@@ -75,6 +75,9 @@ def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
         removed = backends.get(previous).remove()
         result.changes.append(f"removed {previous} ({', '.join(removed) or 'nothing left'})")
     state.write(backend.name, "".join(f.digest() for f in the_plan.families))
+    # An earlier backend kept alive for its own connections (ebpf draining after a switch)
+    # goes once they have ended.
+    result.changes += [f"finished handover: {what}" for what in backends.finish_handovers(backend.name)]
     result.duration = time.monotonic() - started
     return result
 
@@ -116,6 +119,8 @@ def _unchanged_since_verified(config_path: str | None, options: dict) -> bool:
         return False
     if record.get("backend") != state.read().get("backend") or record.get("backend") not in backends.NAMES:
         return False
+    if backends.handover_pending(record["backend"]):
+        return False  # a drained datapath waits for a full sync to remove it
     now = backends.get(record["backend"]).fingerprint()
     return now is not None and now == record.get("kernel")
 

@@ -55,6 +55,15 @@ def all_backends() -> list[Backend]:
     return [get(name) for name in NAMES]
 
 
+def handover_pending(current: str) -> bool:
+    """Cheap (one file test): does an earlier ebpf datapath still drain beside `current`?"""
+    if current == "ebpf" or "ebpf" not in NAMES:
+        return False
+    from .ebpf import pin_dir
+
+    return pin_dir().joinpath("ctl").exists()
+
+
 def finish_handovers(current: str) -> list[str]:
     """After a sync with backend `current`: remove what an earlier backend still keeps
     alive for its own connections once they have ended (the ebpf datapath drains after a

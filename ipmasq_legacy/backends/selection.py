@@ -73,7 +73,7 @@ def _native_nft_rules() -> tuple[int, bool]:
         m = re.match(r"table (\S+) (\S+) \{", line)
         if m:
             name = m.group(2)
-            native = name not in IPTABLES_BUILTIN_TABLES and name != OUR_TABLE
+            native = name not in IPTABLES_BUILTIN_TABLES and not name.startswith(OUR_TABLE)
             kube_proxy = kube_proxy or name == "kube-proxy"
         elif (native and line.startswith("\t\t") and not line.startswith("\t\t\t")
               and not re.match(r"\s+(type|policy|elements|flags|typeof|comment|size|timeout|}) ?", line)):
