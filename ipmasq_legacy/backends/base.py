@@ -92,7 +92,15 @@ class Backend:
         return None
 
     def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
-        """What differs between the plan and the live state, one phrase each; empty = in sync."""
+        """What differs between the plan and the live state, one phrase each ('ipv4: ...');
+        empty = in sync. Backends that read per family implement family_drift."""
+        live = live or self.live()
+        out = []
+        for family, fp in self.wanted_families(plan).items():
+            out += [f"ipv{family}: {p}" for p in self.family_drift(fp, live.families[family])]
+        return out
+
+    def family_drift(self, fp: FamilyPlan | None, live: FamilyLive) -> list[str]:
         raise NotImplementedError
 
     @staticmethod

@@ -215,7 +215,7 @@ class IptablesBackend(Backend):
 
     # -- comparing
 
-    def _family_drift(self, fp: FamilyPlan | None, live: IptablesFamilyLive) -> list[str]:
+    def family_drift(self, fp: FamilyPlan | None, live: IptablesFamilyLive) -> list[str]:
         stale = [f"{len(live.stale_sets)} stale sets"] if live.stale_sets else []
         if fp is None:
             return (["installed but disabled"] if live.installed else []) + stale
@@ -232,13 +232,6 @@ class IptablesBackend(Backend):
             if not _same_members(live.exempt, set_members(fp)):
                 problems.append(f"set {live.set_name} members differ")
         return problems
-
-    def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
-        live = live or self.live()
-        out = []
-        for family, fp in self.wanted_families(plan).items():
-            out += [f"ipv{family}: {p}" for p in self._family_drift(fp, live.families[family])]
-        return out
 
     # -- changing
 
@@ -272,7 +265,7 @@ class IptablesBackend(Backend):
         current = self.live()
         for family, fp in self.wanted_families(plan).items():
             live = current.families[family]
-            problems = self._family_drift(fp, live)
+            problems = self.family_drift(fp, live)
             if not problems:
                 continue
             if live.stale_sets and len(problems) == 1 and problems[0].endswith("stale sets"):

@@ -480,7 +480,7 @@ class NftablesBackend(Backend):
 
     # -- comparing
 
-    def _family_drift(self, fp: FamilyPlan | None, live: NftFamilyLive) -> list[str]:
+    def family_drift(self, fp: FamilyPlan | None, live: NftFamilyLive) -> list[str]:
         if live.read_error:
             return [f"cannot read table {table_ref(live.family)}: {live.read_error}"]
         if fp is None:
@@ -510,11 +510,7 @@ class NftablesBackend(Backend):
     def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
         if live is None:
             self._size_hint(plan)
-        live = live or self.live()
-        out = []
-        for family, fp in self.wanted_families(plan).items():
-            out += [f"ipv{family}: {p}" for p in self._family_drift(fp, live.families[family])]
-        return out
+        return super().drift(plan, live)
 
     def fingerprint(self) -> str | None:
         """nf_tables' ruleset generation: every committed change in the namespace (ours,
@@ -550,7 +546,7 @@ class NftablesBackend(Backend):
         current = self.live()
         for family, fp in self.wanted_families(plan).items():
             live = current.families[family]
-            problems = self._family_drift(fp, live)
+            problems = self.family_drift(fp, live)
             if not problems:
                 continue
             if fp is None:
