@@ -197,8 +197,7 @@ def bed_module():
 @pytest.fixture
 def node(bed_module):
     """The module's bed's node, driven through the real CLI; everything flushed afterwards."""
-    from .nodeutil import Node
+    from .nodeutil import driven_node
 
-    node = Node(bed_module)
-    yield node
-    node.ipmasq("flush")
+    with driven_node(bed_module) as node:
+        yield node

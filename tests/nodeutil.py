@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -86,6 +87,18 @@ class Node:
         for pattern, repl in _VOLATILE:
             text = pattern.sub(repl, text)
         return text
+
+
+@contextlib.contextmanager
+def driven_node(bed: TestBed):
+    """A Node of `bed` for one test: everything the tool owns is flushed afterwards and the
+    node's private bpffs unmounted, also when the test fails."""
+    node = Node(bed)
+    try:
+        yield node
+    finally:
+        node.ipmasq("flush")
+        node.close()
 
 
 def _sorted_tables(text: str) -> str:

@@ -211,20 +211,7 @@ def stats(node: Node) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.fixture(scope="module")
-def bed():
-    if os.geteuid() != 0:
-        pytest.skip("needs root to build network namespaces")
-    with TestBed(ipv6=True) as bed:
-        yield bed
-
-
-@pytest.fixture
-def node(bed):
-    node = Node(bed)
-    yield node
-    node.ipmasq("flush")
-    node.close()
+# the module's bed and its `node` come from tests/conftest.py
 
 
 # ---------------------------------------------------------------- (a) basics

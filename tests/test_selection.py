@@ -14,7 +14,7 @@ import pytest
 from ipmasq_legacy import backends
 from ipmasq_legacy.testbed import TestBed
 
-from .nodeutil import Node
+from .nodeutil import Node, driven_node
 
 pytestmark = pytest.mark.traffic
 
@@ -27,12 +27,11 @@ def bed():
 
 @pytest.fixture
 def node(bed):
-    node = Node(bed)
-    yield node
-    node.ipmasq("flush")
-    # leave the node as clean as we found it for the next case
-    node.sh("for t in iptables-legacy iptables-nft; do for c in mangle filter nat; do "
-            "$t -t $c -F; $t -t $c -X; done; done; nft delete table ip kube-proxy 2>/dev/null; true")
+    with driven_node(bed) as node:
+        yield node
+        # leave the node as clean as we found it for the next case
+        node.sh("for t in iptables-legacy iptables-nft; do for c in mangle filter nat; do "
+                "$t -t $c -F; $t -t $c -X; done; done; nft delete table ip kube-proxy 2>/dev/null; true")
 
 
 def backend_of(node: Node) -> str:

@@ -16,7 +16,7 @@ import pytest
 from ipmasq_legacy import backends
 from ipmasq_legacy.testbed import TestBed
 
-from .nodeutil import Node, add_foreign_rules, in_any
+from .nodeutil import add_foreign_rules, driven_node, in_any
 
 pytestmark = pytest.mark.traffic
 
@@ -101,9 +101,8 @@ def bed(backend):
 
 @pytest.fixture
 def node(bed):
-    node = Node(bed)
-    yield node
-    node.ipmasq("flush")
+    with driven_node(bed) as node:
+        yield node
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
