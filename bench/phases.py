@@ -42,7 +42,8 @@ TARGETS: dict[str, list[tuple[str, str]]] = {
     "ipset._normalised_members": [("ipmasq_legacy.backends.iptables", "_normalised_members")],
     "render": [("ipmasq_legacy.backends.iptables", "render_set"),
                ("ipmasq_legacy.backends.iptables", "render_restore"),
-               ("ipmasq_legacy.backends.nftables", "render_transaction")],
+               ("ipmasq_legacy.backends.nftables", "render_set"),
+               ("ipmasq_legacy.backends.nftables", "render_rules")],
 }
 
 totals: dict[str, float] = {label: 0.0 for label in TARGETS}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,124 +56,96 @@ CONFIGS = {
 
 T = "\t"
 GOLDEN = {
-    "default": f"""\
+    "default": """\
 # IPv4: nft -f - (one transaction)
 add table ip ipmasq_legacy
-delete table ip ipmasq_legacy
-table ip ipmasq_legacy {{
-{T}chain postrouting {{
-{T}{T}type nat hook postrouting priority srcnat; policy accept;
-{T}{T}fib daddr type local return
-{T}{T}oifname != "lo" counter masquerade
-{T}}}
-}}
+add chain ip ipmasq_legacy postrouting { type nat hook postrouting priority srcnat; policy accept; }
+add rule ip ipmasq_legacy postrouting fib daddr type local return
+add rule ip ipmasq_legacy postrouting oifname != "lo" counter masquerade
 # IPv6: nft -f - (one transaction)
 add table ip6 ipmasq_legacy
-delete table ip6 ipmasq_legacy
-table ip6 ipmasq_legacy {{
-{T}chain postrouting {{
-{T}{T}type nat hook postrouting priority srcnat; policy accept;
-{T}{T}fib daddr type local return
-{T}{T}oifname != "lo" counter masquerade
-{T}}}
-}}
+add chain ip6 ipmasq_legacy postrouting { type nat hook postrouting priority srcnat; policy accept; }
+add rule ip6 ipmasq_legacy postrouting fib daddr type local return
+add rule ip6 ipmasq_legacy postrouting oifname != "lo" counter masquerade
 """,
     "interfaces": f"""\
-# IPv4: nft -f - (one transaction)
-add table ip ipmasq_legacy
-delete table ip ipmasq_legacy
+# IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
 table ip ipmasq_legacy {{
-{T}set exempt {{
+{T}set exempt_12240718778febd5 {{
 {T}{T}type ipv4_addr
 {T}{T}flags interval
 {T}{T}elements = {{ 10.244.0.0/16 }}
 {T}}}
-
-{T}chain postrouting {{
-{T}{T}type nat hook postrouting priority srcnat; policy accept;
-{T}{T}fib daddr type local return
-{T}{T}ip daddr @exempt return
-{T}{T}oifname "eth*" ip saddr 10.244.0.0/16 counter masquerade
-{T}{T}oifname "ens3" ip saddr 10.244.0.0/16 counter masquerade
-{T}}}
 }}
+# IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
+add table ip ipmasq_legacy
+add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add rule ip ipmasq_legacy postrouting fib daddr type local return
+add rule ip ipmasq_legacy postrouting ip daddr @exempt_12240718778febd5 return
+add rule ip ipmasq_legacy postrouting oifname "eth*" ip saddr 10.244.0.0/16 counter masquerade
+add rule ip ipmasq_legacy postrouting oifname "ens3" ip saddr 10.244.0.0/16 counter masquerade
 # IPv6: nft -f - (one transaction)
 add table ip6 ipmasq_legacy
-delete table ip6 ipmasq_legacy
-table ip6 ipmasq_legacy {{
-{T}chain postrouting {{
-{T}{T}type nat hook postrouting priority srcnat; policy accept;
-{T}{T}fib daddr type local return
-{T}{T}oifname "eth*" counter masquerade
-{T}{T}oifname "ens3" counter masquerade
-{T}}}
-}}
+add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add rule ip6 ipmasq_legacy postrouting fib daddr type local return
+add rule ip6 ipmasq_legacy postrouting oifname "eth*" counter masquerade
+add rule ip6 ipmasq_legacy postrouting oifname "ens3" counter masquerade
 """,
     "tke": f"""\
-# IPv4: nft -f - (one transaction)
-add table ip ipmasq_legacy
-delete table ip ipmasq_legacy
+# IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
 table ip ipmasq_legacy {{
-{T}set exempt {{
+{T}set exempt_d7681fb8b295bc68 {{
 {T}{T}type ipv4_addr
 {T}{T}flags interval
 {T}{T}elements = {{ 10.0.0.0/16,
 {T}{T}{T}     172.18.0.0/16,
 {T}{T}{T}     192.168.0.0/17 }}
 {T}}}
-
-{T}chain postrouting {{
-{T}{T}type nat hook postrouting priority srcnat; policy accept;
-{T}{T}fib daddr type local return
-{T}{T}ip daddr @exempt return
-{T}{T}oifname != "lo" counter masquerade
-{T}}}
 }}
-""",
-    # 28976 of 61488 ports in the first range: round(28976 / 61488 * 2^31) = 1007798105
-    "ports": f"""\
-# IPv4: nft -f - (one transaction)
+# IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip ipmasq_legacy
-delete table ip ipmasq_legacy
+add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add rule ip ipmasq_legacy postrouting fib daddr type local return
+add rule ip ipmasq_legacy postrouting ip daddr @exempt_d7681fb8b295bc68 return
+add rule ip ipmasq_legacy postrouting oifname != "lo" counter masquerade
+""",
+    "ports": f"""\
+# IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
 table ip ipmasq_legacy {{
-{T}set exempt {{
+{T}set exempt_12240718778febd5 {{
 {T}{T}type ipv4_addr
 {T}{T}flags interval
 {T}{T}elements = {{ 10.244.0.0/16 }}
 {T}}}
-
-{T}chain postrouting {{
-{T}{T}type nat hook postrouting priority srcnat; policy accept;
-{T}{T}fib daddr type local return
-{T}{T}ip daddr @exempt return
-{T}{T}oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto tcp meta random & 2147483647 < 1007798105 counter masquerade to :1024-29999 fully-random
-{T}{T}oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto tcp counter masquerade to :32768-65535 fully-random
-{T}{T}oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto udp meta random & 2147483647 < 1007798105 counter masquerade to :1024-29999 fully-random
-{T}{T}oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto udp counter masquerade to :32768-65535 fully-random
-{T}{T}oifname "eth0" ip saddr 10.244.0.0/16 counter masquerade fully-random
-{T}}}
 }}
+# IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
+add table ip ipmasq_legacy
+add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add rule ip ipmasq_legacy postrouting fib daddr type local return
+add rule ip ipmasq_legacy postrouting ip daddr @exempt_12240718778febd5 return
+add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto tcp meta random & 2147483647 < 1007798105 counter masquerade to :1024-29999 fully-random
+add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto tcp counter masquerade to :32768-65535 fully-random
+add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto udp meta random & 2147483647 < 1007798105 counter masquerade to :1024-29999 fully-random
+add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto udp counter masquerade to :32768-65535 fully-random
+add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 counter masquerade fully-random
 """,
     "ipv6": f"""\
-# IPv6: nft -f - (one transaction)
-add table ip6 ipmasq_legacy
-delete table ip6 ipmasq_legacy
+# IPv6: nft -f - (transaction 1 of 2: the exempt set, alone)
 table ip6 ipmasq_legacy {{
-{T}set exempt {{
+{T}set exempt_b3d54c9003f03fa3 {{
 {T}{T}type ipv6_addr
 {T}{T}flags interval
 {T}{T}elements = {{ ::ffff:0:0/96,
 {T}{T}{T}     fd00::/8 }}
 {T}}}
-
-{T}chain postrouting {{
-{T}{T}type nat hook postrouting priority srcnat; policy accept;
-{T}{T}fib daddr type local return
-{T}{T}ip6 daddr @exempt return
-{T}{T}oifname "eth*" ip6 saddr 2001:db8::7 counter masquerade
-{T}{T}oifname "eth*" ip6 saddr fd00:10:244::/56 counter masquerade
-{T}}}
 }}
+# IPv6: nft -f - (transaction 2 of 2: the chain that uses it)
+add table ip6 ipmasq_legacy
+add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add rule ip6 ipmasq_legacy postrouting fib daddr type local return
+add rule ip6 ipmasq_legacy postrouting ip6 daddr @exempt_b3d54c9003f03fa3 return
+add rule ip6 ipmasq_legacy postrouting oifname "eth*" ip6 saddr 2001:db8::7 counter masquerade
+add rule ip6 ipmasq_legacy postrouting oifname "eth*" ip6 saddr fd00:10:244::/56 counter masquerade
 """,
 }
 
@@ -289,7 +262,8 @@ def test_parse_listed_table():
     live = nftmod.parse_table(LISTED, 4)
     assert live.installed and not live.problems
     assert live.chain_header == nftmod.CHAIN_HEADER
-    assert live.set_declaration == ["type ipv4_addr", "flags interval"]
+    assert list(live.sets) == ["exempt"]  # an earlier version's name: ours, and stale
+    assert live.sets["exempt"].declaration == ["type ipv4_addr", "flags interval"]
     assert live.exempt == ("1.2.3.4/32", "10.0.0.0/8", "10.1.0.0/23", "169.254.0.0/16")
     assert live.rules == [
         "fib daddr type local return",
@@ -307,7 +281,9 @@ def test_parse_ipv6_elements_and_foreign_objects():
         "\tset extra {\n\t\ttype ipv6_addr\n\t}\n}\n"
     )
     live = nftmod.parse_table(text, 6)
-    assert live.exempt == ("::ffff:0:0/96", "fd00::1/128", "fe80::/10")
+    assert live.sets["exempt"].members == ("::ffff:0:0/96", "fd00::1/128", "fe80::/10")
+    assert live.exempt == ()  # no chain uses it
+    assert live.foreign == [("set", "extra")] and live.attributes == ["flags dormant"]
     assert live.chain_header is None
     assert live.problems == ["unexpected table attribute 'flags dormant'", "unexpected set extra"]
 
@@ -330,7 +306,7 @@ def test_drift_phrases(tmp_path):
     drifted.rules.pop()
     assert backend.drift(plan, Live("nftables", {4: drifted, 6: good6})) == [
         "ipv4: chain postrouting differs",
-        "ipv4: set exempt members differ",
+        "ipv4: exempt set members differ",
     ]
 
 
@@ -491,23 +467,32 @@ def test_drift_reported_and_repaired(netns):
     netns.apply("tke")
     listed = netns.nft("-a", "list", "chain", "ip", "ipmasq_legacy", "postrouting")
     handle = next(ln.split("# handle ")[1] for ln in listed.splitlines() if "masquerade" in ln)
+    exempt_set = re.search(r"@(exempt_[0-9a-f]{16}) ", listed).group(1)
     netns.nft("delete", "rule", "ip", "ipmasq_legacy", "postrouting", "handle", handle)
-    netns.nft("add", "element", "ip", "ipmasq_legacy", "exempt", "{ 203.0.113.7 }")
+    netns.nft("add", "element", "ip", "ipmasq_legacy", exempt_set, "{ 203.0.113.7 }")
+    # an earlier version's set, and an object that is not ours at all, in our table
+    netns.nft("add", "set", "ip", "ipmasq_legacy", "exempt", "{ type ipv4_addr; flags interval; }")
+    netns.nft("add", "chain", "ip", "ipmasq_legacy", "extra")
     netns.nft("add", "table", "ip6", "ipmasq_legacy")  # a disabled family's table
 
     state = netns.probe("tke")
     assert state["drift"] == [
+        "ipv4: unexpected chain extra",
         "ipv4: chain postrouting differs",
-        "ipv4: set exempt members differ",
+        "ipv4: exempt set members differ",
+        "ipv4: 1 stale sets",
         "ipv6: installed but disabled",
     ]
     assert "203.0.113.7/32" in state["exempt"]["4"]
 
     out = netns.apply("tke")
-    assert "ipv4 updated (chain postrouting differs, set exempt members differ)" in out
+    assert "ipv4 updated (unexpected chain extra, chain postrouting differs, exempt set members differ, " \
+           "1 stale sets)" in out
     assert "ipv6 removed (disabled)" in out
     assert netns.probe("tke")["drift"] == []
     assert netns.apply("tke") == "nftables: unchanged"
+    table = netns.nft("list", "table", "ip", "ipmasq_legacy")
+    assert "chain extra" not in table and "set exempt {" not in table and "203.0.113.7" not in table
 
 
 @pytest.mark.traffic
@@ -532,6 +517,6 @@ def test_nft_binary_fallback_and_failed_apply_leaves_state(netns):
     )
     errors = netns.run(sys.executable, "-c", script).stdout.splitlines()
     assert len(errors) == 2 and all("conflicting intervals" in e for e in errors), errors
-    assert errors[0].startswith("libnftables: check of table ip ipmasq_legacy failed")
-    assert errors[1].startswith("nft: check of table ip ipmasq_legacy failed")
+    assert errors[0].startswith("libnftables: commit of the exempt set of table ip ipmasq_legacy failed")
+    assert errors[1].startswith("nft: commit of the exempt set of table ip ipmasq_legacy failed")
     assert netns.ruleset() == before
