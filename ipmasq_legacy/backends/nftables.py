@@ -31,8 +31,9 @@ import socket
 import struct
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from .. import prefixes, ruledata
+from .. import __version__, prefixes, ruledata, state
 from ..errors import ApplyError, ConfigError
 from ..plan import FamilyPlan, MasqueradeRule, Plan, masquerade_rules
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
@@ -253,6 +254,9 @@ def render_delete(family: int) -> str:
 class NftSet:
     declaration: list[str] = field(default_factory=list)
     members: tuple[str, ...] = ()
+    # A set known from our own record (NftablesBackend._recorded) rather than read: its
+    # members are those its name says, as the set was loaded whole and never patched.
+    recorded: bool = False
 
 
 @dataclass
@@ -488,6 +492,7 @@ class NftablesBackend(Backend):
         IPMASQ_NFT_CLI, then by whether libnftables loads (and the size of the plan)."""
         self.use_cli = use_cli
         self._runner_obj = None
+        self._commits = 0  # transactions committed by this object (see _record)
 
     def _size_hint(self, plan: Plan) -> None:
         """A large plan is read and written through the nft binary (see LARGE)."""
@@ -580,7 +585,7 @@ class NftablesBackend(Backend):
                 problems.append("exempt set missing")
             elif nset.declaration != set_declaration(fp.family):
                 problems.append("exempt set declaration differs")
-            elif not _same_prefixes(nset.members, fp.exempt):
+            elif not nset.recorded and not _same_prefixes(nset.members, fp.exempt):
                 problems.append("exempt set members differ")
         stale = [name for name in live.sets if name != wanted]
         if stale:
@@ -609,6 +614,7 @@ class NftablesBackend(Backend):
         runner = self._runner()
         for dry_run in (True, False) if check else (False,):
             rc, _, err = runner.cmd(text, dry_run=dry_run)
+            self._commits += rc == 0 and not dry_run
             if rc != 0:
                 step = "check of" if dry_run else "commit of"
                 raise ApplyError(f"{runner.name}: {step} {what} of table {table_ref(family)} failed: "
@@ -619,6 +625,7 @@ class NftablesBackend(Backend):
         runner = self._runner()
         rc, _, err = runner.cmd(render_delete(family))
         if rc == 0:
+            self._commits += 1
             return True
         if _ENOENT in err:
             return False
@@ -647,7 +654,13 @@ class NftablesBackend(Backend):
     def apply(self, plan: Plan) -> list[str]:
         self._size_hint(plan)
         changes = []
-        current = self.live()
+        self._commits = 0
+        generation = _generation()
+        current = self._recorded(generation)
+        if current is None:
+            current = self.live()
+            if _generation() != generation:
+                generation = None  # someone committed while we read: nothing to record
         for family, fp in self.wanted_families(plan).items():
             live = current.families[family]
             problems = self.family_drift(fp, live)
@@ -660,12 +673,54 @@ class NftablesBackend(Backend):
             self._apply_family(fp, live)
             what = "installed" if not live.installed else "updated (" + ", ".join(problems) + ")"
             changes.append(f"ipv{family} {what}: {len(chain_rules(fp))} rules, {len(fp.exempt)} exempt prefixes")
+        self._record(plan, generation)
         return changes
+
+    # -- our record of what we wrote
+    #
+    # Reading our table back costs about a second at 100,000 prefixes (nft fetches every
+    # element), so apply trusts a record of what it wrote last as long as nf_tables'
+    # generation has not moved since: every commit in the namespace moves it, ours and
+    # anyone else's. The record is taken only when the generation moved by exactly our
+    # own commits (each of which changes something, so moves it by one).
+
+    RECORD = "nftables.json"
+
+    def _recorded(self, generation: int | None) -> Live | None:
+        record = state.read_json(self.RECORD)
+        if (generation is None or record.get("generation") != generation or record.get("netns") != _netns_id()
+                or record.get("version") != __version__):
+            return None
+        families = {}
+        for family in FAMILIES:
+            fam = record.get("families", {}).get(str(family))
+            if fam is None:
+                families[family] = NftFamilyLive(family=family, installed=False)
+                continue
+            sets = {fam["set"]: NftSet(set_declaration(family), recorded=True)} if fam.get("set") else {}
+            families[family] = NftFamilyLive(family=family, installed=True, chain_header=CHAIN_HEADER,
+                                             rules=list(fam["rules"]), sets=sets)
+        return Live(self.name, families)
+
+    def _record(self, plan: Plan | None, generation: int | None) -> None:
+        now = _generation()
+        if plan is None or generation is None or now is None or (now - generation) % 2**32 != self._commits:
+            self._forget()
+            return
+        families = {str(fp.family): {"set": set_name(fp) if fp.exempt else None, "rules": chain_rules(fp)}
+                    for fp in plan.families}
+        state.write_json(self.RECORD, {"generation": now, "netns": _netns_id(), "version": __version__,
+                                       "families": families})
 
     def remove(self) -> list[str]:
         if self.unavailable_reason():
             return []
-        return [f"ipv{f}" for f in FAMILIES if self._delete_table(f)]
+        removed = [f"ipv{f}" for f in FAMILIES if self._delete_table(f)]
+        self._forget()
+        return removed
+
+    def _forget(self) -> None:
+        (state.state_dir() / self.RECORD).unlink(missing_ok=True)
 
 
 def _generation() -> int | None:
@@ -699,6 +754,17 @@ def _generation() -> int | None:
             return struct.unpack_from("!I", reply, offset + 4)[0]
         offset += (attr_len + 3) & ~3
     return None
+
+
+def _netns_id() -> str:
+    """This network namespace in this boot (a generation is a namespace's, and counts
+    again from the start after a reboot, when a state dir on disk would still be there)."""
+    st = os.stat("/proc/self/ns/net")
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{boot}:{st.st_dev}:{st.st_ino}"
 
 
 def _same_prefixes(live: tuple[str, ...], planned: tuple[str, ...]) -> bool:
