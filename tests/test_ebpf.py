@@ -307,6 +307,195 @@ def test_node_own_traffic_is_never_translated(node):
         reporter.close()
 
 
+# ---------------------------------------------------------------- (b) reconcile's quick path
+
+QUICK = "unchanged since the last verified reconcile"
+
+
+def quiet_reconcile(node: Node, path: str) -> subprocess.CompletedProcess:
+    return node.ipmasq("reconcile", "--config", path, "--log-level", "debug", check=True)
+
+
+def bpftool_json(node: Node, *args: str):
+    return json.loads(node.sh("bpftool -j " + " ".join(args)))
+
+
+def live_gen(node: Node) -> int:
+    value = bpftool_json(node, "map lookup pinned", str(node.bpffs / "ipmasq_legacy" / "ctl"), "key 0 0 0 0")["value"]
+    return int(value[0], 16) & 1
+
+
+def hexbytes(raw: bytes) -> str:
+    return " ".join(f"{b:02x}" for b in raw)
+
+
+def in_node_python(node: Node, code: str) -> str:
+    proc = node.bed.node_exec([sys.executable, "-c", code], env=node.env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _detach(node, pins, gen):
+    node.sh("tc filter del dev eth0 egress pref 49152")
+
+
+def _exempt_entry_removed(node, pins, gen):
+    """10.0.0.0/8 gone from the live generation: 10.0.5.10 would be masqueraded."""
+    node.sh(f"bpftool map delete pinned {pins}/exempt4 key hex {hexbytes(ebpf.lpm_key(4, gen, '10.0.0.0/8'))}")
+    assert node.bed.source_seen(node.bed.dest("tke10")) == node.bed.uplink_addr["eth0"][4]
+
+
+def _exempt_entry_added(node, pins, gen):
+    """With the loader, an entry that exempts the public destination."""
+    in_node_python(node, "from ipmasq_legacy.backends import ebpf\n"
+                         "with ebpf.Pinned(None) as p:\n"
+                         f"    p.update('ipmq_exempt4', ebpf.lpm_key(4, {gen}, '198.20.0.0/16'), b'\\x01')\n")
+    assert node.bed.source_seen(node.bed.dest("public")) == node.bed.pod_addr[4]
+
+
+def _config_changed(node, pins, gen):
+    key = f"key hex {gen:02x} 00 00 00"
+    value = [int(b, 16) for b in bpftool_json(node, "map lookup pinned", f"{pins}/cfg", key)["value"]]
+    value[0] ^= ebpf.F_RANDOM
+    node.sh(f"bpftool map update pinned {pins}/cfg {key} value hex {hexbytes(bytes(value))}")
+
+
+def _map_replaced(node, pins, gen):
+    """A new, empty map of the same shape pinned in the exempt trie's place: the
+    programs still hold the old one."""
+    size = ebpf.SHAPES["map_entries"]["ipmq_exempt4"]
+    node.sh(f"rm {pins}/exempt4 && bpftool map create {pins}/exempt4 type lpm_trie key 9 value 1 "
+            f"entries {size} name ipmq_exempt4 flags 1")
+
+
+def _pin_removed(node, pins, gen):
+    node.sh(f"rm {pins}/local4")
+
+
+def _link_added(node, pins, gen):
+    node.sh("ip link add eth7 type veth peer name x-eth7 && ip link set eth7 up && ip addr add 172.27.0.1/24 dev eth7")
+
+
+CHANGES = {
+    "program detached": (_detach, "eth0: egress not attached"),
+    "exempt entry removed (bpftool)": (_exempt_entry_removed, "ipv4: exempt prefixes in map exempt4 differ"),
+    "exempt entry added (loader)": (_exempt_entry_added, "ipv4: exempt prefixes in map exempt4 differ"),
+    "config map changed": (_config_changed, "config differs"),
+    "map replaced": (_map_replaced, "uses maps that are no longer pinned"),
+    "pin removed": (_pin_removed, "map local4 missing"),
+    "link added": (_link_added, "eth7: egress not attached"),
+}
+
+
+@pytest.mark.traffic
+@needs_ebpf
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_noop_reconcile_is_quick_until_something_of_ours_changes(node, change):
+    """After a reconcile that verified everything, the next one trusts the unchanged
+    fingerprint and reads nothing; each kind of change to what we own moves the
+    fingerprint, so the reconcile after it reads everything and repairs."""
+    bed = node.bed
+    pins = node.bpffs / "ipmasq_legacy"
+    path = node.write_config({}, agent="")
+    node.ipmasq("apply", "--config", path, "--backend", "ebpf", check=True)
+    assert QUICK not in quiet_reconcile(node, path).stderr  # the first one reads everything, then records
+    assert QUICK in quiet_reconcile(node, path).stderr
+    make, drift = CHANGES[change]
+    try:
+        make(node, pins, live_gen(node))
+        repair = quiet_reconcile(node, path)
+        assert QUICK not in repair.stderr and drift in repair.stderr, repair.stderr
+        after = quiet_reconcile(node, path)  # a repair records nothing: this one reads all, finds nothing
+        assert QUICK not in after.stderr and "drift" not in after.stderr, after.stderr
+        assert QUICK in quiet_reconcile(node, path).stderr
+        # repaired for the packets too
+        assert tc_prog_ids(node, "eth0")
+        assert bed.source_seen(bed.dest("public")) == bed.uplink_addr["eth0"][4]
+        assert bed.source_seen(bed.dest("tke10")) == bed.pod_addr[4]
+        if change == "map replaced":
+            exempt4 = bpftool_json(node, "map show pinned", str(pins / "exempt4"))["id"]
+            prog = bpftool_json(node, "prog show id", str(tc_prog_ids(node, "eth0")[0]))
+            assert exempt4 in prog["map_ids"]
+        if change == "link added":
+            assert tc_prog_ids(node, "eth7")
+    finally:
+        if change == "link added":
+            node.sh("ip link del eth7 2>/dev/null; true")
+
+
+@pytest.mark.traffic
+@needs_ebpf
+def test_idle_generation_edits_need_no_repair(node):
+    """What the datapath does not read (the idle generation) is no drift: an entry there
+    moves the fingerprint (the tries are read whole), the full read finds nothing."""
+    pins = node.bpffs / "ipmasq_legacy"
+    path = node.write_config({}, agent="")
+    node.ipmasq("apply", "--config", path, "--backend", "ebpf", check=True)
+    quiet_reconcile(node, path)
+    assert QUICK in quiet_reconcile(node, path).stderr
+    idle = 1 - live_gen(node)
+    node.sh(f"bpftool map update pinned {pins}/exempt4 key hex {hexbytes(ebpf.lpm_key(4, idle, '1.2.3.0/24'))} "
+            "value hex 01")
+    full = quiet_reconcile(node, path)
+    assert QUICK not in full.stderr and "drift" not in full.stderr, full.stderr
+    assert QUICK in quiet_reconcile(node, path).stderr
+
+
+@pytest.mark.traffic
+@needs_ebpf
+def test_fingerprint_is_cheap_and_none_while_draining(node):
+    """No pyroute2, no nft process; stable while nothing changes; None (a full read)
+    while netfilter's connections drain, since their end is not in any of our objects."""
+    wrapper_dir = node.dir / "bin"
+    wrapper_dir.mkdir()
+    calls = node.dir / "nft-calls"
+    (wrapper_dir / "nft").write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexec /usr/sbin/nft \"$@\"\n")
+    (wrapper_dir / "nft").chmod(0o755)
+    node.apply({}, "ebpf", agent="")
+    code = ("import json, sys; from ipmasq_legacy.backends import ebpf; b = ebpf.EbpfBackend(); "
+            "print(json.dumps([b.fingerprint(), b.fingerprint(), 'pyroute2' in sys.modules]))")
+    env = {**node.env, "PATH": f"{wrapper_dir}:{os.environ['PATH']}"}
+    first, second, pyroute2 = json.loads(node.bed.node_exec([sys.executable, "-c", code], env=env).stdout)
+    assert first and first.startswith("ebpf ") and first == second and not pyroute2
+    assert not calls.exists() or calls.read_text() == ""
+    node.sh(f"nft add table ip {ebpf.DRAIN_TABLE}")
+    draining, _, _ = json.loads(node.bed.node_exec([sys.executable, "-c", code], env=env).stdout)
+    assert draining is None
+    node.sh(f"nft delete table ip {ebpf.DRAIN_TABLE}")
+
+
+@pytest.mark.traffic
+@needs_ebpf
+def test_our_nft_tables_are_asked_by_name(node):
+    """drain_tables_present / keeper_present ask nf_tables for those tables alone (one
+    NFT_MSG_GETTABLE each) and agree with `nft list tables`; a reap with nothing of
+    ours installed runs no nft and imports no pyroute2."""
+    def ask(then: str = "None"):
+        code = ("import json, sys; from ipmasq_legacy.backends import ebpf; "
+                "print(json.dumps([sorted(ebpf._nft_tables()), ebpf.drain_tables_present(), ebpf.keeper_present(), "
+                f"{then}, 'pyroute2' in sys.modules]))")
+        return json.loads(in_node_python(node, code))
+
+    def listed():
+        words = [line.split() for line in node.sh("nft list tables").splitlines()]
+        return sorted([w[1], w[2]] for w in words if len(w) == 3 and w[2].startswith("ipmasq_legacy"))
+
+    assert ask(then="ebpf.EbpfBackend().reap()") == [[], [], False, [], False]
+    node.sh("nft -f -", input=f"table inet {ebpf.KEEPER_TABLE} {{}}\ntable ip6 {ebpf.DRAIN_TABLE} {{}}\n"
+                              f"table ip {ebpf.DRAIN_TABLE}x {{}}\ntable ip6 {ebpf.KEEPER_TABLE} {{}}\n"
+                              "table ip other { set s { type ipv4_addr; flags interval; "
+                              "elements = { 10.1.0.0/16, 10.3.0.0/16 }; }; }\n")
+    try:
+        tables, drain, keeper, _, _ = ask()
+        assert tables == [t for t in listed() if tuple(t) in ebpf.DRAIN_TABLES + ebpf.KEEPER_TABLES]
+        assert tables == [["inet", ebpf.KEEPER_TABLE], ["ip6", ebpf.DRAIN_TABLE]]
+        assert drain == ["ip6"] and keeper
+    finally:
+        node.sh(f"nft delete table ip6 {ebpf.DRAIN_TABLE}; nft delete table inet {ebpf.KEEPER_TABLE}; "
+                f"nft delete table ip {ebpf.DRAIN_TABLE}x; nft delete table ip6 {ebpf.KEEPER_TABLE}; "
+                "nft delete table ip other")
+
+
 # ---------------------------------------------------------------- (c) ports
 
 

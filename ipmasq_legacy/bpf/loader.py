@@ -158,18 +158,31 @@ class Sys:
         return out
 
     def _items_batch(self, fd, key_size, value_size, max_entries):
-        chunk = max(1, min(max_entries, 4096))
+        out = []
+        for count, kr, vr in self.batches(fd, key_size, value_size, max(1, min(max_entries, 4096))):
+            for i in range(count):
+                out.append((kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size]))
+        return out
+
+    def batches(self, fd: int, key_size: int, value_size: int, chunk: int, after: bytes | None = None,
+                limit: int | None = None):
+        """BPF_MAP_LOOKUP_BATCH, raw: (count, keys, values) per call, the buffers as the
+        kernel filled them (only the first count entries of each are meant). `after`: the
+        key to start after (array maps: its index; None: from the first); `limit`: stop
+        after that many entries. Raises BpfError (EINVAL, EOPNOTSUPP or 524 where the
+        kernel or the map type lacks batches) before yielding anything."""
         keys = ctypes.create_string_buffer(key_size * chunk)
         values = ctypes.create_string_buffer(value_size * chunk)
-        in_batch = None
+        in_batch = ctypes.create_string_buffer(after, len(after)) if after is not None else None
         # the cursor: a bucket index for hash maps, a whole key for the generic batch ops
         cursor = max(8, key_size)
         out_batch = ctypes.create_string_buffer(cursor)
-        out = []
-        while True:
+        left = limit
+        while left is None or left > 0:
+            want = chunk if left is None else min(chunk, left)
             attr = ctypes.create_string_buffer(self.ATTR)
             struct.pack_into("=QQQQIIQQ", attr, 0, _addr(in_batch), _addr(out_batch), _addr(keys), _addr(values),
-                             chunk, fd, 0, 0)
+                             want, fd, 0, 0)
             done = False
             try:
                 self.call(MAP_LOOKUP_BATCH, attr, "map lookup batch")
@@ -178,12 +191,63 @@ class Sys:
                     raise
                 done = True
             count = struct.unpack_from("=I", attr, 32)[0]
-            kr, vr = keys.raw, values.raw
-            for i in range(count):
-                out.append((kr[i * key_size:(i + 1) * key_size], vr[i * value_size:(i + 1) * value_size]))
+            if count:
+                yield count, keys.raw, values.raw
+            if left is not None:
+                left -= count
             if done:
-                return out
+                return
             in_batch = ctypes.create_string_buffer(out_batch.raw, cursor)
+
+    def all_keys(self, fd: int, key_size: int, value_size: int, max_entries: int) -> list[bytes]:
+        """Every key of a map (BPF_MAP_LOOKUP_BATCH where the kernel has it, else
+        BPF_MAP_GET_NEXT_KEY); `value_size` is the full size (per-CPU: all slots)."""
+        out = []
+        try:
+            for count, kr, _vr in self.batches(fd, key_size, value_size, max(1, min(max_entries, 65536))):
+                out += [kr[i:i + key_size] for i in range(0, count * key_size, key_size)]
+            return out
+        except BpfError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524) or out:
+                raise
+        return self.keys(fd, key_size)
+
+    def digest(self, fd: int, key_size: int, value_size: int, max_entries: int, update) -> int:
+        """Every (key, value) of a map fed to `update` (a hash's update) as raw bytes, in
+        the map's own order, without a Python object per entry; returns how many. One
+        BPF_MAP_LOOKUP_BATCH per 65,536 entries (key by key where the kernel lacks it)."""
+        total = 0
+        try:
+            for count, kr, vr in self.batches(fd, key_size, value_size, max(1, min(max_entries, 65536))):
+                update(struct.pack("=I", count) + kr[:count * key_size] + vr[:count * value_size])
+                total += count
+            return total
+        except BpfError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524) or total:
+                raise
+        for key in self.keys(fd, key_size):
+            value = self.lookup(fd, key, value_size)
+            if value is not None:
+                update(struct.pack("=I", 1) + key + value)
+                total += 1
+        return total
+
+    def array_values(self, fd: int, first: int, count: int, value_size: int) -> bytes:
+        """Entries first .. first+count-1 of an array map, their values end to end."""
+        out = []
+        try:
+            after = struct.pack("=I", first - 1) if first else None
+            got = 0
+            for n, _kr, vr in self.batches(fd, 4, value_size, count, after=after, limit=count):
+                out.append(vr[:n * value_size])
+                got += n
+            if got == count:
+                return b"".join(out)
+        except BpfError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+                raise
+        return b"".join(self.lookup(fd, struct.pack("=I", i), value_size) or bytes(value_size)
+                        for i in range(first, first + count))
 
     def update_many(self, fd: int, keys: list[bytes], values: list[bytes], flags: int = ANY) -> None:
         """Many elements in one BPF_MAP_UPDATE_BATCH (one by one where the kernel lacks it)."""
@@ -255,8 +319,8 @@ class Sys:
         struct.pack_into("=QI", attr, 0, _addr(p), 0)
         return self.call(OBJ_GET, attr, f"get {path}")
 
-    def _info(self, fd: int, size: int) -> bytes:
-        info = ctypes.create_string_buffer(size)
+    def _info(self, fd: int, size: int, init: bytes = b"") -> bytes:
+        info = ctypes.create_string_buffer(init.ljust(size, b"\0"), size)
         attr = ctypes.create_string_buffer(self.ATTR)
         struct.pack_into("=IIQ", attr, 0, fd, size, _addr(info))
         self.call(OBJ_GET_INFO_BY_FD, attr, "object info")
@@ -270,11 +334,17 @@ class Sys:
                 "max_entries": max_entries, "flags": flags, "name": name}
 
     def prog_info(self, fd: int) -> dict:
-        raw = self._info(fd, 96)
+        """type, id, tag, name, and map_ids: the ids of the maps the program uses (its
+        instructions hold those maps, whatever is pinned where today)."""
+        ids = (ctypes.c_uint32 * 64)()
+        init = bytearray(96)
+        struct.pack_into("=IQ", init, 52, len(ids), ctypes.addressof(ids))  # nr_map_ids, map_ids
+        raw = self._info(fd, 96, bytes(init))
         type_, id_ = struct.unpack_from("=II", raw, 0)
         tag = raw[8:16].hex()
+        nr_map_ids = struct.unpack_from("=I", raw, 52)[0]
         name = raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-        return {"type": type_, "id": id_, "tag": tag, "name": name}
+        return {"type": type_, "id": id_, "tag": tag, "name": name, "map_ids": list(ids[:min(nr_map_ids, len(ids))])}
 
     def prog_load(self, prog_type: int, insns: bytes, license: str, name: str) -> int:
         ins = ctypes.create_string_buffer(insns, len(insns))
