@@ -41,9 +41,10 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import ruledata
+from .. import netlink, ruledata
 from ..bpf import loader
 from ..errors import ApplyError
+from ..netlink import NETLINK_NETFILTER, NETLINK_ROUTE, NFNL_SUBSYS_NFTABLES
 from ..plan import FamilyPlan, Plan
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
 
@@ -324,85 +325,15 @@ def _other_filters(ipr, index: int) -> int:
 # ---------------------------------------------------------------- netlink, spelled out
 #
 # The cheap reads (the nft tables we own, the fingerprint's links, addresses and tc
-# filters) speak netlink with struct, as nftables._generation() does: importing pyroute2
-# alone costs 0.12 s, more than all of those requests together.
+# filters) speak netlink through ..netlink: importing pyroute2 alone costs 0.12 s, more
+# than all of those requests together.
 
-NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
-NFNL_SUBSYS_NFTABLES = 10
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG = struct.Struct("=IHHII")
 RTM_GETLINK, RTM_GETADDR, RTM_GETQDISC, RTM_GETTFILTER = 18, 22, 38, 46
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_BPF_NAME, TCA_BPF_TAG, TCA_BPF_ID = 7, 10, 11
 TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
-
-
-def _nla(kind: int, value: bytes) -> bytes:
-    return struct.pack("=HH", 4 + len(value), kind) + value + bytes(-len(value) % 4)
-
-
-def _attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    """Netlink attributes from `offset` on: type (flags masked off) -> payload."""
-    out = {}
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = data[offset + 4:offset + length]
-        offset += (length + 3) & ~3
-    return out
-
-
-def _text(raw: bytes | None) -> str | None:
-    return raw.split(b"\0", 1)[0].decode(errors="replace") if raw is not None else None
-
-
-class _Netlink:
-    """One netlink socket; request() sends one message and returns its answer."""
-
-    def __init__(self, protocol: int):
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
-        self.sock.settimeout(2.0)
-        self.seq = 0
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def request(self, msg_type: int, body: bytes, dump: bool = False) -> list[tuple[int, bytes]]:
-        """[(type, payload after the netlink header)]: every message of a dump, or the one
-        answer to a request; an error answer raises OSError with its errno."""
-        self.seq += 1
-        flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
-        self.sock.send(NLMSG.pack(NLMSG.size + len(body), msg_type, flags, self.seq, 0) + body)
-        out = []
-        while True:
-            data = self.sock.recv(1 << 16)  # a dump's messages come at most 32 KiB at a time
-            offset = 0
-            while offset + NLMSG.size <= len(data):
-                length, kind, _flags, seq, _pid = NLMSG.unpack_from(data, offset)
-                if length < NLMSG.size:
-                    raise OSError(errno.EPROTO, "malformed netlink message")
-                payload = data[offset + NLMSG.size:offset + length]
-                offset += (length + 3) & ~3
-                if seq != self.seq:
-                    continue
-                if kind in (NLMSG_ERROR, NLMSG_DONE):
-                    code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
-                    if code > 0:
-                        raise OSError(code, os.strerror(code))
-                    return out
-                out.append((kind, payload))
-                if not dump:
-                    return out
 
 
 # ---------------------------------------------------------------- pinned maps
@@ -604,9 +535,9 @@ def _nft_lookup(wanted) -> dict[tuple[str, str], dict[int, bytes] | None]:
     100,000-element set). OSError when nf_tables cannot be asked at all."""
     nft_msg_gettable, nfta_table_name = (NFNL_SUBSYS_NFTABLES << 8) | 1, 1
     out = {}
-    with _Netlink(NETLINK_NETFILTER) as nl:
+    with netlink.Netlink(NETLINK_NETFILTER) as nl:
         for family, name in wanted:
-            body = struct.pack("=BBH", NFPROTO[family], 0, 0) + _nla(nfta_table_name, name.encode() + b"\0")
+            body = struct.pack("=BBH", NFPROTO[family], 0, 0) + netlink.nla(nfta_table_name, name.encode() + b"\0")
             try:
                 replies = nl.request(nft_msg_gettable, body)
             except OSError as exc:
@@ -614,7 +545,7 @@ def _nft_lookup(wanted) -> dict[tuple[str, str], dict[int, bytes] | None]:
                     raise
                 out[(family, name)] = None
                 continue
-            out[(family, name)] = _attrs(replies[0][1], 4) if replies else None
+            out[(family, name)] = netlink.attrs(replies[0][1], 4) if replies else None
     return out
 
 
@@ -1159,16 +1090,16 @@ class EbpfBackend(Backend):
 
     @staticmethod
     def _fingerprint_links(h) -> None:
-        with _Netlink(NETLINK_ROUTE) as nl:
+        with netlink.Netlink(NETLINK_ROUTE) as nl:
             links = []
             for _kind, msg in nl.request(RTM_GETLINK, bytes(16), dump=True):
                 _family, ifi_type, index, _flags, _change = struct.unpack_from("=BxHiII", msg)
-                links.append((index, ifi_type, _text(_attrs(msg, 16).get(IFLA_IFNAME)) or ""))
+                links.append((index, ifi_type, netlink.text(netlink.attrs(msg, 16).get(IFLA_IFNAME)) or ""))
             _put(h, "links", sorted(links))
             addresses = []
             for _kind, msg in nl.request(RTM_GETADDR, bytes(8), dump=True):
                 family, plen, flags, scope, index = struct.unpack_from("=BBBBI", msg)
-                attrs = _attrs(msg, 8)
+                attrs = netlink.attrs(msg, 8)
                 if IFA_FLAGS in attrs:
                     flags = struct.unpack("=I", attrs[IFA_FLAGS])[0]
                 addresses.append((index, family, plen, scope, flags, attrs.get(IFA_LOCAL, b"").hex(),
@@ -1177,7 +1108,7 @@ class EbpfBackend(Backend):
             qdiscs = set()
             for _kind, msg in nl.request(RTM_GETQDISC, bytes(TCMSG.size), dump=True):
                 _family, index, handle, parent, _info = TCMSG.unpack_from(msg)
-                kind = _text(_attrs(msg, TCMSG.size).get(TCA_KIND))
+                kind = netlink.text(netlink.attrs(msg, TCMSG.size).get(TCA_KIND))
                 if kind in ("clsact", "ingress"):
                     qdiscs.add((index, kind, handle, parent))
             _put(h, "qdiscs", sorted(qdiscs))
@@ -1191,11 +1122,11 @@ class EbpfBackend(Backend):
                     ours = []
                     for _kind, msg in msgs:
                         _family, _index, handle, _parent, info = TCMSG.unpack_from(msg)
-                        attrs = _attrs(msg, TCMSG.size)
-                        if _text(attrs.get(TCA_KIND)) != "bpf" or TCA_OPTIONS not in attrs:
+                        attrs = netlink.attrs(msg, TCMSG.size)
+                        if netlink.text(attrs.get(TCA_KIND)) != "bpf" or TCA_OPTIONS not in attrs:
                             continue
-                        opts = _attrs(attrs[TCA_OPTIONS])
-                        name = _text(opts.get(TCA_BPF_NAME))
+                        opts = netlink.attrs(attrs[TCA_OPTIONS])
+                        name = netlink.text(opts.get(TCA_BPF_NAME))
                         if name and name.startswith(FILTER + "/"):
                             ours.append((info >> 16, info & 0xFFFF, handle, name, opts.get(TCA_BPF_ID, b"").hex(),
                                          opts.get(TCA_BPF_TAG, b"").hex()))

@@ -33,7 +33,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__, prefixes, ruledata, state
+from .. import __version__, netlink, prefixes, ruledata, state
 from ..errors import ApplyError, ConfigError
 from ..plan import FamilyPlan, MasqueradeRule, Plan, masquerade_rules
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
@@ -724,36 +724,16 @@ class NftablesBackend(Backend):
 
 
 def _generation() -> int | None:
-    """nf_tables' ruleset generation in this network namespace: one NFT_MSG_GETGEN request.
-
-    Spelled out with struct rather than through pyroute2, whose import alone (0.12 s)
-    would cost a no-op reconcile more than the whole request."""
-    nfnl_subsys_nftables, nft_msg_getgen, nfta_gen_id = 10, 16, 1
-    nlmsg_error, nlm_f_request = 2, 1
+    """nf_tables' ruleset generation in this network namespace: one NFT_MSG_GETGEN request
+    (spelled out in ..netlink: importing pyroute2 would cost more than the request)."""
+    nft_msg_getgen, nfta_gen_id = (netlink.NFNL_SUBSYS_NFTABLES << 8) | 16, 1
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12) as sock:  # NETLINK_NETFILTER
-            sock.settimeout(1.0)
-            body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)  # nfgenmsg
-            header = struct.pack("=IHHII", 16 + len(body), (nfnl_subsys_nftables << 8) | nft_msg_getgen,
-                                 nlm_f_request, 1, 0)
-            sock.send(header + body)
-            reply = sock.recv(4096)
+        with netlink.Netlink(netlink.NETLINK_NETFILTER) as nl:
+            replies = nl.request(nft_msg_getgen, struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
     except OSError:
         return None
-    if len(reply) < 20:
-        return None
-    _, msg_type, _, _, _ = struct.unpack_from("=IHHII", reply)
-    if msg_type == nlmsg_error:
-        return None
-    offset = 16 + 4  # nlmsghdr, nfgenmsg; then attributes (len, type, value), 4-byte aligned
-    while offset + 4 <= len(reply):
-        attr_len, attr_type = struct.unpack_from("=HH", reply, offset)
-        if attr_len < 4:
-            break
-        if attr_type & 0x3FFF == nfta_gen_id and attr_len >= 8:
-            return struct.unpack_from("!I", reply, offset + 4)[0]
-        offset += (attr_len + 3) & ~3
-    return None
+    raw = netlink.attrs(replies[0][1], 4).get(nfta_gen_id) if replies else None
+    return struct.unpack("!I", raw[:4])[0] if raw is not None and len(raw) >= 4 else None
 
 
 def _netns_id() -> str:

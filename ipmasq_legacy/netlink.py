@@ -1,0 +1,84 @@
+"""Netlink, spelled out with struct: the few cheap requests the agent makes on its hot
+paths (nf_tables' generation, whether a table exists, links, addresses and tc filters).
+
+pyroute2 is the project's netlink library and does everything else; importing it costs
+0.12 s, more than a no-op reconcile may spend in all, so these requests do without it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
+NFNL_SUBSYS_NFTABLES = 10
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG = struct.Struct("=IHHII")
+
+
+def nla(kind: int, value: bytes) -> bytes:
+    return struct.pack("=HH", 4 + len(value), kind) + value + bytes(-len(value) % 4)
+
+
+def attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    """Netlink attributes from `offset` on: type (flags masked off) -> payload."""
+    out = {}
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[offset + 4:offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def text(raw: bytes | None) -> str | None:
+    return raw.split(b"\0", 1)[0].decode(errors="replace") if raw is not None else None
+
+
+class Netlink:
+    """One netlink socket; request() sends one message and returns its answer."""
+
+    def __init__(self, protocol: int):
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+        self.sock.settimeout(2.0)
+        self.seq = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def request(self, msg_type: int, body: bytes, dump: bool = False) -> list[tuple[int, bytes]]:
+        """[(type, payload after the netlink header)]: every message of a dump, or the one
+        answer to a request; an error answer raises OSError with its errno."""
+        self.seq += 1
+        flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
+        self.sock.send(NLMSG.pack(NLMSG.size + len(body), msg_type, flags, self.seq, 0) + body)
+        out = []
+        while True:
+            data = self.sock.recv(1 << 16)  # a dump's messages come at most 32 KiB at a time
+            offset = 0
+            while offset + NLMSG.size <= len(data):
+                length, kind, _flags, seq, _pid = NLMSG.unpack_from(data, offset)
+                if length < NLMSG.size:
+                    raise OSError(errno.EPROTO, "malformed netlink message")
+                payload = data[offset + NLMSG.size:offset + length]
+                offset += (length + 3) & ~3
+                if seq != self.seq:
+                    continue
+                if kind in (NLMSG_ERROR, NLMSG_DONE):
+                    code = -struct.unpack_from("=i", payload)[0] if len(payload) >= 4 else 0
+                    if code > 0:
+                        raise OSError(code, os.strerror(code))
+                    return out
+                out.append((kind, payload))
+                if not dump:
+                    return out
