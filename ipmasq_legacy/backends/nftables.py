@@ -163,20 +163,17 @@ def set_declaration(family: int) -> list[str]:
     return [line.format(type=SHAPES["set"]["type"][family]) for line in SHAPES["set"]["declaration"]]
 
 
-# One pattern over all of a family's members joined by newlines: 100,000 prefixes are
-# checked in one call (a few ms) before they go into nft input; a member that fails is
-# then found and named by the exact check, _member_text.
-_MEMBERS = {
-    4: re.compile(r"(?:\d{1,3}(?:\.\d{1,3}){3}/\d{1,2}\n)*"),
-    6: re.compile(r"(?:[0-9a-f.]*:[0-9a-f:.]*/\d{1,3}\n)*"),
-}
+# The characters a family's prefixes are spelled with, checked over all members at once
+# (one C-speed pass over 100,000 of them, no per-member state): nothing else can reach
+# nft input, so no quote, brace, space or newline of a crafted prefix can inject. A
+# member that fails is then found and named by the exact check, _member_text.
+_MEMBER_CHARS = {4: re.compile(r"[0-9./]*"), 6: re.compile(r"[0-9a-f:./]*")}
 
 
 def member_texts(fp: FamilyPlan) -> list[str]:
-    """The plan's exempt prefixes, checked, as set elements: nothing but address
-    characters reaches nft input (a newline or brace in a prefix would be an injection)."""
+    """The plan's exempt prefixes, checked, as set elements."""
     members = list(fp.exempt)
-    if _MEMBERS[fp.family].fullmatch("".join(p + "\n" for p in members)):
+    if _MEMBER_CHARS[fp.family].fullmatch("".join(members)) and all(members):
         return members
     return [_member_text(p, fp.family) for p in members]  # raises, naming the bad one
 
