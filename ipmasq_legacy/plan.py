@@ -107,8 +107,10 @@ class Plan:
 
 def normalise(items) -> tuple[str, ...]:
     """Merge duplicates, contained and adjacent prefixes; sorted, IPv4 first."""
-    parsed = [p if isinstance(p, Prefix) else prefixes.parse(str(p)) for p in items]
-    return tuple(str(p) for p in prefixes.normalise(parsed))
+    items = list(items)
+    if set(map(type, items)) - {Prefix}:  # else all parsed already (a Config's lists)
+        items = [p if isinstance(p, Prefix) else prefixes.parse(str(p)) for p in items]
+    return tuple(prefixes.texts(prefixes.normalise(items)))
 
 
 def sort_prefixes(items) -> list[str]:

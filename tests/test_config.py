@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import textwrap
+from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ipmasq_legacy import config
 from ipmasq_legacy.errors import ConfigError
@@ -214,3 +218,50 @@ def test_agent_file_not_read_unless_enabled(tmp_path):
     (tmp_path / "broken").write_text("nonsense: [")
     cfg = config.load(write(tmp_path, f"ip-masq-agent-config-path: {tmp_path / 'broken'}\n"))
     assert cfg.masq_agent is None
+
+
+# ------------------------------------------------------------- many networks at once
+
+v4_network = st.builds(lambda a, n: ipaddress.ip_network(f"{a}/{n}", strict=False), st.ip_addresses(v=4), st.integers(0, 32))
+v6_network = st.builds(lambda a, n: ipaddress.ip_network(f"{a}/{n}", strict=False), st.ip_addresses(v=6), st.integers(0, 128))
+network_text = st.one_of(
+    v4_network.map(str), v4_network.map(str), v6_network.map(str), v6_network.map(lambda n: n.exploded.upper()),
+    st.builds(lambda a, n: f"{a}/{n}", st.ip_addresses(), st.integers(0, 129)),  # host bits, too long
+    st.sampled_from(["10.0.0.0/08", " 10.0.0.0/8", "10.0.0.0/8 ", "010.0.0.0/8", "10.0.0.0", "10.0.0.0/8\n10.1.0.0/16",
+                     "fe80::/10%eth0", "", "x", "10.0.0.0/255.0.0.0", "::ffff:10.0.0.0/104"]),
+    st.sampled_from([7, None, True, 1.5, ["10.0.0.0/8"]]),
+)
+
+
+def networks_one_by_one(value, where, family):
+    """config.parse_networks as it was: each item on its own."""
+    try:
+        return tuple(config.parse_network(item, where, family) for item in config._as_list(value, where))
+    except ConfigError as exc:
+        return str(exc)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.lists(network_text, max_size=6), st.lists(network_text, max_size=4).map(
+    lambda items: ", ".join(map(str, items)))), st.sampled_from([4, 6, None]))
+def test_parse_networks_agrees_with_one_by_one(value, family):
+    where = "key 'k' in f.yaml"
+    want = networks_one_by_one(value, where, family)
+    for batch_min in (2, config.BATCH_MIN_ITEMS):
+        with mock.patch.object(config, "BATCH_MIN_ITEMS", batch_min):
+            try:
+                got = config.parse_networks(value, where, family)
+            except ConfigError as exc:
+                got = str(exc)
+        assert got == want
+
+
+def test_parse_networks_many():
+    texts = [str(n) for n in ipaddress.ip_network("20.0.0.0/12").subnets(new_prefix=24)]
+    got = config.parse_networks(texts, "w", 4)
+    assert [str(p) for p in got] == texts and isinstance(got, tuple)
+    assert config.parse_networks(texts, "w", None) == got
+    with pytest.raises(ConfigError, match="'20.0.1.1/24' has host bits set; did you mean 20.0.1.0/24"):
+        config.parse_networks(texts[:1] + ["20.0.1.1/24"] + texts[2:], "w", 4)
+    with pytest.raises(ConfigError, match="is IPv6, expected an IPv4 CIDR"):
+        config.parse_networks(texts + ["fd00::/8"], "w", 4)
