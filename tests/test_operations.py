@@ -278,13 +278,24 @@ def test_metrics_file_parses_and_counters_move(node):
     assert _metric(text, "ipmasq_drift_repairs", kind="N jumps from POSTROUTING instead of N") == 1
 
 
+# An nft that logs each call: its arguments, and the first line of what it reads with `-f -`
+NFT_LOGGER = """#!/bin/sh
+echo "$*" >> {calls}
+if [ "$(eval echo \\${{$#}})" = "-" ]; then
+    tmp=$(mktemp); cat > "$tmp"; head -1 "$tmp" >> {calls}
+    /usr/sbin/nft "$@" < "$tmp"; rc=$?; rm -f "$tmp"; exit $rc
+fi
+exec /usr/sbin/nft "$@"
+"""
+
+
 def test_nftables_noop_reconcile_lists_nothing_until_the_generation_moves(node):
     """The fingerprint: an unchanged nf_tables generation answers 'in sync' without a listing."""
     wrapper_dir = node.dir / "bin"
     wrapper_dir.mkdir()
     calls = node.dir / "nft-calls"
     wrapper = wrapper_dir / "nft"
-    wrapper.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\nexec /usr/sbin/nft \"$@\"\n")
+    wrapper.write_text(NFT_LOGGER.format(calls=calls))
     wrapper.chmod(0o755)
     node.env.update({"IPMASQ_NFT_CLI": "1", "PATH": f"{wrapper_dir}:{os.environ['PATH']}"})
     config_path = node.write_config({}, agent="")
@@ -297,17 +308,6 @@ def test_nftables_noop_reconcile_lists_nothing_until_the_generation_moves(node):
     repair = node.ipmasq("reconcile", "--config", config_path, check=True)
     assert "exempt set members differ" in repair.stderr
     assert calls.read_text(), "the moved generation did not lead to a listing"
-
-
-# An nft that logs each call: its arguments, and the first line of what it reads with `-f -`
-NFT_LOGGER = """#!/bin/sh
-echo "$*" >> {calls}
-if [ "$(eval echo \\${{$#}})" = "-" ]; then
-    tmp=$(mktemp); cat > "$tmp"; head -1 "$tmp" >> {calls}
-    /usr/sbin/nft "$@" < "$tmp"; rc=$?; rm -f "$tmp"; exit $rc
-fi
-exec /usr/sbin/nft "$@"
-"""
 
 
 def test_nftables_apply_trusts_its_record_until_the_generation_moves(node):
