@@ -19,11 +19,11 @@ TARGET_CONN_RATIO = 1.2
 
 PHASE_ROWS = [  # (label in phases.py, shown as); indentation shows nesting (times are inclusive)
     ("config.load", "config.load"),
-    ("yaml", "  YAML load (config file)"),
-    ("config.parse_networks", "  parse CIDRs (ipaddress)"),
+    ("yaml", "  reading the config text (YAML fast path, libyaml)"),
+    ("config.parse_networks", "  parse CIDRs (integers, batched)"),
     ("agent.sync", "agent.sync"),
     ("plan.build", "  plan.build"),
-    ("plan.normalise", "    plan.normalise (collapse_addresses)"),
+    ("plan.normalise", "    plan.normalise (merge, one sort)"),
     ("backend.drift", "  backend.drift (reconcile: read + compare)"),
     ("backend.apply", "  backend.apply (read + compare + write)"),
     ("backend.live", "    backend.live (read what we own)"),
