@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,9 +46,13 @@ class Node:
             self._unmount = weakref.finalize(self, unmount_bpffs, str(self.bpffs))
 
     def close(self) -> None:
-        """Unmount the node's bpffs now (also done when the node is collected or at exit)."""
+        """Unmount the node's bpffs now (also done when the node is collected or at exit)
+        and remove the node's folder (configs, state)."""
         if self.bpffs is not None:
             self._unmount()
+            if os.path.ismount(self.bpffs):
+                return  # never remove files under a bpffs that is still mounted
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def ipmasq(self, *args: str, check: bool | None = None) -> subprocess.CompletedProcess:
         proc = self.bed.node_exec([sys.executable, "-m", "ipmasq_legacy", *args], env=self.env)
