@@ -187,13 +187,15 @@ def cli_env(workdir: Path) -> dict:
 
 def warm_bytecode(env: dict) -> None:
     """Compile the package and what it imports into our bytecode cache (no side effects)."""
-    code = ("import importlib, pkgutil, ipmasq_legacy\n"
-            "for m in pkgutil.walk_packages(ipmasq_legacy.__path__, 'ipmasq_legacy.'):\n"
-            "    if not m.name.endswith('__main__'):\n"
-            "        try:\n"
-            "            importlib.import_module(m.name)\n"
-            "        except Exception:\n"
-            "            pass\n")
+    # pyroute2 is imported lazily (only when a link or tc object changes): warm it too
+    code = ("import importlib, pkgutil, ipmasq_legacy, pyroute2\n"
+            "for pkg, prefix in ((ipmasq_legacy, 'ipmasq_legacy.'), (pyroute2, 'pyroute2.')):\n"
+            "    for m in pkgutil.walk_packages(pkg.__path__, prefix):\n"
+            "        if not m.name.endswith('__main__'):\n"
+            "            try:\n"
+            "                importlib.import_module(m.name)\n"
+            "            except Exception:\n"
+            "                pass\n")
     subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, timeout=120, cwd=REPO)
 
 

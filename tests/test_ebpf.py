@@ -20,7 +20,9 @@ import random
 import resource
 import selectors
 import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -90,6 +92,66 @@ def test_missing_object_is_explained(tmp_path):
     data = json.loads(doctor.stdout)
     assert "not built" in data["backends"]["ebpf"] and "not built" in data["bpf"]["ebpf backend"]
     assert data["auto"]["backend"] != "ebpf"
+
+
+def test_trie_diff_compares_only_what_differs():
+    rng = random.Random(7)
+    universe = [bytes([a, b, c]) for a in range(3) for b in range(4) for c in range(3)]
+    for _ in range(2000):
+        want = rng.sample(universe, rng.randint(0, 20))
+        have = sorted(set(want) ^ set(rng.sample(universe, rng.randint(0, 4)))) if rng.random() < 0.7 \
+            else rng.sample(universe, rng.randint(0, 20))
+        for w, h in ((want, have), (sorted(want), sorted(have))):  # in order or not: the right answer
+            missing, extra = ebpf.trie_diff(w, b"".join(h), 3)
+            assert sorted(missing) == sorted(set(w) - set(h)) and sorted(extra) == sorted(set(h) - set(w))
+    prefixes = [f"11.{i // 256}.{i % 256}.0/24" for i in range(50000)]
+    keys = ebpf.lpm_key_list(4, 1, prefixes)
+    assert keys[:2] == [ebpf.lpm_key(4, 1, p) for p in prefixes[:2]]
+    assert ebpf.trie_diff(keys, b"".join(keys), 9) == ([], [])
+    added = ebpf.lpm_key(4, 1, "11.250.0.0/24")
+    missing, extra = ebpf.trie_diff(keys[:30000] + [added] + keys[30000:], b"".join(keys[:99] + keys[100:]), 9)
+    assert (sorted(missing), extra) == (sorted([keys[99], added]), [])
+
+
+@needs_ebpf
+def test_lpm_run_reads_one_generation_of_a_trie():
+    """Pinned.generation's reader, on a trie of both generations and of keys a hand may
+    write (another generation byte, prefixes shorter than it): with or without a seek
+    key (held or not), with or without a size, it returns what a read of the whole
+    trie filtered says, and only the keys shorter than a byte are left to lpm_covering."""
+    sysobj = loader.Sys()
+    fd = sysobj.map_create(loader.MAP_LPM_TRIE, 9, 1, 1 << 20, 1, "ipmq_test")
+    try:
+        rng = random.Random(3)
+        gen0 = sorted({f"{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.0/24" for _ in range(30000)},
+                      key=lambda p: socket.inet_aton(p.split("/")[0]))
+        gen1 = gen0[:20000] + [f"{rng.randrange(1, 224)}.{rng.randrange(256)}.0.0/16" for _ in range(5000)]
+        for gen, prefixes in ((0, gen0), (1, gen1)):
+            keys = ebpf.lpm_key_list(4, gen, prefixes)
+            sysobj.update_many(fd, keys, [b"\x01"] * len(keys))
+        sysobj.update(fd, struct.pack("=IB4s", 32, 2, socket.inet_aton("1.2.3.0")), b"\x01")  # generation 2
+        sysobj.update(fd, struct.pack("=I", 20) + bytes(5), b"\x05")  # a /20 of generation 0
+        whole = sysobj.all_keys(fd, 9, 1, 1 << 20)
+
+        def expected(first):
+            return sorted(k for k in whole if loader.lpm_rank(k, first) == 0)
+
+        seeks = ([], [ebpf.lpm_key(4, 0, gen0[-1])], [ebpf.lpm_key(4, 0, "223.255.255.0/24"), ebpf.lpm_key(4, 0, gen0[5])])
+        for first in (0, 1, 2, 3):
+            for seek in seeks:
+                for expect in (None, 0, 100, 25000):
+                    raw, values = sysobj.lpm_run(fd, 9, 1, first, seek, expect)
+                    got = sorted(raw[i:i + 9] for i in range(0, len(raw), 9))
+                    assert got == expected(first), (first, seek, expect)
+                    assert len(values) == len(got) and values.count(b"\x05") == (first == 0)
+        assert sysobj.lpm_start(fd, 9, 1, seeks[2]) == seeks[2][1]  # the first it holds
+        assert sysobj.lpm_covering(fd, 9, 1, 1) == (None, [])
+        sysobj.update(fd, struct.pack("=I", 6) + bytes(5), b"\x03")  # 0.0.0.0/6: generations 0 to 3
+        value, candidates = sysobj.lpm_covering(fd, 9, 1, 1)
+        assert value == b"\x03" and struct.pack("=I", 6) + bytes(5) in candidates
+        assert len(sysobj.lpm_run(fd, 9, 1, 1, seeks[1], 25000)[0]) == 9 * len(expected(1))
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- helpers for traffic
@@ -376,6 +438,14 @@ def _link_added(node, pins, gen):
     node.sh("ip link add eth7 type veth peer name x-eth7 && ip link set eth7 up && ip addr add 172.27.0.1/24 dev eth7")
 
 
+def _short_prefix_added(node, pins, gen):
+    """A prefix of length 0 (0.0.0.0/0 without the generation byte, as a hand that forgot
+    it would write): outside both generations, it matches their every lookup, so every
+    destination is exempt."""
+    node.sh(f"bpftool map update pinned {pins}/exempt4 key hex 00 00 00 00 {gen:02x} 00 00 00 00 value hex 01")
+    assert node.bed.source_seen(node.bed.dest("public")) == node.bed.pod_addr[4]
+
+
 CHANGES = {
     "program detached": (_detach, "eth0: egress not attached"),
     "exempt entry removed (bpftool)": (_exempt_entry_removed, "ipv4: exempt prefixes in map exempt4 differ"),
@@ -384,6 +454,7 @@ CHANGES = {
     "map replaced": (_map_replaced, "uses maps that are no longer pinned"),
     "pin removed": (_pin_removed, "map local4 missing"),
     "link added": (_link_added, "eth7: egress not attached"),
+    "short prefix added (bpftool)": (_short_prefix_added, "ipv4: exempt prefixes in map exempt4 differ"),
 }
 
 
@@ -426,8 +497,10 @@ def test_noop_reconcile_is_quick_until_something_of_ours_changes(node, change):
 @pytest.mark.traffic
 @needs_ebpf
 def test_idle_generation_edits_need_no_repair(node):
-    """What the datapath does not read (the idle generation) is no drift: an entry there
-    moves the fingerprint (the tries are read whole), the full read finds nothing."""
+    """What the datapath does not read (the idle generation) is no drift: the full check
+    and the fingerprint read the live generation alone, so an entry there neither moves
+    the fingerprint nor shows in the full read. The next change reads the idle
+    generation back before it writes there (test_stale_idle_generation_is_rewritten)."""
     pins = node.bpffs / "ipmasq_legacy"
     path = node.write_config({}, agent="")
     node.ipmasq("apply", "--config", path, "--backend", "ebpf", check=True)
@@ -436,9 +509,291 @@ def test_idle_generation_edits_need_no_repair(node):
     idle = 1 - live_gen(node)
     node.sh(f"bpftool map update pinned {pins}/exempt4 key hex {hexbytes(ebpf.lpm_key(4, idle, '1.2.3.0/24'))} "
             "value hex 01")
-    full = quiet_reconcile(node, path)
-    assert QUICK not in full.stderr and "drift" not in full.stderr, full.stderr
     assert QUICK in quiet_reconcile(node, path).stderr
+    assert "State: in sync" in node.ipmasq("status", "--config", path, check=True).stdout
+
+
+# ---------------------------------------------------------------- (b2) a change writes what differs
+
+# The tries as the kernel holds them, read with the plain batch lookup of every entry
+# (Pinned.items, not the backend's reader of one generation), grouped by generation
+# ("short": prefixes shorter than the generation byte); with config paths, whether the
+# live generation is exactly what each plan wants ("exact", "cfg": its cfg names that
+# plan's tries), and whether the idle one is ("idle").
+GENERATIONS = """
+import hashlib, json, sys
+from ipmasq_legacy import config, plan
+from ipmasq_legacy.backends import ebpf
+out = {"tries": {}, "plans": {}}
+with ebpf.Pinned(None) as p:
+    out["gen"] = gen = p.gen()
+    cfg = p.cfg(gen)
+    for name in ebpf.TRIE_FAMILY:
+        by_gen = {}
+        for key, value in p.items(name):
+            plen = int.from_bytes(key[:4], sys.byteorder)
+            by_gen.setdefault(str(key[4]) if plen >= 8 else "short", {})[key.hex()] = value.hex()
+        out["tries"][name] = by_gen
+    out["ports"] = [hashlib.sha256(p.sys.array_values(p.fd(n), g * ebpf.PORTS, ebpf.PORTS, 4)).hexdigest()
+                    for n in ("ipmq_ports", "ipmq_portidx") for g in (0, 1)]
+for path in sys.argv[1:]:
+    families = ebpf.EbpfBackend().wanted_families(plan.build(config.load(path)))
+    def exact(g):
+        want = {ebpf.TRIES[kind][f]: {k.hex() for k in ebpf.lpm_keys(f, g, getattr(fp, kind) if fp else ())}
+                for f, fp in families.items() for kind in ("exempt", "sources")}
+        held = {name: out["tries"][name].get(str(g), {}) for name in want}
+        return (all(set(held[n]) == want[n] and set(held[n].values()) <= {"01"} for n in want)
+                and not any("short" in out["tries"][n] for n in want)), len(want["ipmq_exempt4"])
+    (live, count), (idle, _) = exact(gen), exact(1 - gen)
+    out["plans"][path] = {"exact": live, "cfg": ebpf.CFG.unpack(cfg)[4] == ebpf.tries_digest(families),
+                          "exempt4": count, "idle": idle}
+print(json.dumps(out))
+"""
+
+# `ipmasq apply` run in this process, counting what it writes to the tries (keys
+# inserted or rewritten, keys deleted) and to the port tables (entries)
+COUNTED_APPLY = """
+import json, sys
+from ipmasq_legacy.bpf import loader
+from ipmasq_legacy import cli
+writes = {"trie_put": 0, "trie_deleted": 0, "trie_single": 0, "ports": 0}
+TRIE_KEY_SIZES = (9, 21)
+def counted(fn, what):
+    def wrapper(self, fd, keys, *rest):
+        if keys and len(keys[0]) in TRIE_KEY_SIZES:
+            writes[what] += len(keys)
+        return fn(self, fd, keys, *rest)
+    return wrapper
+def single(fn):
+    def wrapper(self, fd, key, *rest):
+        writes["trie_single"] += len(key) in TRIE_KEY_SIZES
+        return fn(self, fd, key, *rest)
+    return wrapper
+def ports(fn):
+    def wrapper(self, fd, first, values):
+        writes["ports"] += len(values)
+        return fn(self, fd, first, values)
+    return wrapper
+loader.Sys.update_many = counted(loader.Sys.update_many, "trie_put")
+loader.Sys.delete_many = counted(loader.Sys.delete_many, "trie_deleted")
+loader.Sys.update, loader.Sys.delete = single(loader.Sys.update), single(loader.Sys.delete)
+loader.Sys.update_batch_u32 = ports(loader.Sys.update_batch_u32)
+sys.argv = ["ipmasq", "apply", "--config", sys.argv[1], "--backend", "ebpf"]
+try:
+    cli.main()
+except SystemExit as exc:
+    writes["exit"] = exc.code
+writes["pyroute2"] = "pyroute2" in sys.modules
+print(json.dumps(writes))
+"""
+
+
+def generations(node: Node, *paths: str) -> dict:
+    proc = node.bed.node_exec([sys.executable, "-c", GENERATIONS, *paths], env=node.env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def counted_apply(node: Node, path: str) -> dict:
+    proc = node.bed.node_exec([sys.executable, "-c", COUNTED_APPLY, path], env=node.env)
+    assert proc.returncode == 0, proc.stderr
+    writes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert writes.get("exit") in (None, 0), proc.stderr
+    return writes
+
+
+# 100.64.0.0/10 (the bed's cgnat destination) exempt in A only, 198.20.0.0/24 (its
+# public destination) in B only; 10.0.0.0/8 and 192.0.2.0/24 in both
+AGENT_A = "nonMasqueradeCIDRs: [10.0.0.0/8, 100.64.0.0/10, 192.0.2.0/24]\nmasqLinkLocal: true\n"
+AGENT_B = "nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24, 198.20.0.0/24]\nmasqLinkLocal: true\n"
+
+
+def assert_traffic(bed: TestBed, exempt: set[str]) -> None:
+    for dest in ("public", "cgnat", "tke10"):
+        want = bed.pod_addr[4] if dest in exempt else bed.uplink_addr["eth0"][4]
+        assert bed.source_seen(bed.dest(dest)) == want, dest
+
+
+@pytest.mark.traffic
+@needs_ebpf
+def test_a_change_writes_only_what_differs(node):
+    """After the first install both generations hold the config; a change that adds one
+    prefix and removes one writes those two keys in the idle generation (no port table
+    entry, no pyroute2), flips, and leaves the old generation as it was: the new live
+    generation is exactly the plan, and going back writes nothing to the tries."""
+    bed = node.bed
+    path_a = node.write_config({}, agent=AGENT_A, name="a.yaml")
+    path_b = node.write_config({}, agent=AGENT_B, name="b.yaml")
+    node.ipmasq("apply", "--config", path_a, "--backend", "ebpf", check=True)
+    state = generations(node, path_a)
+    assert state["plans"][path_a] == {"exact": True, "cfg": True, "exempt4": 3, "idle": True}  # both generations
+    exempt4 = state["tries"]["ipmq_exempt4"]
+    assert_traffic(bed, {"cgnat", "tke10"})
+
+    writes = counted_apply(node, path_b)
+    assert (writes["trie_put"], writes["trie_deleted"], writes["trie_single"], writes["ports"]) == (1, 1, 0, 0), writes
+    assert not writes["pyroute2"]
+    after = generations(node, path_b, path_a)
+    assert after["gen"] != state["gen"]
+    assert after["plans"][path_b] == {"exact": True, "cfg": True, "exempt4": 3, "idle": False}
+    assert after["plans"][path_a]["idle"]
+    assert after["tries"]["ipmq_exempt4"][str(state["gen"])] == exempt4[str(state["gen"])]  # the old one, untouched
+    assert "State: in sync" in node.ipmasq("status", "--config", path_b, check=True).stdout
+    assert_traffic(bed, {"public", "tke10"})
+
+    back = counted_apply(node, path_a)  # the idle generation holds A already
+    assert (back["trie_put"], back["trie_deleted"], back["ports"]) == (0, 0, 0), back
+    assert generations(node, path_a)["plans"][path_a]["exact"]
+    assert_traffic(bed, {"cgnat", "tke10"})
+
+
+@pytest.mark.traffic
+@needs_ebpf
+def test_stale_idle_generation_is_rewritten(node):
+    """Whatever the idle generation holds (entries written by hand with bpftool or the
+    loader, some deleted, another value, a killed apply's half of the next config, port
+    table entries and a cfg of its own) is read back by the next change: the new live
+    generation is exactly the plan, and traffic follows it. The live generation is never
+    written: those edits change nothing before the flip."""
+    bed = node.bed
+    pins = node.bpffs / "ipmasq_legacy"
+    path_a = node.write_config({}, agent=AGENT_A, name="a.yaml")
+    path_b = node.write_config({}, agent=AGENT_B, name="b.yaml")
+    node.ipmasq("apply", "--config", path_a, "--backend", "ebpf", check=True)
+    idle = 1 - live_gen(node)
+    node.sh(f"bpftool map update pinned {pins}/exempt4 key hex {hexbytes(ebpf.lpm_key(4, idle, '203.0.113.0/24'))} "
+            f"value hex 01 && bpftool map delete pinned {pins}/exempt4 key hex "
+            f"{hexbytes(ebpf.lpm_key(4, idle, '10.0.0.0/8'))}")
+    in_node_python(node, "import struct\nfrom ipmasq_legacy.backends import ebpf\n"
+                         "with ebpf.Pinned(None) as p:\n"
+                         f"    p.update('ipmq_exempt4', ebpf.lpm_key(4, {idle}, '192.0.2.0/24'), b'\\x07')\n"
+                         f"    p.update('ipmq_exempt4', ebpf.lpm_key(4, {idle}, '198.20.0.0/24'), b'\\x01')\n"
+                         f"    p.update('ipmq_src4', ebpf.lpm_key(4, {idle}, '10.99.0.0/16'), b'\\x01')\n"
+                         f"    p.update('ipmq_ports', struct.pack('=I', {idle} * ebpf.PORTS + 3), struct.pack('=I', 7))\n"
+                         f"    p.update('ipmq_portidx', struct.pack('=I', {idle} * ebpf.PORTS + 80), "
+                         "struct.pack('=I', 9))\n"
+                         f"    p.update('ipmq_cfg', struct.pack('=I', {idle}), bytes(ebpf.CFG.size))\n")
+    stale = generations(node, path_a)
+    assert stale["plans"][path_a]["exact"]  # the live generation: untouched
+    assert len(stale["tries"]["ipmq_exempt4"][str(idle)]) == 4
+    assert_traffic(bed, {"cgnat", "tke10"})
+
+    writes = counted_apply(node, path_b)
+    # 10.0.0.0/8 back, 192.0.2.0/24's value, the port entries; 100.64.0.0/10,
+    # 203.0.113.0/24 and 10.99.0.0/16 gone
+    assert (writes["trie_put"], writes["trie_deleted"], writes["ports"]) == (2, 3, 2), writes
+    after = generations(node, path_b)
+    assert after["gen"] == idle and after["plans"][path_b] == {"exact": True, "cfg": True, "exempt4": 3, "idle": False}
+    assert after["ports"][idle::2] == stale["ports"][1 - idle::2]  # the port tables of the plan
+    assert "State: in sync" in node.ipmasq("status", "--config", path_b, check=True).stdout
+    assert_traffic(bed, {"public", "tke10"})
+
+
+def _prefixes(first_octet: int, count: int) -> list[str]:
+    """Every other /24 of a /8 (none adjacent: the plan merges nothing)."""
+    return [f"{first_octet}.{i // 128}.{i % 128 * 2}.0/24" for i in range(count)]
+
+
+# `ipmasq apply` run in this process, killed (SIGKILL, by itself) right after its n-th
+# write to a map (a batch or a single element): every point between two writes
+KILLED_APPLY = """
+import os, signal, sys
+from ipmasq_legacy.bpf import loader
+from ipmasq_legacy import cli
+path, kill_after = sys.argv[1], int(sys.argv[2])
+done = [0]
+def killing(fn):
+    def wrapper(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        done[0] += 1
+        if done[0] == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return wrapper
+for name in ("update", "delete", "update_many", "delete_many", "update_batch_u32"):
+    setattr(loader.Sys, name, killing(getattr(loader.Sys, name)))
+sys.argv = ["ipmasq", "apply", "--config", path, "--backend", "ebpf"]
+cli.main()
+"""
+
+
+@pytest.mark.traffic
+@needs_ebpf
+def test_a_killed_apply_leaves_the_old_or_the_new_generation_live(node):
+    """A change (2,000 of 4,000 exempt prefixes replaced) killed (SIGKILL) after its
+    first map write, then again toward the same config after its second, its third...:
+    each run makes the same writes (whatever is left to write) in the same order, so
+    every point between two writes is a kill point. The live generation is always
+    exactly one of the plans, with the cfg that names it, never a mix; what a killed
+    apply left half-written in the idle generation, the next one reads back; the first
+    apply that is not killed finds the change live, or makes it so."""
+    bed = node.bed
+    common = _prefixes(11, 2000)
+    paths = [node.write_config({}, agent="nonMasqueradeCIDRs: [" + ", ".join(common + _prefixes(12 + i, 2000))
+                               + (", 198.20.0.0/24" if i == 2 else "") + "]\n", name=f"{i}.yaml") for i in range(3)]
+    for path in paths[1], paths[0]:  # live: 0; idle: 1; the change: to 2
+        node.ipmasq("apply", "--config", path, "--backend", "ebpf", check=True)
+    outcomes = []
+    for kill_after in range(1, 60):
+        proc = node.bed.node_exec([sys.executable, "-c", KILLED_APPLY, paths[2], str(kill_after)], env=node.env)
+        state = generations(node, *paths)
+        live = [path for path, verdict in state["plans"].items() if verdict["exact"] and verdict["cfg"]]
+        assert len(live) == 1, (kill_after, proc.returncode, state["plans"])
+        torn = not any(verdict["idle"] for verdict in state["plans"].values())  # the idle one half-written
+        outcomes.append((proc.returncode, live[0] == paths[2], torn))
+        if proc.returncode == 0:
+            break
+    assert outcomes[-1] == (0, True, False), outcomes
+    killed = outcomes[:-1]
+    assert all(code == -signal.SIGKILL for code, _new, _torn in killed)
+    assert (-signal.SIGKILL, False, True) in killed  # killed while writing the idle generation: the old one live
+    assert (-signal.SIGKILL, True, False) in killed  # killed after the flip: the new one live
+    assert killed.index((-signal.SIGKILL, True, False)) > 3
+    assert "State: in sync" in node.ipmasq("status", "--config", paths[2], check=True).stdout
+    assert bed.source_seen(bed.dest("public")) == bed.pod_addr[4]
+    assert bed.source_seen(bed.dest("cgnat")) == bed.uplink_addr["eth0"][4]
+
+
+READ_LINKS_WITH_PYROUTE2 = """
+import json, socket
+from pyroute2 import IPRoute
+from ipmasq_legacy.backends import ebpf
+old = {}
+with IPRoute() as ipr:
+    for msg in ipr.get_links():
+        old[msg["index"]] = [msg.get_attr("IFLA_IFNAME"), 0 if msg["ifi_type"] in ebpf.ARPHRD_L3 else 14, [], []]
+    for msg in ipr.get_addr():
+        if msg["index"] not in old:
+            continue
+        family = 4 if msg["family"] == socket.AF_INET else 6
+        addr = (msg.get_attr("IFA_LOCAL") if family == 4 else None) or msg.get_attr("IFA_ADDRESS")
+        old[msg["index"]][2].append(addr)
+        old[msg["index"]][3].append([family, msg["scope"], msg.get_attr("IFA_FLAGS") or msg["flags"], addr])
+new = {i: [l.name, l.l2len, l.addresses, l.addr4, l.addr6] for i, l in ebpf.read_links().items()}
+print(json.dumps({"old": old, "new": new}))
+"""
+
+
+@pytest.mark.traffic
+@needs_ebpf
+def test_links_are_read_over_netlink_as_pyroute2_reads_them(node):
+    """read_links speaks netlink itself (apply imports no pyroute2): the same links,
+    names, header lengths and addresses as pyroute2 reports, and the addresses picked
+    are the first primary global IPv4 one and the first usable global IPv6 one."""
+    node.sh("ip addr add 172.20.0.77/24 dev eth0 && ip -6 addr add fd00:20::77/64 dev eth0 nodad")
+    try:
+        seen = json.loads(in_node_python(node, READ_LINKS_WITH_PYROUTE2))
+    finally:
+        node.sh("ip addr del 172.20.0.77/24 dev eth0; ip -6 addr del fd00:20::77/64 dev eth0")
+    old, new = seen["old"], seen["new"]
+    assert sorted(old) == sorted(new)
+    for index, (name, l2len, addresses, picks) in old.items():
+        assert new[index][:3] == [name, l2len, addresses]
+        v4 = [a for f, scope, flags, a in picks if f == 4 and not flags & ebpf.IFA_F_SECONDARY and scope == 0]
+        v6 = [a for f, scope, flags, a in picks if f == 6 and scope == 0 and not flags & 0x68]
+        assert new[index][3] == (v4[0] if v4 else new[index][3]) and new[index][4] == (v6[0] if v6 else None)
+    eth0 = next(v for v in new.values() if v[0] == "eth0")
+    assert eth0[3] == node.bed.uplink_addr["eth0"][4] and "172.20.0.77" in eth0[2]
 
 
 @pytest.mark.traffic

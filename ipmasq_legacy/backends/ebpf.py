@@ -12,9 +12,10 @@ What it installs (shapes and tunables: rules/ebpf.yaml; the datapath: bpf/masq.c
   clsact qdisc that is added where none exists (and only then removed again).
 
 Atomic config changes: the decision's data (flags, ports, the exempt and source LPM
-tries) exists in two generations; apply writes the idle one, then flips `ipmq_ctl.gen`
-with one map write. Packets see the old config or the new one, never a mix, and no
-program is reloaded and no NAT entry lost.
+tries) exists in two generations; apply reads the idle one back and writes only what
+differs from the plan there, then flips `ipmq_ctl.gen` with one map write. Packets see
+the old config or the new one, never a mix, and no program is reloaded and no NAT entry
+lost. The old generation stays as it was (the idle one of the next change).
 
 Switching: to ebpf from netfilter, the programs go live while netfilter still
 masquerades (packets netfilter already translated are left alone); an empty nat chain
@@ -36,9 +37,11 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 from .. import netlink, ruledata
@@ -73,6 +76,9 @@ STATS = ("new_flows", "exhausted", "no_address", "replies", "icmp_errors", "frag
          "foreign_reserved", "port_retries", "failed")
 LPM = {4: struct.Struct("=IB4s"), 6: struct.Struct("=IB16s")}
 TRIES = {"exempt": {4: "ipmq_exempt4", 6: "ipmq_exempt6"}, "sources": {4: "ipmq_src4", 6: "ipmq_src6"}}
+TRIE_FAMILY = {name: family for kinds in TRIES.values() for family, name in kinds.items()}
+TRIE_VALUE = b"\x01"  # the value of every trie entry (the datapath looks for the key only)
+TRIE_NOTES = "ebpf-tries.json"  # in the state directory: see trie_notes()
 ARPHRD_L3 = {0xFFFE, 0xFFFF, 512, 519, 768, 769, 776, 778, 823}  # none, void, ppp, rawip, ipip, ip6tnl, sit, gre, ip6gre
 IFA_F_SECONDARY, IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x01, 0x08, 0x20, 0x40
 
@@ -184,20 +190,92 @@ def lpm_key(family: int, gen: int, prefix: str) -> bytes:
     return LPM[family].pack(8 + bits, gen, packed)
 
 
-def lpm_keys(family: int, gen: int, prefixes) -> set[bytes]:
-    """lpm_key of many prefixes at once (100,000 in about 0.04 s)."""
-    pack, af, full = LPM[family].pack, socket.AF_INET if family == 4 else socket.AF_INET6, 32 if family == 4 else 128
+def lpm_key_list(family: int, gen: int, prefixes) -> list[bytes]:
+    """lpm_key of many prefixes at once, in their order (100,000 in about 0.035 s)."""
+    af, full = (socket.AF_INET, 32) if family == 4 else (socket.AF_INET6, 128)
+    head = {str(n): struct.pack("=IB", 8 + n, gen) for n in range(full + 1)}  # prefix length and generation
+    head[""] = head[str(full)]
+    pton = socket.inet_pton
     try:
-        return {pack(8 + (int(plen) if plen else full), gen, socket.inet_pton(af, addr))
-                for addr, _, plen in (str(p).partition("/") for p in prefixes)}
-    except (OSError, ValueError):
-        return {lpm_key(family, gen, p) for p in prefixes}  # names the bad prefix
+        return [head[plen] + pton(af, addr) for addr, _, plen in map(str.partition, map(str, prefixes), repeat("/"))]
+    except (OSError, KeyError, ValueError):
+        return [lpm_key(family, gen, p) for p in prefixes]  # names the bad prefix
+
+
+def lpm_keys(family: int, gen: int, prefixes) -> set[bytes]:
+    return set(lpm_key_list(family, gen, prefixes))
+
+
+def trie_diff(want: list[bytes], have: bytes, key_size: int) -> tuple[list[bytes], list[bytes]]:
+    """(missing, extra): the keys of `want` not in `have` (keys end to end, as the
+    kernel hands them over), those of `have` not in `want`. A plan's prefixes are
+    sorted and disjoint, the order the kernel walks a trie in: only the stretch between
+    the longest common beginning and the longest common end (bisected, compared in C)
+    is compared as sets, so a change costs what it changes. Any order gives the right
+    answer (a longer stretch)."""
+    if not have or not want:  # a first write, or all to go
+        return list(want), [have[i:i + key_size] for i in range(0, len(have), key_size)]
+    wanted = b"".join(want)
+    if wanted == have:
+        return [], []
+    nw, nh = len(want), len(have) // key_size
+
+    def common(match) -> int:  # the largest k with match(k) true, match monotone
+        lo, hi = 0, min(nw, nh)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if match(mid) else (lo, mid - 1)
+        return lo
+
+    first = common(lambda k: wanted[:k * key_size] == have[:k * key_size])
+    last = min(common(lambda k: wanted[len(wanted) - k * key_size:] == have[len(have) - k * key_size:]),
+               min(nw, nh) - first)
+    w = set(want[first:nw - last])
+    h = {have[i:i + key_size] for i in range(first * key_size, (nh - last) * key_size, key_size)}
+    return list(w - h), list(h - w)
 
 
 def lpm_prefix(family: int, key: bytes) -> tuple[int, str]:
     plen, gen, addr = LPM[family].unpack(key)
     net = ipaddress.ip_network((addr, plen - 8), strict=False)
     return gen, str(net)
+
+
+def trie_notes() -> dict:
+    """What the last apply noted of each trie, to read one generation alone
+    (loader.lpm_run): {trie: {"seek": a key of generation 0 it held near that
+    generation's end, hex; "count": [entries of generation 0, of generation 1]}}. Hints
+    only, never trusted: a seek key the trie no longer holds, or a count that is wrong,
+    costs reading more, never a wrong answer. In the state directory, beside the record
+    of the backend (a bpffs holds BPF objects only)."""
+    from .. import state
+
+    data = state.read_json(TRIE_NOTES)
+    tries = data.get("tries") if data.get("dir") == str(pin_dir()) else None
+    return tries if isinstance(tries, dict) else {}
+
+
+def seek_keys(name: str, gen: int, notes: dict, prefixes=()) -> list[bytes]:
+    """Keys that may lie just before generation `gen` of a trie, in the kernel's order
+    (generation 1 comes after the whole of generation 0; nothing comes before 0): the
+    one the last apply noted, then the last prefixes of `prefixes` (sorted, as a plan's
+    are) in generation 0, which mostly holds a plan one change away from this one."""
+    if gen == 0:
+        return []
+    out = []
+    try:
+        out.append(bytes.fromhex(notes[name]["seek"]))
+    except (KeyError, TypeError, ValueError):
+        pass
+    return out + [lpm_key(TRIE_FAMILY[name], 0, p) for p in prefixes[-1:-3:-1]]
+
+
+def noted_count(name: str, gen: int, notes: dict) -> int | None:
+    try:
+        count = notes[name]["count"][gen]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return count if isinstance(count, int) and count >= 0 else None
 
 
 def addr16(text: str) -> bytes:
@@ -209,7 +287,22 @@ def addr_text(raw: bytes, family: int) -> str:
     return str(ipaddress.ip_address(raw[12:] if family == 4 else raw))
 
 
-# ---------------------------------------------------------------- the node's links (pyroute2)
+# ---------------------------------------------------------------- netlink, spelled out
+#
+# The reads (the nft tables we own; links, addresses, qdiscs and tc filters, for the
+# fingerprint and for every apply) speak netlink through ..netlink: importing pyroute2
+# alone costs 0.1 s, more than all of those requests together. pyroute2 does the
+# writes (tc filters and qdiscs, conntrack).
+
+RTM_GETLINK, RTM_GETADDR, RTM_GETQDISC, RTM_GETTFILTER = 18, 22, 38, 46
+IFLA_IFNAME = 3
+IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_BPF_NAME, TCA_BPF_TAG, TCA_BPF_ID = 7, 10, 11
+TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
+
+
+# ---------------------------------------------------------------- the node's links
 
 
 @dataclass
@@ -228,26 +321,32 @@ class Link:
         return IFACE.pack(a4, a6, flags, self.l2len)
 
 
-def read_links(ipr) -> dict[int, Link]:
+def read_links() -> dict[int, Link]:
     """Every link with its primary address per family (what MASQUERADE would pick: the
-    first primary global IPv4 address; the first usable global IPv6 one)."""
+    first primary global IPv4 address; the first usable global IPv6 one). Over
+    ..netlink: importing pyroute2 would cost 0.1 s."""
     links = {}
-    for msg in ipr.get_links():
-        links[msg["index"]] = Link(msg["index"], msg.get_attr("IFLA_IFNAME"),
-                                   0 if msg["ifi_type"] in ARPHRD_L3 else 14)
     candidates: dict[int, dict[int, list]] = {}
-    for msg in ipr.get_addr():
-        link = links.get(msg["index"])
-        if link is None:
-            continue
-        family = 4 if msg["family"] == socket.AF_INET else 6
-        addr = msg.get_attr("IFA_LOCAL") if family == 4 else None
-        addr = addr or msg.get_attr("IFA_ADDRESS")
-        if not addr:
-            continue
-        link.addresses.append(addr)
-        flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
-        candidates.setdefault(link.index, {4: [], 6: []})[family].append((msg["scope"], flags, addr))
+    with netlink.Netlink(NETLINK_ROUTE) as nl:
+        for _kind, msg in nl.request(RTM_GETLINK, bytes(16), dump=True):
+            _family, ifi_type, index, _flags, _change = struct.unpack_from("=BxHiII", msg)
+            name = netlink.text(netlink.attrs(msg, 16).get(IFLA_IFNAME)) or ""
+            links[index] = Link(index, name, 0 if ifi_type in ARPHRD_L3 else 14)
+        for _kind, msg in nl.request(RTM_GETADDR, bytes(8), dump=True):
+            af, _plen, flags, scope, index = struct.unpack_from("=BBBBI", msg)
+            link = links.get(index)
+            if link is None or af not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            family = 4 if af == socket.AF_INET else 6
+            attrs = netlink.attrs(msg, 8)
+            raw = (attrs.get(IFA_LOCAL) if family == 4 else None) or attrs.get(IFA_ADDRESS)
+            if not raw:
+                continue
+            addr = socket.inet_ntop(af, raw)
+            link.addresses.append(addr)
+            if IFA_FLAGS in attrs:
+                flags = struct.unpack("=I", attrs[IFA_FLAGS])[0] or flags
+            candidates.setdefault(index, {4: [], 6: []})[family].append((scope, flags, addr))
     for index, by_family in candidates.items():
         link = links[index]
         v4 = [(s, a) for s, f, a in by_family[4] if not f & IFA_F_SECONDARY]
@@ -266,74 +365,75 @@ def matching_links(patterns, links: dict[int, Link]) -> dict[int, Link]:
     return {i: link for i, link in links.items() if any(matches(p, link.name) for p in patterns)}
 
 
-def _ipr():
-    from pyroute2 import IPRoute
+class _LazyIPRoute:
+    """pyroute2's IPRoute, imported (0.1 s) and opened at its first use: what apply
+    reads (links, addresses, qdiscs, filters) it asks over ..netlink; only a tc change
+    (or conntrack) needs pyroute2."""
 
-    return IPRoute()
+    def __init__(self):
+        self._ipr = None
+
+    def __getattr__(self, name):
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            self._ipr = IPRoute()
+        return getattr(self._ipr, name)
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
 
 
-def _teach_pyroute2() -> None:
-    """pyroute2 0.9 decodes a bpf filter's name but not its program id and tag."""
-    from pyroute2.netlink.rtnl.tcmsg import sched_bpf
-
-    names = [n for n, _ in sched_bpf.options.nla_map]
-    if "TCA_BPF_ID" not in names:
-        extra = (("TCA_BPF_FLAGS_GEN", "uint32"), ("TCA_BPF_TAG", "hex"), ("TCA_BPF_ID", "uint32"))
-        sched_bpf.options.nla_map = tuple(sched_bpf.options.nla_map) + extra[len(names) - 9:]
-        sched_bpf.options.compile_nla() if hasattr(sched_bpf.options, "compile_nla") else None
+def _ipr() -> _LazyIPRoute:
+    return _LazyIPRoute()
 
 
-def _filters(ipr, index: int) -> dict[str, list[dict]]:
-    """Our bpf filters on each hook of a link: [{prio, handle, name, id}]."""
-    _teach_pyroute2()
-    out: dict[str, list[dict]] = {h: [] for h in HOOKS}
-    for hook in HOOKS:
-        try:
-            msgs = list(ipr.get_filters(index=index, parent=PARENT[hook]))
-        except Exception:  # no clsact qdisc: nothing attached
-            continue
-        for msg in msgs:
-            if msg.get_attr("TCA_KIND") != "bpf":
-                continue
-            opts = msg.get_attr("TCA_OPTIONS")
-            name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
-            if name and name.startswith(FILTER + "/"):
-                out[hook].append({"prio": msg["info"] >> 16, "handle": msg["handle"], "name": name,
-                                  "id": opts.get_attr("TCA_BPF_ID")})
+def _tc_filters(nl, index: int, hook: str) -> list[tuple[int, int, str | None, str | None, int | None]]:
+    """The filters on one clsact hook of a link: (priority, handle, kind, bpf name,
+    bpf program id); none where the link has no clsact qdisc."""
+    try:
+        msgs = nl.request(RTM_GETTFILTER, TCMSG.pack(0, index, 0, PARENT[hook], 0), dump=True)
+    except OSError:  # no clsact qdisc: nothing attached
+        return []
+    out = []
+    for _kind, msg in msgs:
+        _family, _index, handle, _parent, info = TCMSG.unpack_from(msg)
+        attrs = netlink.attrs(msg, TCMSG.size)
+        opts = netlink.attrs(attrs[TCA_OPTIONS]) if TCA_OPTIONS in attrs else {}
+        prog_id = struct.unpack("=I", opts[TCA_BPF_ID])[0] if len(opts.get(TCA_BPF_ID, b"")) == 4 else None
+        out.append((info >> 16, handle, netlink.text(attrs.get(TCA_KIND)), netlink.text(opts.get(TCA_BPF_NAME)),
+                    prog_id))
     return out
 
 
-def _has_clsact(ipr, index: int) -> bool:
-    return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=index))
-
-
-def _other_filters(ipr, index: int) -> int:
-    count = 0
+def _filters(index: int, nl=None) -> dict[str, list[dict]]:
+    """Our bpf filters on each hook of a link: [{prio, handle, name, id}]."""
+    if nl is None:
+        with netlink.Netlink(NETLINK_ROUTE) as own:
+            return _filters(index, own)
+    out: dict[str, list[dict]] = {h: [] for h in HOOKS}
     for hook in HOOKS:
-        try:
-            msgs = list(ipr.get_filters(index=index, parent=PARENT[hook]))
-        except Exception:
-            continue
-        for msg in msgs:
-            opts = msg.get_attr("TCA_OPTIONS")
-            name = opts.get_attr("TCA_BPF_NAME") if opts is not None and hasattr(opts, "get_attr") else None
-            if msg.get_attr("TCA_KIND") and not (name and name.startswith(FILTER + "/")):
-                count += 1
-    return count
+        for prio, handle, kind, name, prog_id in _tc_filters(nl, index, hook):
+            if kind == "bpf" and name and name.startswith(FILTER + "/"):
+                out[hook].append({"prio": prio, "handle": handle, "name": name, "id": prog_id})
+    return out
 
 
-# ---------------------------------------------------------------- netlink, spelled out
-#
-# The cheap reads (the nft tables we own, the fingerprint's links, addresses and tc
-# filters) speak netlink through ..netlink: importing pyroute2 alone costs 0.12 s, more
-# than all of those requests together.
+def _has_clsact(index: int) -> bool:
+    with netlink.Netlink(NETLINK_ROUTE) as nl:
+        for _kind, msg in nl.request(RTM_GETQDISC, bytes(TCMSG.size), dump=True):
+            if TCMSG.unpack_from(msg)[1] == index and \
+                    netlink.text(netlink.attrs(msg, TCMSG.size).get(TCA_KIND)) == "clsact":
+                return True
+    return False
 
-RTM_GETLINK, RTM_GETADDR, RTM_GETQDISC, RTM_GETTFILTER = 18, 22, 38, 46
-IFLA_IFNAME = 3
-IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
-TCA_KIND, TCA_OPTIONS = 1, 2
-TCA_BPF_NAME, TCA_BPF_TAG, TCA_BPF_ID = 7, 10, 11
-TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
+
+def _other_filters(index: int) -> int:
+    """Filters on the clsact hooks of a link that are not ours."""
+    with netlink.Netlink(NETLINK_ROUTE) as nl:
+        return sum(1 for hook in HOOKS for _prio, _handle, kind, name, _id in _tc_filters(nl, index, hook)
+                   if kind and not (name and name.startswith(FILTER + "/")))
 
 
 # ---------------------------------------------------------------- pinned maps
@@ -469,12 +569,37 @@ class Pinned:
 
     def trie(self, kind: str, family: int, gen: int | None = None) -> tuple[str, ...]:
         """Prefixes of one generation of a trie, sorted (None: all generations)."""
+        name = TRIES[kind][family]
+        if gen is None:
+            keys = self.keys(name)
+        else:
+            raw = self.generation(name, gen, seek_keys(name, gen, trie_notes()))[0]
+            size = self.defs[name].key_size
+            keys = [raw[i:i + size] for i in range(0, len(raw), size)]
         out = []
-        for key in self.keys(TRIES[kind][family]):
+        for key in keys:
             g, prefix = lpm_prefix(family, key)
             if gen is None or g == gen:
                 out.append(ipaddress.ip_network(prefix))
         return tuple(str(n) for n in sorted(out))
+
+    def generation(self, name: str, gen: int, seek=(), expect: int | None = None
+                   ) -> tuple[bytes, list[bytes], list[bytes]]:
+        """One generation of a trie as the kernel holds it, read alone (loader.lpm_run:
+        the keys whose generation byte is `gen`, from the first of `seek` the trie holds):
+        (its keys end to end, in the kernel's order; those whose value is not
+        TRIE_VALUE; the keys of prefixes shorter than the generation byte that hold it,
+        which match its every lookup: only a hand writes them, and they are returned
+        only when one is there)."""
+        fd = self.fd(name)
+        key_size, value_size = self.defs[name].key_size, self.value_size(name)
+        raw, values = self.sys.lpm_run(fd, key_size, value_size, gen, seek, expect)
+        n = len(raw) // key_size
+        wrong = []
+        if values != TRIE_VALUE * n:
+            wrong = [raw[i * key_size:(i + 1) * key_size] for i in range(n)
+                     if values[i * value_size:(i + 1) * value_size] != TRIE_VALUE]
+        return raw, wrong, self.sys.lpm_covering(fd, key_size, value_size, gen)[1]
 
     def stats(self) -> dict[str, int]:
         totals = {}
@@ -680,6 +805,29 @@ def forget_conntrack(flows) -> int:
     return gone
 
 
+class _Background(threading.Thread):
+    """fn(*args) in a thread of its own: bpf(2) lets go of the GIL, so the kernel reads
+    or writes one map while Python works on another. result() waits and returns (or
+    raises) what fn did. Every caller joins before the maps' fds may close."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.value, self.error = fn, args, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(*self.args)
+        except BaseException as exc:  # handed to result()
+            self.error = exc
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 # ---------------------------------------------------------------- the backend
 
 
@@ -760,21 +908,17 @@ class EbpfBackend(Backend):
 
     # -- reading
 
-    def _read(self, ipr=None) -> tuple[dict, Pinned | None]:
-        """(facts, pinned-or-None). Facts: gen, cfg, tries, attached filters, iface map."""
+    def _read(self) -> tuple[dict, Pinned | None]:
+        """(facts, pinned-or-None). Facts: gen, cfg, tries, attached filters, iface map.
+        Over ..netlink and bpf(2): no pyroute2."""
         facts: dict = {"attached": {}, "ifaces": {}, "installed": False}
-        own_ipr = ipr is None
-        ipr = ipr or _ipr()
-        try:
-            links = read_links(ipr)
-            facts["links"] = links
+        links = read_links()
+        facts["links"] = links
+        with netlink.Netlink(NETLINK_ROUTE) as nl:
             for index in links:
-                f = _filters(ipr, index)
+                f = _filters(index, nl)
                 if any(f.values()):
                     facts["attached"][index] = {h: [(x["name"], x["id"]) for x in v] for h, v in f.items()}
-        finally:
-            if own_ipr:
-                ipr.close()
         pinned = None
         if pin_dir().joinpath("ctl").exists():
             try:
@@ -852,7 +996,11 @@ class EbpfBackend(Backend):
                       for family in FAMILIES},
         }
 
-    def _problems(self, plan: Plan, facts: dict, pinned: Pinned | None, desired: dict) -> list[str]:
+    def _problems(self, plan: Plan, facts: dict, pinned: Pinned | None, desired: dict,
+                  thorough: bool = True) -> list[str]:
+        """What differs from the plan. thorough=False (apply): the tries and port tables
+        are read back only when nothing else differs, since the apply that follows any
+        problem rewrites whatever differs in them anyway."""
         obj = self.obj()
         wanted_any = any(fp is not None for fp in desired["families"].values())
         if pinned is None:
@@ -872,10 +1020,8 @@ class EbpfBackend(Backend):
         # cfg says what apply wrote; the maps hold what is there now (a hand edit shows)
         if have[4] != want[4]:
             problems.append("exempt or source prefixes differ")
-        else:
-            problems += self._tries_problems(pinned, facts["gen"], desired["families"])
-        if have[2:4] == want[2:4]:
-            problems += self._ports_problems(pinned, facts["gen"], desired["ports"])
+        # the live generation, read back below (when thorough or when nothing else differs)
+        deep = (have[4] == want[4], have[2:4] == want[2:4])
         prog_ids = {}
         for hook in HOOKS:
             prog_ids[hook] = self._prog_pinned(hook, obj)
@@ -914,29 +1060,51 @@ class EbpfBackend(Backend):
             for index in draining:
                 if index not in busy:
                     problems.append(f"{links[index].name if index in links else index}: drained")
+        if any(deep) and (thorough or not problems):
+            problems += self._generation_problems(pinned, facts["gen"], desired, *deep)
         return problems
 
-    @staticmethod
-    def _tries_problems(pinned: Pinned, gen: int, families: dict[int, FamilyPlan | None]) -> list[str]:
-        """The live generation of each trie against the plan, key for key."""
+    def _generation_problems(self, pinned: Pinned, gen: int, desired: dict, tries: bool, ports: bool) -> list[str]:
+        """One generation against the plan: each trie key for key (values too; read
+        alone, Pinned.generation), the port tables entry for entry."""
+        wanted = self._wanted_tries(desired["families"]) if tries else []
+        port_thread, held = self._read_back(pinned, gen, wanted, trie_notes(), ports)
+        try:
+            wants = {name: lpm_key_list(family, gen, prefixes) for name, _kind, family, prefixes in wanted}
+            tables = port_tables(desired["ports"]) if ports else ()
+        finally:
+            for thread in (port_thread, *held.values()):
+                if thread is not None:
+                    thread.join()
         out = []
-        for family in FAMILIES:
-            fp = families[family]
-            for kind in ("exempt", "sources"):
-                name = TRIES[kind][family]
-                live = {k for k in pinned.keys(name) if k[4] == gen}
-                if live != lpm_keys(family, gen, getattr(fp, kind) if fp is not None else ()):
-                    out.append(f"ipv{family}: {kind} prefixes in map {pin_name(name)} differ")
+        for name, kind, family, _prefixes in wanted:
+            have, wrong, covering = held[name].result()
+            if any(trie_diff(wants[name], have, LPM[family].size)) or wrong or covering:
+                out.append(f"ipv{family}: {kind} prefixes in map {pin_name(name)} differ")
+        if port_thread is not None:
+            for name, have, want in zip(("ipmq_ports", "ipmq_portidx"), port_thread.result(), tables):
+                if have != want:
+                    out.append(f"map {pin_name(name)} differs")
         return out
 
     @staticmethod
-    def _ports_problems(pinned: Pinned, gen: int, ports: list[int]) -> list[str]:
-        """The live generation of the port tables against the plan's ports."""
-        out = []
-        for name, want in zip(("ipmq_ports", "ipmq_portidx"), port_tables(ports)):
-            if pinned.sys.array_values(pinned.fd(name), gen * PORTS, PORTS, 4) != want.tobytes():
-                out.append(f"map {pin_name(name)} differs")
-        return out
+    def _wanted_tries(families: dict[int, FamilyPlan | None]) -> list[tuple[str, str, int, tuple[str, ...]]]:
+        """(map, kind, family, prefixes) of each trie."""
+        return [(TRIES[kind][family], kind, family, getattr(families[family], kind) if families[family] else ())
+                for family in FAMILIES for kind in ("exempt", "sources")]
+
+    def _read_back(self, pinned: Pinned, gen: int, wanted, notes: dict, ports: bool = True):
+        """Generation `gen` read back in the background, a thread per map (bpf(2) lets go
+        of the GIL: the kernel reads while Python computes what the plan wants): the
+        port tables (a _Background of [ports, portidx], or None) and each trie of
+        `wanted` (_wanted_tries) ({map: a _Background of Pinned.generation}). The caller
+        joins them all before the maps may close."""
+        for name in [w[0] for w in wanted] + (["ipmq_ports", "ipmq_portidx"] if ports else []):
+            pinned.fd(name)  # opened here: the threads only use them
+        reads = [(name, seek_keys(name, gen, notes, prefixes), len(prefixes)) for name, _kind, _family, prefixes in wanted]
+        port_thread = _Background(self._read_ports, pinned, gen) if ports else None
+        held = {name: _Background(pinned.generation, name, gen, seek, expect) for name, seek, expect in reads}
+        return port_thread, held
 
     @staticmethod
     def _programs_on_stale_maps(pinned: Pinned, obj: loader.BpfObject) -> list[str]:
@@ -1061,18 +1229,20 @@ class EbpfBackend(Backend):
             if pinned.open("ipmq_ifaces") is not None and any(
                     IFACE.unpack(v)[2] & IF_DRAIN for _, v in pinned.items("ipmq_ifaces")):
                 return False  # a link no longer matched drains
-            for name in KNOWN_MAPS:
-                fd = pinned.open(name)
-                if fd is None:
-                    _put(h, "map", name, None)
-                    continue
-                d = pinned.defs[name]
-                _put(h, "map", name, pinned.ids[name], d.type, d.key_size, d.value_size, d.max_entries, d.flags)
-                if name in WRITTEN_BY_APPLY:
-                    count = sysobj.digest(fd, d.key_size, d.value_size, d.max_entries, h.update)
-                    _put(h, "entries", count)
-                elif name in ("ipmq_ports", "ipmq_portidx") and d.key_size == 4 and d.max_entries >= 2 * PORTS:
-                    h.update(sysobj.array_values(fd, gen * PORTS, PORTS, d.value_size))
+            # the live generation of each trie, as the full check reads it (the idle one
+            # is read back and rewritten where it differs before it goes live), in the
+            # background while the other maps are read
+            notes, runs = trie_notes(), {}
+            try:
+                for name in TRIE_FAMILY:
+                    fd, d = pinned.open(name), pinned.defs.get(name)
+                    if fd is not None and d.type == loader.MAP_LPM_TRIE and d.key_size == LPM[TRIE_FAMILY[name]].size:
+                        runs[name] = _Background(sysobj.lpm_run, fd, d.key_size, d.value_size, gen,
+                                                 seek_keys(name, gen, notes), noted_count(name, gen, notes))
+                EbpfBackend._fingerprint_maps(h, pinned, gen, runs)
+            finally:
+                for thread in runs.values():
+                    thread.join()
             for hook in HOOKS:
                 try:
                     fd = sysobj.get(str(pin_dir() / f"prog_{hook}"))
@@ -1087,6 +1257,30 @@ class EbpfBackend(Backend):
                     os.close(fd)
                 _put(h, "program", hook, info["id"], info["tag"], info["name"], sorted(info["map_ids"]))
         return True
+
+    @staticmethod
+    def _fingerprint_maps(h, pinned: Pinned, gen: int, runs: dict) -> None:
+        """Every map's id and shape; the contents of those only apply writes (of the
+        tries the live generation: `runs`, lpm_run in the background); of the port
+        tables the live generation."""
+        sysobj = pinned.sys
+        for name in KNOWN_MAPS:
+            fd = pinned.open(name)
+            if fd is None:
+                _put(h, "map", name, None)
+                continue
+            d = pinned.defs[name]
+            _put(h, "map", name, pinned.ids[name], d.type, d.key_size, d.value_size, d.max_entries, d.flags)
+            if name in runs:
+                keys, values = runs[name].result()
+                h.update(keys)
+                h.update(values)
+                _put(h, "generation", gen, len(keys), sysobj.lpm_covering(fd, d.key_size, d.value_size, gen)[0])
+            elif name in WRITTEN_BY_APPLY:
+                count = sysobj.digest(fd, d.key_size, d.value_size, d.max_entries, h.update)
+                _put(h, "entries", count)
+            elif name in ("ipmq_ports", "ipmq_portidx") and d.key_size == 4 and d.max_entries >= 2 * PORTS:
+                h.update(sysobj.array_values(fd, gen * PORTS, PORTS, d.value_size))
 
     @staticmethod
     def _fingerprint_links(h) -> None:
@@ -1139,10 +1333,10 @@ class EbpfBackend(Backend):
 
         ensure_bpffs(pin_dir())
         ipr = _ipr()
-        facts, pinned = self._read(ipr)
+        facts, pinned = self._read()
         try:
             desired = self._desired(plan, facts["links"])
-            problems = self._problems(plan, facts, pinned, desired)
+            problems = self._problems(plan, facts, pinned, desired, thorough=False)
             if not problems:
                 self._reap(facts, pinned, ipr)
                 return []
@@ -1183,21 +1377,13 @@ class EbpfBackend(Backend):
             self._seed_foreign(pinned)
         live_gen = pinned.gen()
         idle = 1 - live_gen
-        # 1. the idle generation: ports, tries, cfg
-        table, index = port_tables(desired["ports"])
-        pinned.update_array("ipmq_ports", idle * PORTS, table)
-        pinned.update_array("ipmq_portidx", idle * PORTS, index)
-        old_keys = {}
-        for kind in ("exempt", "sources"):
-            for family in FAMILIES:
-                name = TRIES[kind][family]
-                keys = pinned.keys(name)
-                pinned.delete_many(name, [k for k in keys if k[4] == idle])  # a crashed apply's
-                old_keys[name] = [k for k in keys if k[4] == live_gen]
-                fp = desired["families"][family]
-                pinned.update_many(name, [lpm_key(family, idle, p) for p in (getattr(fp, kind) if fp else ())],
-                                   b"\x01")
-        pinned.update("ipmq_cfg", struct.pack("=I", idle), desired["cfg"])
+        notes = trie_notes()
+        # the live generation never had a config: a first install (or maps just created)
+        first = not any(pinned.cfg(live_gen))
+        # 1. the idle generation: read back, only what differs from the plan written
+        # (whatever it holds: the config before the last change, what a killed apply
+        # left half-written, a hand's edits)
+        self._write_generation(pinned, idle, desired, notes)
         # 2. node facts: local addresses, the matched interfaces' addresses
         for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
             want = set(desired["local"][family])
@@ -1208,10 +1394,25 @@ class EbpfBackend(Backend):
                 pinned.delete(name, addr)
         for index, link in desired["matched"].items():
             pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value())
-        # 3. the switch: one write
+        # 3. the switch: one write. The old generation is left as it is: the next change
+        # writes there what differs from it. After a first install it gets the config
+        # too (it never held one), so that the next change writes only what it changes;
+        # in the background, while programs load and filters attach.
         pinned.update("ipmq_ctl", struct.pack("=I", 0), CTL.pack(idle))
-        for name, keys in old_keys.items():
-            pinned.delete_many(name, keys)
+        mirror = _Background(self._write_generation, pinned, live_gen, desired, notes) if first else None
+        try:
+            changes = self._attach_all(plan, facts, pinned, desired, ipr, obj, created)
+        finally:
+            if mirror is not None:
+                mirror.join()
+        if mirror is not None:
+            mirror.result()
+        self._note_tries(pinned, desired, idle, notes, both=first)
+        return changes
+
+    def _attach_all(self, plan: Plan, facts: dict, pinned: Pinned, desired: dict, ipr, obj: loader.BpfObject,
+                    created: list[str]) -> list[str]:
+        """Steps 4 and 5 of _install: programs and filters, links no longer matched."""
         # 4. programs, then the filters
         fds = self._programs(pinned, obj, force=bool(created))  # new maps: programs must use them
         try:
@@ -1241,6 +1442,67 @@ class EbpfBackend(Backend):
                 else:
                     self._detach(ipr, pinned, index)
         return [f"{len(desired['matched'])} interfaces"]
+
+    def _write_generation(self, pinned: Pinned, gen: int, desired: dict, notes: dict) -> None:
+        """Make generation `gen` (never the live one) what `desired` plans, reading back
+        what it holds (_read_back) and writing only what differs: the port tables, the
+        four tries (batch deletes, then batch inserts), then its cfg, last since it
+        names what the tries hold."""
+        wanted = self._wanted_tries(desired["families"])
+        ports, held = self._read_back(pinned, gen, wanted, notes)
+        try:
+            wants = {name: lpm_key_list(family, gen, prefixes) for name, _kind, family, prefixes in wanted}
+            tables = port_tables(desired["ports"])
+        finally:
+            for thread in (ports, *held.values()):
+                thread.join()
+        for name, have, want in zip(("ipmq_ports", "ipmq_portidx"), ports.result(), tables):
+            if have != want:  # from the first entry that differs to the last
+                lo = next(i for i in range(PORTS) if have[i] != want[i])
+                hi = next(i for i in range(PORTS - 1, -1, -1) if have[i] != want[i])
+                pinned.update_array(name, gen * PORTS + lo, want[lo:hi + 1])
+        for name, want in wants.items():
+            self._sync_trie(pinned, name, want, held[name].result())
+        pinned.update("ipmq_cfg", struct.pack("=I", gen), desired["cfg"])
+
+    @staticmethod
+    def _read_ports(pinned: Pinned, gen: int) -> list[array.array]:
+        return [array.array("I", pinned.sys.array_values(pinned.fd(name), gen * PORTS, PORTS, 4))
+                for name in ("ipmq_ports", "ipmq_portidx")]
+
+    @staticmethod
+    def _sync_trie(pinned: Pinned, name: str, want: list[bytes], held) -> tuple[int, int]:
+        """One generation of a trie made to hold exactly `want` (its keys, distinct,
+        TRIE_VALUE each), given what it `held` (Pinned.generation): what should not be
+        there deleted first (it may take the room of what comes), then what is missing
+        or has another value written. Returns (written, deleted)."""
+        have, wrong, covering = held
+        missing, extra = trie_diff(want, have, pinned.defs[name].key_size)
+        if wrong:  # in `have`: those not wanted are in `extra` already
+            wanted = set(want)
+            missing += [k for k in wrong if k in wanted]
+        pinned.delete_many(name, extra + covering)
+        pinned.update_many(name, missing, TRIE_VALUE)
+        return len(missing), len(extra)
+
+    def _note_tries(self, pinned: Pinned, desired: dict, gen: int, notes: dict, both: bool) -> None:
+        """Note for the next reads of the tries (trie_notes) where generation 0 ends and
+        how large each generation is, now that `gen` (and, with `both`, the other one
+        too) holds `desired`."""
+        out = {}
+        for name, _kind, _family, prefixes in self._wanted_tries(desired["families"]):
+            count = [noted_count(name, 0, notes), noted_count(name, 1, notes)]
+            for g in (0, 1) if both else (gen,):
+                count[g] = len(prefixes)
+            seek = pinned.sys.lpm_start(pinned.fd(name), pinned.defs[name].key_size, 1,
+                                        seek_keys(name, 1, notes, prefixes))
+            out[name] = {"seek": seek.hex() if seek is not None else None, "count": count}
+        from .. import state
+
+        try:
+            state.write_json(TRIE_NOTES, {"dir": str(pin_dir()), "tries": out})
+        except OSError:
+            pass  # hints only: the next reads read more
 
     def _programs(self, pinned: Pinned, obj: loader.BpfObject, force: bool = False) -> dict[str, int]:
         """fds of the programs: the pinned ones when they came from this object (and no
@@ -1273,21 +1535,23 @@ class EbpfBackend(Backend):
 
     def _attach(self, ipr, pinned: Pinned, link: Link, fds: dict[str, int], obj: loader.BpfObject,
                 hooks=HOOKS) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
+        if not _has_clsact(link.index):
+            from pyroute2.netlink.exceptions import NetlinkError
 
-        if not _has_clsact(ipr, link.index):
             try:
                 ipr.tc("add", "clsact", link.index)
                 pinned.update("ipmq_owned", struct.pack("=I", link.index), struct.pack("=I", 1))
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise ApplyError(f"ebpf: cannot add a clsact qdisc to {link.name}: {exc}") from None
-        current = _filters(ipr, link.index)
+        current = _filters(link.index)
         for hook in hooks:
             want = filter_name(hook, obj.digest)
             ours = current[hook]
             if [(f["name"], f["id"]) for f in ours] == [(want, pinned.sys.prog_info(fds[hook])["id"])]:
                 continue
+            from pyroute2.netlink.exceptions import NetlinkError
+
             # replace in place (one netlink message: the old program or the new one, never none)
             cmd = "replace-filter" if any(f["prio"] == SHAPES["tc_priority"] for f in ours) else "add-filter"
             try:
@@ -1314,12 +1578,10 @@ class EbpfBackend(Backend):
     def _detach(self, ipr, pinned: Pinned | None, index: int) -> bool:
         """Our filters off one link, its interface entry gone, and the clsact qdisc too
         when we added it and nobody else uses it."""
-        from pyroute2.netlink.exceptions import NetlinkError
-
         found = False
         try:
-            current = _filters(ipr, index)
-        except NetlinkError:
+            current = _filters(index)
+        except OSError:
             current = {h: [] for h in HOOKS}
         for hook in HOOKS:
             for f in current[hook]:
@@ -1332,9 +1594,14 @@ class EbpfBackend(Backend):
             owned = pinned.open("ipmq_owned") is not None and pinned.lookup("ipmq_owned", key)
             if owned:
                 try:
-                    if _has_clsact(ipr, index) and _other_filters(ipr, index) == 0:
-                        ipr.tc("del", "clsact", index)
-                except NetlinkError:
+                    if _has_clsact(index) and _other_filters(index) == 0:
+                        from pyroute2.netlink.exceptions import NetlinkError
+
+                        try:
+                            ipr.tc("del", "clsact", index)
+                        except NetlinkError:
+                            pass
+                except OSError:
                     pass
                 pinned.delete("ipmq_owned", key)
         return found
@@ -1423,7 +1690,7 @@ class EbpfBackend(Backend):
         if not pin_dir().joinpath("ctl").exists() and not drain_tables_present():
             return []
         ipr = _ipr()
-        facts, pinned = self._read(ipr)
+        facts, pinned = self._read()
         try:
             return self._reap(facts, pinned, ipr)
         finally:
@@ -1450,7 +1717,7 @@ class EbpfBackend(Backend):
             return []
         ipr = _ipr()
         try:
-            facts, pinned = self._read(ipr)
+            facts, pinned = self._read()
             try:
                 if not facts["installed"] and not facts["attached"]:
                     return ["nft tables " + ", ".join(gone)] if (gone := delete_tables()) else []
@@ -1484,12 +1751,13 @@ class EbpfBackend(Backend):
                 if 0 <= index < PORTS:
                     values[index] = struct.unpack("=I", value)[0]
             pinned.update_array(name, idle * PORTS, values)
-        for kind in ("exempt", "sources"):  # the same tries in the idle generation
-            for family in FAMILIES:
-                name = TRIES[kind][family]
-                keys = pinned.keys(name)
-                pinned.delete_many(name, [k for k in keys if k[4] == idle])
-                pinned.update_many(name, [k[:4] + bytes([idle]) + k[5:] for k in keys if k[4] == live_gen], b"\x01")
+        notes = trie_notes()
+        for name in TRIE_FAMILY:  # the same tries in the idle generation
+            raw = pinned.generation(name, live_gen, seek_keys(name, live_gen, notes),
+                                    noted_count(name, live_gen, notes))[0]
+            size, gen_byte = pinned.defs[name].key_size, bytes([idle])
+            want = [raw[i:i + 4] + gen_byte + raw[i + 5:i + size] for i in range(0, len(raw), size)]
+            self._sync_trie(pinned, name, want, pinned.generation(name, idle, seek_keys(name, idle, notes), len(want)))
         pinned.update("ipmq_cfg", struct.pack("=I", idle), CFG.pack(flags | F_DRAIN, retries, total, crc, digest))
         pinned.update("ipmq_ctl", struct.pack("=I", 0), CTL.pack(idle))
 
@@ -1501,13 +1769,19 @@ class EbpfBackend(Backend):
             pinned = Pinned(None)
         try:
             flows = self._our_flows(pinned) if pinned is not None else []
-            for msg in ipr.get_links():
-                self._detach(ipr, pinned, msg["index"])
+            for index in read_links():
+                self._detach(ipr, pinned, index)
             forget_conntrack(flows)
         finally:
             if pinned is not None:
                 pinned.close()
         delete_tables()
+        from .. import state
+
+        try:
+            (state.state_dir() / TRIE_NOTES).unlink()
+        except OSError:
+            pass
         directory = pin_dir()
         if directory.is_dir():
             for entry in directory.iterdir():

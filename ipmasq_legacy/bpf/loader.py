@@ -1,7 +1,8 @@
 """bpf(2) from Python, and a small loader for masq.o: no libbpf, no compiler at run time.
 
 * `Sys`: the bpf syscall through ctypes (map create/lookup/update/delete/iterate/batch,
-  program load, pin, get, object info).
+  program load, pin, get, object info), and `Sys.lpm_run`: the keys of an LPM trie that
+  start with one byte, read without reading the rest of the trie.
 * `read_object`: the compiled object's programs (instructions and the map each
   relocation names) and its map definitions (from the BTF of the `.maps` section, the
   libbpf convention), so the C source stays the one place that defines them.
@@ -11,12 +12,14 @@
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import hashlib
 import os
 import platform
 import struct
+import sys
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -67,6 +70,36 @@ def possible_cpus() -> int:
 
 def _addr(buf) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
+
+
+def lpm_rank(key: bytes, first: int) -> int:
+    """Where an LPM trie key lies, in the trie's order, against the keys whose data
+    starts with the byte `first` (prefix length 8 or more): -1 before them (a lower
+    first byte), 0 one of them, 1 after them (a higher first byte, or a prefix shorter
+    than a byte that holds them or lies above them)."""
+    plen = int.from_bytes(key[:4], sys.byteorder)
+    if plen >= 8:
+        return (key[4] > first) - (key[4] < first)
+    return -1 if (key[4] | (0xFF >> plen)) < first else 1
+
+
+def _run_bounds(raw: bytes, n: int, key_size: int, first: int) -> tuple[int, int] | None:
+    """(start, end) of the keys of lpm_rank 0 among the n keys of `raw`, found by
+    bisection; None when the keys are not in lpm_rank order. The order is checked in C
+    (every key's first data byte, the run's prefix lengths), key by key only where a
+    prefix shorter than a byte may lie (hand-made: we write none)."""
+    def rank(i):
+        return lpm_rank(raw[i * key_size:(i + 1) * key_size], first)
+
+    s = bisect.bisect_left(range(n), 0, key=rank)
+    e = bisect.bisect_left(range(n), 1, lo=s, key=rank)
+    heads = raw[4:n * key_size:key_size]
+    lengths = raw[0 if sys.byteorder == "little" else 3:n * key_size:key_size]  # at most 136: one byte
+    ok = (heads[s:e] == bytes([first]) * (e - s) and (e == s or min(lengths[s:e]) >= 8)
+          and (s == 0 or max(heads[:s]) < first) and (e == n or min(heads[e:]) > first))
+    if not ok:
+        ok = all(rank(i) == (-1 if i < s else 0 if i < e else 1) for i in range(n))
+    return (s, e) if ok else None
 
 
 class Sys:
@@ -180,17 +213,7 @@ class Sys:
         left = limit
         while left is None or left > 0:
             want = chunk if left is None else min(chunk, left)
-            attr = ctypes.create_string_buffer(self.ATTR)
-            struct.pack_into("=QQQQIIQQ", attr, 0, _addr(in_batch), _addr(out_batch), _addr(keys), _addr(values),
-                             want, fd, 0, 0)
-            done = False
-            try:
-                self.call(MAP_LOOKUP_BATCH, attr, "map lookup batch")
-            except BpfError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                done = True
-            count = struct.unpack_from("=I", attr, 32)[0]
+            count, done = self._lookup_batch(fd, in_batch, out_batch, keys, values, want)
             if count:
                 yield count, keys.raw, values.raw
             if left is not None:
@@ -198,6 +221,129 @@ class Sys:
             if done:
                 return
             in_batch = ctypes.create_string_buffer(out_batch.raw, cursor)
+
+    def _lookup_batch(self, fd: int, in_batch, out_batch, keys, values, count: int) -> tuple[int, bool]:
+        """One BPF_MAP_LOOKUP_BATCH: (entries copied, whether the map's end was reached)."""
+        attr = ctypes.create_string_buffer(self.ATTR)
+        struct.pack_into("=QQQQIIQQ", attr, 0, _addr(in_batch), _addr(out_batch), _addr(keys), _addr(values),
+                         count, fd, 0, 0)
+        done = False
+        try:
+            self.call(MAP_LOOKUP_BATCH, attr, "map lookup batch")
+        except BpfError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            done = True
+        return struct.unpack_from("=I", attr, 32)[0], done
+
+    def next_key(self, fd: int, key: bytes | None, key_size: int) -> bytes | None:
+        """BPF_MAP_GET_NEXT_KEY: the key after `key` (None: the first key); None after the
+        last. An LPM trie answers a key it does not hold with its first key."""
+        cur = ctypes.create_string_buffer(key, len(key)) if key is not None else None
+        nxt = ctypes.create_string_buffer(key_size)
+        try:
+            self.call(MAP_GET_NEXT_KEY, self._elem(fd, cur, nxt), "map get next key")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return nxt.raw
+
+    # -- LPM tries: the keys that start with one byte
+
+    def lpm_start(self, fd: int, key_size: int, first: int, seek) -> bytes | None:
+        """The first key of `seek` that the trie holds and that comes before every key
+        starting with the byte `first` (lpm_rank -1), or None: where lpm_run may start."""
+        leftmost = b""
+        for key in seek:
+            if len(key) != key_size or lpm_rank(key, first) >= 0:
+                continue
+            if leftmost == b"":
+                leftmost = self.next_key(fd, None, key_size)
+                if leftmost is None:
+                    return None  # an empty trie
+            # a key the trie holds is followed by another one or by nothing; one it does
+            # not hold is answered with the first key
+            if self.next_key(fd, key, key_size) != leftmost:
+                return key
+        return None
+
+    def lpm_run(self, fd: int, key_size: int, value_size: int, first: int, seek=(),
+                expect: int | None = None) -> tuple[bytes, bytes]:
+        """The entries of an LPM trie whose data starts with the byte `first` (prefix
+        length 8 or more: struct bpf_lpm_trie_key, a u32 prefix length, then the data):
+        (their keys, their values), each end to end, in the trie's order.
+
+        The kernel walks a trie in postorder (kernel/bpf/lpm_trie.c, trie_get_next_key:
+        a prefix after the longer ones it holds), so those keys come in one run, after
+        every key whose first byte is lower: the read starts after the first key of
+        `seek` the trie holds (`lpm_start`; from the trie's first key when none is) and
+        stops at the first key past the run. `expect` (how many the run should hold)
+        sizes the batches so that little past it is read. One BPF_MAP_LOOKUP_BATCH per
+        65,536 entries (key by key where the kernel lacks it); the order is checked in
+        every batch, and a trie walked in another order is read whole."""
+        after = self.lpm_start(fd, key_size, first, seek) if seek else None
+        keys, values = [], []
+        got, step = 0, 1024
+        most = 65536 if expect is None else max(1024, min(65536, expect + 64))
+        kb = ctypes.create_string_buffer(key_size * most)
+        vb = ctypes.create_string_buffer(value_size * most)
+        out_batch = ctypes.create_string_buffer(max(8, key_size))
+        first_call = True
+        while True:
+            if expect is None:
+                count, step = step, min(step * 4, most)
+            elif first_call:  # small: the run may be far shorter than expected
+                count = min(1024, expect + 64)
+            else:
+                count = min(most, max(1024, expect - got + 64))
+            in_batch = ctypes.create_string_buffer(after, key_size) if after is not None else None
+            try:
+                n, done = self._lookup_batch(fd, in_batch, out_batch, kb, vb, count)
+            except BpfError as exc:
+                if not first_call or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+                    raise
+                return self._lpm_run_by_key(fd, key_size, value_size, first, after)
+            first_call = False
+            kr, vr = kb.raw, vb.raw
+            bounds = _run_bounds(kr, n, key_size, first)
+            if bounds is None:  # not the order this relies on
+                return self._lpm_run_by_key(fd, key_size, value_size, first, None, stop=False)
+            s, e = bounds
+            keys.append(kr[s * key_size:e * key_size])
+            values.append(vr[s * value_size:e * value_size])
+            got += e - s
+            if done or e < n or n == 0:
+                return b"".join(keys), b"".join(values)
+            after = kr[(n - 1) * key_size:n * key_size]
+
+    def _lpm_run_by_key(self, fd: int, key_size: int, value_size: int, first: int, after: bytes | None,
+                        stop: bool = True) -> tuple[bytes, bytes]:
+        """lpm_run with BPF_MAP_GET_NEXT_KEY and lookups (stop=False: the whole trie is
+        read, for a kernel that walks it in another order)."""
+        keys, values = [], []
+        cur = after
+        while (cur := self.next_key(fd, cur, key_size)) is not None:
+            rank = lpm_rank(cur, first)
+            if rank > 0 and stop:
+                break
+            value = self.lookup(fd, cur, value_size) if rank == 0 else None  # (its own: the longest match)
+            if value is not None:
+                keys.append(cur)
+                values.append(value)
+        return b"".join(keys), b"".join(values)
+
+    def lpm_covering(self, fd: int, key_size: int, value_size: int, first: int) -> tuple[bytes | None, list[bytes]]:
+        """Prefixes shorter than one byte (prefix length 0-7) that hold the byte `first`:
+        (the value the longest of them maps to, or None when there is none; the eight keys
+        one of them would have). They match every lookup of the run lpm_run reads, yet
+        lie outside it."""
+        probe = struct.pack("=I", 7) + bytes([first]) + bytes(key_size - 5)
+        value = self.lookup(fd, probe, value_size)
+        if value is None:
+            return None, []
+        return value, [struct.pack("=I", p) + bytes([first & (0xFF00 >> p) & 0xFF]) + bytes(key_size - 5)
+                       for p in range(8)]
 
     def all_keys(self, fd: int, key_size: int, value_size: int, max_entries: int) -> list[bytes]:
         """Every key of a map (BPF_MAP_LOOKUP_BATCH where the kernel has it, else
