@@ -289,8 +289,8 @@ exec /usr/sbin/nft "$@"
 """
 
 
-def test_nftables_noop_reconcile_lists_nothing_until_the_generation_moves(node):
-    """The fingerprint: an unchanged nf_tables generation answers 'in sync' without a listing."""
+def log_nft_calls(node):
+    """Make the node's ipmasq drive the nft binary through NFT_LOGGER; the log file."""
     wrapper_dir = node.dir / "bin"
     wrapper_dir.mkdir()
     calls = node.dir / "nft-calls"
@@ -298,6 +298,12 @@ def test_nftables_noop_reconcile_lists_nothing_until_the_generation_moves(node):
     wrapper.write_text(NFT_LOGGER.format(calls=calls))
     wrapper.chmod(0o755)
     node.env.update({"IPMASQ_NFT_CLI": "1", "PATH": f"{wrapper_dir}:{os.environ['PATH']}"})
+    return calls
+
+
+def test_nftables_noop_reconcile_lists_nothing_until_the_generation_moves(node):
+    """The fingerprint: an unchanged nf_tables generation answers 'in sync' without a listing."""
+    calls = log_nft_calls(node)
     config_path = node.write_config({}, agent="")
     node.ipmasq("apply", "--config", config_path, "--backend", "nftables", check=True)
     node.ipmasq("reconcile", "--config", config_path, check=True)  # full read, records the generation
@@ -313,13 +319,7 @@ def test_nftables_noop_reconcile_lists_nothing_until_the_generation_moves(node):
 def test_nftables_apply_trusts_its_record_until_the_generation_moves(node):
     """apply knows what it wrote: with the generation unchanged it lists nothing (at
     100,000 prefixes a listing costs a second); any commit since makes it read again."""
-    wrapper_dir = node.dir / "bin"
-    wrapper_dir.mkdir()
-    calls = node.dir / "nft-calls"
-    wrapper = wrapper_dir / "nft"
-    wrapper.write_text(NFT_LOGGER.format(calls=calls))
-    wrapper.chmod(0o755)
-    node.env.update({"IPMASQ_NFT_CLI": "1", "PATH": f"{wrapper_dir}:{os.environ['PATH']}"})
+    calls = log_nft_calls(node)
     first = node.write_config({"ipv4-native-routing-cidr": ["198.20.0.0/16"]}, name="first.yaml")
     second = node.write_config({"ipv4-native-routing-cidr": ["198.20.0.0/16", "203.0.113.0/24"]}, name="second.yaml")
     node.ipmasq("apply", "--config", first, "--backend", "nftables", check=True)
