@@ -1,0 +1,115 @@
+"""Two backends head to head, round after round, on two beds side by side.
+
+    sudo .venv/bin/python -m bench.pair                    # nftables against ebpf, 100,000 prefixes
+    sudo .venv/bin/python -m bench.pair --backends iptables-nft,nftables --rounds 7
+
+The full benchmark measures each backend once, minutes apart; on a shared 2-core machine
+its speed drifts more than a NAT engine costs. Here both beds carry the same config and
+are measured in alternation (A, B, A, B, ...), and each round's B/A ratio is taken, so
+drift cancels out: new-connection cost (one burst of new UDP flows each) and TCP
+throughput (iperf3, 1 and 4 streams). It prints a table and writes
+bench/results/pair.json. Only throw-away network namespaces are touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import measure
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(names: list[str], prefixes: int, rounds: int, seconds: int) -> dict:
+    s = measure.Settings(**{**vars(measure.settings_for(False)), "throughput_seconds": seconds})
+    samples: dict[str, dict[str, list[float]]] = {n: {"conn_us": [], "tcp1": [], "tcp4": []} for n in names}
+    with tempfile.TemporaryDirectory(prefix="ipmasq-pair-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        measure.warm_bytecode(measure.cli_env(workdir))
+        beds, flows = {}, {}
+        for name in names:
+            bed = stack.enter_context(measure.new_bed())
+            node = measure.Node(bed, workdir, 120)
+            stack.callback(node.close)
+            stack.callback(node.flush)
+            r = node.ipmasq("apply", "--config", node.config(prefixes), "--backend", name)
+            if r.code != 0:
+                raise RuntimeError(f"apply {name}: {r.stderr.strip()}")
+            beds[name] = bed
+            flows[name] = measure.FlowBench(bed, s.conn_max_packets)
+            stack.callback(flows[name].close)
+            stack.enter_context(measure._IperfServer(bed))
+            _log(f"{name}: {prefixes} prefixes installed")
+        plan = {name: flows[name].calibrate(s) for name in names}
+        n = min(p[0] for p in plan.values())
+        for i in range(rounds):
+            for name in names:
+                us, _lost, _paced = flows[name].one(n, plan[name][1])
+                samples[name]["conn_us"].append(us)
+            for streams in (1, 4):
+                for name in names:
+                    samples[name][f"tcp{streams}"].append(measure._iperf(beds[name], seconds, streams)["gbit_s"])
+            _log(f"round {i + 1}/{rounds}: " + "; ".join(
+                f"{name} {samples[name]['conn_us'][-1]:.2f} µs, {samples[name]['tcp1'][-1]:.1f}/"
+                f"{samples[name]['tcp4'][-1]:.1f} Gbit/s" for name in names))
+    a, b = names
+    ratios = {k: [y / x for x, y in zip(samples[a][k], samples[b][k])] for k in ("conn_us", "tcp1", "tcp4")}
+    return {"backends": names, "prefixes": prefixes, "rounds": rounds, "seconds": seconds,
+            "machine": measure.machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "samples": samples, "ratios": ratios}
+
+
+def report(res: dict) -> str:
+    a, b = res["backends"]
+    rows = [("new connection, µs per flow (lower is better)", "conn_us"),
+            ("TCP 1 stream, Gbit/s", "tcp1"), ("TCP 4 streams, Gbit/s", "tcp4")]
+    m = res["machine"]
+    lines = [f"{a} against {b}: {res['prefixes']:,} exempt prefixes, {res['rounds']} rounds in alternation "
+             f"({res['started']}; {m.get('cpu', '?')}, {m.get('cores', '?')} cores, kernel {m.get('kernel', '?')})",
+             "",
+             f"| measure | {a} (median) | {b} (median) | {b} / {a}, per round: median (min-max) |",
+             "|---|---|---|---|"]
+    for title, key in rows:
+        r = res["ratios"][key]
+        lines.append(f"| {title} | {statistics.median(res['samples'][a][key]):.2f} | "
+                     f"{statistics.median(res['samples'][b][key]):.2f} | "
+                     f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f}) |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.pair", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", default="nftables,ebpf", help="two backends, A,B (default: nftables,ebpf)")
+    p.add_argument("--prefixes", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=int, default=5, help="per iperf3 run")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    names = args.backends.split(",")
+    if len(names) != 2:
+        p.error("--backends takes exactly two names")
+    _, skipped = measure.available_backends(names)
+    if skipped:
+        p.error("; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    res = run(names, args.prefixes, args.rounds, args.seconds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pair.json").write_text(json.dumps(res, indent=2))
+    print(report(res))
+    print(f"\nwrote {out / 'pair.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
