@@ -120,6 +120,16 @@ class Sys:
             raise BpfError(err, f"bpf {what}: {os.strerror(err)}")
         return ret
 
+    def call_found(self, cmd: int, attr, what: str) -> bool:
+        """call(), with ENOENT (no such key, no next key) as False."""
+        try:
+            self.call(cmd, attr, what)
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
     # -- maps
 
     def map_create(self, map_type: int, key_size: int, value_size: int, max_entries: int, flags: int,
@@ -137,13 +147,7 @@ class Sys:
     def lookup(self, fd: int, key: bytes, value_size: int) -> bytes | None:
         k = ctypes.create_string_buffer(key, len(key))
         v = ctypes.create_string_buffer(value_size)
-        try:
-            self.call(MAP_LOOKUP_ELEM, self._elem(fd, k, v), "map lookup")
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-        return v.raw
+        return v.raw if self.call_found(MAP_LOOKUP_ELEM, self._elem(fd, k, v), "map lookup") else None
 
     def update(self, fd: int, key: bytes, value: bytes, flags: int = ANY) -> None:
         k = ctypes.create_string_buffer(key, len(key))
@@ -152,26 +156,15 @@ class Sys:
 
     def delete(self, fd: int, key: bytes) -> bool:
         k = ctypes.create_string_buffer(key, len(key))
-        try:
-            self.call(MAP_DELETE_ELEM, self._elem(fd, k, None), "map delete")
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                return False
-            raise
-        return True
+        return self.call_found(MAP_DELETE_ELEM, self._elem(fd, k, None), "map delete")
 
     def keys(self, fd: int, key_size: int) -> list[bytes]:
         out = []
         cur = None
         nxt = ctypes.create_string_buffer(key_size)
         while True:
-            attr = self._elem(fd, cur, nxt)
-            try:
-                self.call(MAP_GET_NEXT_KEY, attr, "map get next key")
-            except BpfError as exc:
-                if exc.errno == errno.ENOENT:
-                    return out
-                raise
+            if not self.call_found(MAP_GET_NEXT_KEY, self._elem(fd, cur, nxt), "map get next key"):
+                return out
             out.append(nxt.raw)
             cur = ctypes.create_string_buffer(nxt.raw, key_size)
 
@@ -241,13 +234,7 @@ class Sys:
         last. An LPM trie answers a key it does not hold with its first key."""
         cur = ctypes.create_string_buffer(key, len(key)) if key is not None else None
         nxt = ctypes.create_string_buffer(key_size)
-        try:
-            self.call(MAP_GET_NEXT_KEY, self._elem(fd, cur, nxt), "map get next key")
-        except BpfError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-        return nxt.raw
+        return nxt.raw if self.call_found(MAP_GET_NEXT_KEY, self._elem(fd, cur, nxt), "map get next key") else None
 
     # -- LPM tries: the keys that start with one byte
 
