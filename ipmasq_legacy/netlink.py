@@ -82,3 +82,48 @@ class Netlink:
                 out.append((kind, payload))
                 if not dump:
                     return out
+
+
+# ---------------------------------------------------------------- nf_tables
+
+NFPROTO = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
+NFT_MSG_GETTABLE, NFT_MSG_GETGEN = (NFNL_SUBSYS_NFTABLES << 8) | 1, (NFNL_SUBSYS_NFTABLES << 8) | 16
+NFTA_TABLE_NAME, NFTA_GEN_ID = 1, 1
+
+
+def _nfgenmsg(family: int) -> bytes:
+    return struct.pack("=BBH", family, 0, 0)
+
+
+def nft_generation() -> int | None:
+    """nf_tables' ruleset generation in this network namespace (every commit moves it);
+    None when nf_tables cannot be asked."""
+    try:
+        with Netlink(NETLINK_NETFILTER) as nl:
+            replies = nl.request(NFT_MSG_GETGEN, _nfgenmsg(socket.AF_UNSPEC))
+    except OSError:
+        return None
+    raw = attrs(replies[0][1], 4).get(NFTA_GEN_ID) if replies else None
+    return struct.unpack("!I", raw[:4])[0] if raw is not None and len(raw) >= 4 else None
+
+
+def nft_tables(wanted) -> dict[tuple[str, str], dict[int, bytes] | None]:
+    """Each (family, name) of `wanted` -> the attributes of that nf_tables table (handle,
+    flags, chain count), or None where there is no such table: one NFT_MSG_GETTABLE
+    request per table, answered by that table alone. (`nft list tables` fetches the
+    whole ruleset, every set element included: 0.7 s beside a 100,000-element set.)
+    OSError when nf_tables cannot be asked at all."""
+    out = {}
+    with Netlink(NETLINK_NETFILTER) as nl:
+        for family, name in wanted:
+            body = _nfgenmsg(NFPROTO[family]) + nla(NFTA_TABLE_NAME, name.encode() + b"\0")
+            try:
+                replies = nl.request(NFT_MSG_GETTABLE, body)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                out[(family, name)] = None
+                continue
+            out[(family, name)] = attrs(replies[0][1], 4) if replies else None
+    return out
+

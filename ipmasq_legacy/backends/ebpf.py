@@ -47,7 +47,7 @@ from pathlib import Path
 from .. import netlink, ruledata
 from ..bpf import loader
 from ..errors import ApplyError
-from ..netlink import NETLINK_NETFILTER, NETLINK_ROUTE, NFNL_SUBSYS_NFTABLES
+from ..netlink import NETLINK_ROUTE
 from ..plan import FamilyPlan, Plan
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
 
@@ -649,29 +649,6 @@ def _nft(text: str) -> tuple[int, str]:
 
 DRAIN_TABLES = (("ip", DRAIN_TABLE), ("ip6", DRAIN_TABLE))
 KEEPER_TABLES = (("inet", KEEPER_TABLE),)
-NFPROTO = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
-
-
-def _nft_lookup(wanted) -> dict[tuple[str, str], dict[int, bytes] | None]:
-    """Each (family, name) of `wanted` -> the attributes of that nf_tables table (handle,
-    flags, chain count), or None where there is no such table: one NFT_MSG_GETTABLE
-    request per table, answered by that table alone (or ENOENT). `nft list tables`
-    would fetch the whole ruleset, every set element included (0.7 s beside a
-    100,000-element set). OSError when nf_tables cannot be asked at all."""
-    nft_msg_gettable, nfta_table_name = (NFNL_SUBSYS_NFTABLES << 8) | 1, 1
-    out = {}
-    with netlink.Netlink(NETLINK_NETFILTER) as nl:
-        for family, name in wanted:
-            body = struct.pack("=BBH", NFPROTO[family], 0, 0) + netlink.nla(nfta_table_name, name.encode() + b"\0")
-            try:
-                replies = nl.request(nft_msg_gettable, body)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                out[(family, name)] = None
-                continue
-            out[(family, name)] = netlink.attrs(replies[0][1], 4) if replies else None
-    return out
 
 
 def _nft_tables(wanted=DRAIN_TABLES + KEEPER_TABLES) -> set[tuple[str, str]]:
@@ -680,7 +657,7 @@ def _nft_tables(wanted=DRAIN_TABLES + KEEPER_TABLES) -> set[tuple[str, str]]:
     if shutil.which("nft") is None:
         return set()
     try:
-        found = _nft_lookup(wanted)
+        found = netlink.nft_tables(wanted)
     except OSError:
         return set()
     return {table for table, attrs in found.items() if attrs is not None}
@@ -1209,7 +1186,7 @@ class EbpfBackend(Backend):
             obj = None
         _put(h, "inputs", str(pin_dir()), obj, repr(SHAPES), local_port_range(), os.environ.get("IPMASQ_BPF_DRAIN_IDLE"))
         nft = shutil.which("nft") is not None
-        tables = _nft_lookup(DRAIN_TABLES + KEEPER_TABLES) if nft else {}
+        tables = netlink.nft_tables(DRAIN_TABLES + KEEPER_TABLES) if nft else {}
         if any(tables.get(t) is not None for t in DRAIN_TABLES):
             return False  # netfilter's connections drain: done when conntrack says so
         keeper = tables.get(KEEPER_TABLES[0])

@@ -27,7 +27,6 @@ import ipaddress
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 from dataclasses import dataclass, field
@@ -599,7 +598,7 @@ class NftablesBackend(Backend):
         kube-proxy's, a hand edit of our set) moves it, and reading it lists nothing (at
         100,000 prefixes a listing of our table costs about a second, most of it in the
         kernel)."""
-        genid = _generation()
+        genid = netlink.nft_generation()
         return None if genid is None else f"nf_tables generation {genid}"
 
     # -- changing
@@ -652,11 +651,11 @@ class NftablesBackend(Backend):
         self._size_hint(plan)
         changes = []
         self._commits = 0
-        generation = _generation()
+        generation = netlink.nft_generation()
         current = self._recorded(generation)
         if current is None:
             current = self.live()
-            if _generation() != generation:
+            if netlink.nft_generation() != generation:
                 generation = None  # someone committed while we read: nothing to record
         for family, fp in self.wanted_families(plan).items():
             live = current.families[family]
@@ -700,7 +699,7 @@ class NftablesBackend(Backend):
         return Live(self.name, families)
 
     def _record(self, plan: Plan | None, generation: int | None) -> None:
-        now = _generation()
+        now = netlink.nft_generation()
         if plan is None or generation is None or now is None or (now - generation) % 2**32 != self._commits:
             self._forget()
             return
@@ -718,19 +717,6 @@ class NftablesBackend(Backend):
 
     def _forget(self) -> None:
         (state.state_dir() / self.RECORD).unlink(missing_ok=True)
-
-
-def _generation() -> int | None:
-    """nf_tables' ruleset generation in this network namespace: one NFT_MSG_GETGEN request
-    (spelled out in ..netlink: importing pyroute2 would cost more than the request)."""
-    nft_msg_getgen, nfta_gen_id = (netlink.NFNL_SUBSYS_NFTABLES << 8) | 16, 1
-    try:
-        with netlink.Netlink(netlink.NETLINK_NETFILTER) as nl:
-            replies = nl.request(nft_msg_getgen, struct.pack("=BBH", socket.AF_UNSPEC, 0, 0))
-    except OSError:
-        return None
-    raw = netlink.attrs(replies[0][1], 4).get(nfta_gen_id) if replies else None
-    return struct.unpack("!I", raw[:4])[0] if raw is not None and len(raw) >= 4 else None
 
 
 def _netns_id() -> str:
