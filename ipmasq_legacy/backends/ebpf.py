@@ -43,6 +43,7 @@ import zlib
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
+from typing import NamedTuple
 
 from .. import netlink, ruledata
 from ..bpf import loader
@@ -321,32 +322,48 @@ class Link:
         return IFACE.pack(a4, a6, flags, self.l2len)
 
 
+def _dump_links(nl) -> list[tuple[int, int, str]]:
+    """(index, link type, name) of every link."""
+    out = []
+    for _kind, msg in nl.request(RTM_GETLINK, bytes(16), dump=True):
+        _family, ifi_type, index, _flags, _change = struct.unpack_from("=BxHiII", msg)
+        out.append((index, ifi_type, netlink.text(netlink.attrs(msg, 16).get(IFLA_IFNAME)) or ""))
+    return out
+
+
+def _dump_addresses(nl) -> list[tuple[int, int, int, int, int, bytes, bytes]]:
+    """(index, address family, prefix length, scope, flags, IFA_LOCAL, IFA_ADDRESS) of
+    every address (b"" where an attribute is missing; flags from IFA_FLAGS when set)."""
+    out = []
+    for _kind, msg in nl.request(RTM_GETADDR, bytes(8), dump=True):
+        af, plen, flags, scope, index = struct.unpack_from("=BBBBI", msg)
+        attrs = netlink.attrs(msg, 8)
+        if IFA_FLAGS in attrs:
+            flags = struct.unpack("=I", attrs[IFA_FLAGS])[0] or flags
+        out.append((index, af, plen, scope, flags, attrs.get(IFA_LOCAL, b""), attrs.get(IFA_ADDRESS, b"")))
+    return out
+
+
 def read_links() -> dict[int, Link]:
     """Every link with its primary address per family (what MASQUERADE would pick: the
     first primary global IPv4 address; the first usable global IPv6 one). Over
     ..netlink: importing pyroute2 would cost 0.1 s."""
-    links = {}
     candidates: dict[int, dict[int, list]] = {}
     with netlink.Netlink(NETLINK_ROUTE) as nl:
-        for _kind, msg in nl.request(RTM_GETLINK, bytes(16), dump=True):
-            _family, ifi_type, index, _flags, _change = struct.unpack_from("=BxHiII", msg)
-            name = netlink.text(netlink.attrs(msg, 16).get(IFLA_IFNAME)) or ""
-            links[index] = Link(index, name, 0 if ifi_type in ARPHRD_L3 else 14)
-        for _kind, msg in nl.request(RTM_GETADDR, bytes(8), dump=True):
-            af, _plen, flags, scope, index = struct.unpack_from("=BBBBI", msg)
-            link = links.get(index)
-            if link is None or af not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            family = 4 if af == socket.AF_INET else 6
-            attrs = netlink.attrs(msg, 8)
-            raw = (attrs.get(IFA_LOCAL) if family == 4 else None) or attrs.get(IFA_ADDRESS)
-            if not raw:
-                continue
-            addr = socket.inet_ntop(af, raw)
-            link.addresses.append(addr)
-            if IFA_FLAGS in attrs:
-                flags = struct.unpack("=I", attrs[IFA_FLAGS])[0] or flags
-            candidates.setdefault(index, {4: [], 6: []})[family].append((scope, flags, addr))
+        links = {index: Link(index, name, 0 if ifi_type in ARPHRD_L3 else 14)
+                 for index, ifi_type, name in _dump_links(nl)}
+        addresses = _dump_addresses(nl)
+    for index, af, _plen, scope, flags, local, address in addresses:
+        link = links.get(index)
+        if link is None or af not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        family = 4 if af == socket.AF_INET else 6
+        raw = (local if family == 4 else None) or address
+        if not raw:
+            continue
+        addr = socket.inet_ntop(af, raw)
+        link.addresses.append(addr)
+        candidates.setdefault(index, {4: [], 6: []})[family].append((scope, flags, addr))
     for index, by_family in candidates.items():
         link = links[index]
         v4 = [(s, a) for s, f, a in by_family[4] if not f & IFA_F_SECONDARY]
@@ -389,9 +406,22 @@ def _ipr() -> _LazyIPRoute:
     return _LazyIPRoute()
 
 
-def _tc_filters(nl, index: int, hook: str) -> list[tuple[int, int, str | None, str | None, int | None]]:
-    """The filters on one clsact hook of a link: (priority, handle, kind, bpf name,
-    bpf program id); none where the link has no clsact qdisc."""
+class TcFilter(NamedTuple):
+    prio: int
+    protocol: int
+    handle: int
+    kind: str | None
+    name: str | None  # a bpf filter's name
+    prog_id: int | None  # a bpf filter's program
+    tag: str  # a bpf filter's program tag, hex ("" for others)
+
+    @property
+    def ours(self) -> bool:
+        return self.kind == "bpf" and bool(self.name) and self.name.startswith(FILTER + "/")
+
+
+def _tc_filters(nl, index: int, hook: str) -> list[TcFilter]:
+    """The filters on one clsact hook of a link; none where the link has no clsact qdisc."""
     try:
         msgs = nl.request(RTM_GETTFILTER, TCMSG.pack(0, index, 0, PARENT[hook], 0), dump=True)
     except OSError:  # no clsact qdisc: nothing attached
@@ -402,8 +432,8 @@ def _tc_filters(nl, index: int, hook: str) -> list[tuple[int, int, str | None, s
         attrs = netlink.attrs(msg, TCMSG.size)
         opts = netlink.attrs(attrs[TCA_OPTIONS]) if TCA_OPTIONS in attrs else {}
         prog_id = struct.unpack("=I", opts[TCA_BPF_ID])[0] if len(opts.get(TCA_BPF_ID, b"")) == 4 else None
-        out.append((info >> 16, handle, netlink.text(attrs.get(TCA_KIND)), netlink.text(opts.get(TCA_BPF_NAME)),
-                    prog_id))
+        out.append(TcFilter(info >> 16, info & 0xFFFF, handle, netlink.text(attrs.get(TCA_KIND)),
+                            netlink.text(opts.get(TCA_BPF_NAME)), prog_id, opts.get(TCA_BPF_TAG, b"").hex()))
     return out
 
 
@@ -414,26 +444,29 @@ def _filters(index: int, nl=None) -> dict[str, list[dict]]:
             return _filters(index, own)
     out: dict[str, list[dict]] = {h: [] for h in HOOKS}
     for hook in HOOKS:
-        for prio, handle, kind, name, prog_id in _tc_filters(nl, index, hook):
-            if kind == "bpf" and name and name.startswith(FILTER + "/"):
-                out[hook].append({"prio": prio, "handle": handle, "name": name, "id": prog_id})
+        out[hook] = [{"prio": f.prio, "handle": f.handle, "name": f.name, "id": f.prog_id}
+                     for f in _tc_filters(nl, index, hook) if f.ours]
+    return out
+
+
+def _dump_qdiscs(nl) -> list[tuple[int, str | None, int, int]]:
+    """(index, kind, handle, parent) of every qdisc."""
+    out = []
+    for _kind, msg in nl.request(RTM_GETQDISC, bytes(TCMSG.size), dump=True):
+        _family, index, handle, parent, _info = TCMSG.unpack_from(msg)
+        out.append((index, netlink.text(netlink.attrs(msg, TCMSG.size).get(TCA_KIND)), handle, parent))
     return out
 
 
 def _has_clsact(index: int) -> bool:
     with netlink.Netlink(NETLINK_ROUTE) as nl:
-        for _kind, msg in nl.request(RTM_GETQDISC, bytes(TCMSG.size), dump=True):
-            if TCMSG.unpack_from(msg)[1] == index and \
-                    netlink.text(netlink.attrs(msg, TCMSG.size).get(TCA_KIND)) == "clsact":
-                return True
-    return False
+        return any(i == index and kind == "clsact" for i, kind, _handle, _parent in _dump_qdiscs(nl))
 
 
 def _other_filters(index: int) -> int:
     """Filters on the clsact hooks of a link that are not ours."""
     with netlink.Netlink(NETLINK_ROUTE) as nl:
-        return sum(1 for hook in HOOKS for _prio, _handle, kind, name, _id in _tc_filters(nl, index, hook)
-                   if kind and not (name and name.startswith(FILTER + "/")))
+        return sum(1 for hook in HOOKS for f in _tc_filters(nl, index, hook) if f.kind and not f.ours)
 
 
 # ---------------------------------------------------------------- pinned maps
@@ -1262,46 +1295,13 @@ class EbpfBackend(Backend):
     @staticmethod
     def _fingerprint_links(h) -> None:
         with netlink.Netlink(NETLINK_ROUTE) as nl:
-            links = []
-            for _kind, msg in nl.request(RTM_GETLINK, bytes(16), dump=True):
-                _family, ifi_type, index, _flags, _change = struct.unpack_from("=BxHiII", msg)
-                links.append((index, ifi_type, netlink.text(netlink.attrs(msg, 16).get(IFLA_IFNAME)) or ""))
-            _put(h, "links", sorted(links))
-            addresses = []
-            for _kind, msg in nl.request(RTM_GETADDR, bytes(8), dump=True):
-                family, plen, flags, scope, index = struct.unpack_from("=BBBBI", msg)
-                attrs = netlink.attrs(msg, 8)
-                if IFA_FLAGS in attrs:
-                    flags = struct.unpack("=I", attrs[IFA_FLAGS])[0]
-                addresses.append((index, family, plen, scope, flags, attrs.get(IFA_LOCAL, b"").hex(),
-                                  attrs.get(IFA_ADDRESS, b"").hex()))
-            _put(h, "addresses", sorted(addresses))
-            qdiscs = set()
-            for _kind, msg in nl.request(RTM_GETQDISC, bytes(TCMSG.size), dump=True):
-                _family, index, handle, parent, _info = TCMSG.unpack_from(msg)
-                kind = netlink.text(netlink.attrs(msg, TCMSG.size).get(TCA_KIND))
-                if kind in ("clsact", "ingress"):
-                    qdiscs.add((index, kind, handle, parent))
-            _put(h, "qdiscs", sorted(qdiscs))
+            _put(h, "links", sorted(_dump_links(nl)))
+            _put(h, "addresses", sorted(_dump_addresses(nl)))
+            qdiscs = sorted(q for q in _dump_qdiscs(nl) if q[1] in ("clsact", "ingress"))
+            _put(h, "qdiscs", qdiscs)
             for index in sorted({q[0] for q in qdiscs}):
                 for hook in HOOKS:
-                    try:
-                        msgs = nl.request(RTM_GETTFILTER, TCMSG.pack(0, index, 0, PARENT[hook], 0), dump=True)
-                    except OSError as exc:
-                        _put(h, "filters", index, hook, exc.errno)
-                        continue
-                    ours = []
-                    for _kind, msg in msgs:
-                        _family, _index, handle, _parent, info = TCMSG.unpack_from(msg)
-                        attrs = netlink.attrs(msg, TCMSG.size)
-                        if netlink.text(attrs.get(TCA_KIND)) != "bpf" or TCA_OPTIONS not in attrs:
-                            continue
-                        opts = netlink.attrs(attrs[TCA_OPTIONS])
-                        name = netlink.text(opts.get(TCA_BPF_NAME))
-                        if name and name.startswith(FILTER + "/"):
-                            ours.append((info >> 16, info & 0xFFFF, handle, name, opts.get(TCA_BPF_ID, b"").hex(),
-                                         opts.get(TCA_BPF_TAG, b"").hex()))
-                    _put(h, "filters", index, hook, sorted(ours))
+                    _put(h, "filters", index, hook, sorted(f for f in _tc_filters(nl, index, hook) if f.ours))
 
     # -- changing
 
