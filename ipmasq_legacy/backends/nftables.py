@@ -177,10 +177,10 @@ def member_texts(fp: FamilyPlan) -> list[str]:
     return [_member_text(p, fp.family) for p in members]  # raises, naming the bad one
 
 
-def render_set(fp: FamilyPlan, name: str | None = None) -> str:
+def render_set(fp: FamilyPlan) -> str:
     """Transaction 1: the exempt set alone, in a table block (which adds the table when
     it is missing and leaves everything else in it alone)."""
-    lines = [f"table {table_ref(fp.family)} {{", f"\tset {name or set_name(fp)} {{"]
+    lines = [f"table {table_ref(fp.family)} {{", f"\tset {set_name(fp)} {{"]
     lines += [f"\t\t{line}" for line in set_declaration(fp.family)]
     lines.append("\t\telements = { " + ",\n\t\t\t     ".join(member_texts(fp)) + " }")
     lines += ["\t}", "}"]

@@ -68,6 +68,11 @@ def possible_cpus() -> int:
     return count
 
 
+# What a batch operation fails with where the kernel or the map type lacks it (524: the
+# kernel's own ENOTSUPP): the caller goes key by key instead.
+NO_BATCH = (errno.EINVAL, errno.EOPNOTSUPP, 524)
+
+
 def _addr(buf) -> int:
     return ctypes.addressof(buf) if buf is not None else 0
 
@@ -174,7 +179,7 @@ class Sys:
         try:
             return self._items_batch(fd, key_size, value_size, max_entries)
         except BpfError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: the kernel's ENOTSUPP
+            if exc.errno not in NO_BATCH:
                 raise
         out = []
         for key in self.keys(fd, key_size):
@@ -195,7 +200,7 @@ class Sys:
         """BPF_MAP_LOOKUP_BATCH, raw: (count, keys, values) per call, the buffers as the
         kernel filled them (only the first count entries of each are meant). `after`: the
         key to start after (array maps: its index; None: from the first); `limit`: stop
-        after that many entries. Raises BpfError (EINVAL, EOPNOTSUPP or 524 where the
+        after that many entries. Raises BpfError (one of NO_BATCH where the
         kernel or the map type lacks batches) before yielding anything."""
         keys = ctypes.create_string_buffer(key_size * chunk)
         values = ctypes.create_string_buffer(value_size * chunk)
@@ -288,7 +293,7 @@ class Sys:
             try:
                 n, done = self._lookup_batch(fd, in_batch, out_batch, kb, vb, count)
             except BpfError as exc:
-                if not first_call or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+                if not first_call or exc.errno not in NO_BATCH:
                     raise
                 return self._lpm_run_by_key(fd, key_size, value_size, first, after)
             first_call = False
@@ -341,7 +346,7 @@ class Sys:
                 out += [kr[i:i + key_size] for i in range(0, count * key_size, key_size)]
             return out
         except BpfError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524) or out:
+            if exc.errno not in NO_BATCH or out:
                 raise
         return self.keys(fd, key_size)
 
@@ -356,7 +361,7 @@ class Sys:
                 total += count
             return total
         except BpfError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524) or total:
+            if exc.errno not in NO_BATCH or total:
                 raise
         for key in self.keys(fd, key_size):
             value = self.lookup(fd, key, value_size)
@@ -377,7 +382,7 @@ class Sys:
             if got == count:
                 return b"".join(out)
         except BpfError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+            if exc.errno not in NO_BATCH:
                 raise
         return b"".join(self.lookup(fd, struct.pack("=I", i), value_size) or bytes(value_size)
                         for i in range(first, first + count))
@@ -394,7 +399,7 @@ class Sys:
             self.call(MAP_UPDATE_BATCH, attr, "map update batch")
             return
         except BpfError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+            if exc.errno not in NO_BATCH:
                 raise
             done = struct.unpack_from("=I", attr, 32)[0]
         for k, v in zip(keys[done:], values[done:]):
@@ -411,7 +416,7 @@ class Sys:
             self.call(MAP_DELETE_BATCH, attr, "map delete batch")
             return
         except BpfError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOENT, 524):
+            if exc.errno not in (*NO_BATCH, errno.ENOENT):
                 raise
             done = struct.unpack_from("=I", attr, 32)[0]
         for k in keys[done:]:
@@ -433,7 +438,7 @@ class Sys:
             self.call(MAP_UPDATE_BATCH, attr, "map update batch")
             return
         except BpfError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+            if exc.errno not in NO_BATCH:
                 raise
         for k, v in zip(keys, vals):
             self.update(fd, struct.pack("=I", k), struct.pack("=I", v))
