@@ -47,12 +47,17 @@ def read_json(name: str) -> dict:
         return {}
 
 
+def remove(name: str) -> None:
+    """Remove one record (a backend's own, say); fine when there is none."""
+    try:
+        (state_dir() / name).unlink()
+    except FileNotFoundError:
+        pass
+
+
 def clear() -> None:
     for name in ("state.json", "verified.json"):
-        try:
-            (state_dir() / name).unlink()
-        except FileNotFoundError:
-            pass
+        remove(name)
 
 
 # ---------------------------------------------------------------- sync history

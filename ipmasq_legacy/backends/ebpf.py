@@ -45,7 +45,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
-from .. import netlink, ruledata
+from .. import netlink, ruledata, state
 from ..bpf import loader
 from ..errors import ApplyError
 from ..netlink import NETLINK_ROUTE
@@ -249,8 +249,6 @@ def trie_notes() -> dict:
     only, never trusted: a seek key the trie no longer holds, or a count that is wrong,
     costs reading more, never a wrong answer. In the state directory, beside the record
     of the backend (a bpffs holds BPF objects only)."""
-    from .. import state
-
     data = state.read_json(TRIE_NOTES)
     tries = data.get("tries") if data.get("dir") == str(pin_dir()) else None
     return tries if isinstance(tries, dict) else {}
@@ -1306,8 +1304,6 @@ class EbpfBackend(Backend):
     # -- changing
 
     def apply(self, plan: Plan) -> list[str]:
-        from .. import state
-
         ensure_bpffs(pin_dir())
         ipr = _ipr()
         facts, pinned = self._read()
@@ -1474,8 +1470,6 @@ class EbpfBackend(Backend):
             seek = pinned.sys.lpm_start(pinned.fd(name), pinned.defs[name].key_size, 1,
                                         seek_keys(name, 1, notes, prefixes))
             out[name] = {"seek": seek.hex() if seek is not None else None, "count": count}
-        from .. import state
-
         try:
             state.write_json(TRIE_NOTES, {"dir": str(pin_dir()), "tries": out})
         except OSError:
@@ -1753,12 +1747,7 @@ class EbpfBackend(Backend):
             if pinned is not None:
                 pinned.close()
         delete_tables()
-        from .. import state
-
-        try:
-            (state.state_dir() / TRIE_NOTES).unlink()
-        except OSError:
-            pass
+        state.remove(TRIE_NOTES)
         directory = pin_dir()
         if directory.is_dir():
             for entry in directory.iterdir():

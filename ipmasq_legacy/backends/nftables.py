@@ -701,7 +701,7 @@ class NftablesBackend(Backend):
     def _record(self, plan: Plan | None, generation: int | None) -> None:
         now = netlink.nft_generation()
         if plan is None or generation is None or now is None or (now - generation) % 2**32 != self._commits:
-            self._forget()
+            state.remove(self.RECORD)
             return
         families = {str(fp.family): {"set": set_name(fp) if fp.exempt else None, "rules": chain_rules(fp)}
                     for fp in plan.families}
@@ -712,11 +712,8 @@ class NftablesBackend(Backend):
         if self.unavailable_reason():
             return []
         removed = [f"ipv{f}" for f in FAMILIES if self._delete_table(f)]
-        self._forget()
+        state.remove(self.RECORD)
         return removed
-
-    def _forget(self) -> None:
-        (state.state_dir() / self.RECORD).unlink(missing_ok=True)
 
 
 def _netns_id() -> str:
