@@ -48,7 +48,7 @@ needs_ebpf = pytest.mark.skipif(REASON is not None, reason=f"ebpf backend cannot
 @pytest.mark.skipif(not ebpf.object_path().exists(), reason="masq.o not built (bash scripts/setup)")
 def test_object_maps_match_the_loader():
     obj = loader.read_object(str(ebpf.object_path()))
-    assert set(obj.progs) == {"ipmq_egress", "ipmq_ingress"}
+    assert set(obj.progs) == {"ipmq_egress", "ipmq_ingress", "ipmq_nf"}
     assert set(obj.maps) == set(ebpf.KNOWN_MAPS)
     assert obj.maps["ipmq_nat_fwd"].key_size == ebpf.NAT_KEY.size
     assert obj.maps["ipmq_nat_fwd"].value_size == ebpf.NAT_VAL.size
@@ -761,7 +761,7 @@ from ipmasq_legacy.backends import ebpf
 old = {}
 with IPRoute() as ipr:
     for msg in ipr.get_links():
-        old[msg["index"]] = [msg.get_attr("IFLA_IFNAME"), 0 if msg["ifi_type"] in ebpf.ARPHRD_L3 else 14, [], []]
+        old[msg["index"]] = [msg.get_attr("IFLA_IFNAME"), 0 if msg["ifi_type"] in ebpf.links.ARPHRD_L3 else 14, [], []]
     for msg in ipr.get_addr():
         if msg["index"] not in old:
             continue
@@ -789,7 +789,7 @@ def test_links_are_read_over_netlink_as_pyroute2_reads_them(node):
     assert sorted(old) == sorted(new)
     for index, (name, l2len, addresses, picks) in old.items():
         assert new[index][:3] == [name, l2len, addresses]
-        v4 = [a for f, scope, flags, a in picks if f == 4 and not flags & ebpf.IFA_F_SECONDARY and scope == 0]
+        v4 = [a for f, scope, flags, a in picks if f == 4 and not flags & ebpf.links.IFA_F_SECONDARY and scope == 0]
         v6 = [a for f, scope, flags, a in picks if f == 6 and scope == 0 and not flags & 0x68]
         assert new[index][3] == (v4[0] if v4 else new[index][3]) and new[index][4] == (v6[0] if v6 else None)
     eth0 = next(v for v in new.values() if v[0] == "eth0")

@@ -35,7 +35,7 @@ MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY = 1, 2, 5, 6
 MAP_LRU_HASH, MAP_LPM_TRIE = 9, 11
 MAP_TYPE_NAMES = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash", 11: "lpm_trie"}
 PERCPU_TYPES = {MAP_PERCPU_HASH, MAP_PERCPU_ARRAY}
-PROG_SCHED_CLS = 3
+PROG_SOCKET_FILTER, PROG_SCHED_CLS = 1, 3
 # update flags
 ANY, NOEXIST, EXIST = 0, 1, 2
 PSEUDO_MAP_FD = 1

@@ -1,20 +1,31 @@
 /* ipmasq-legacy eBPF datapath: source NAT (masquerade) on tc (clsact).
  *
- * Two programs, attached by ipmasq_legacy/backends/ebpf.py to every interface that
- * matches `egress-masquerade-interfaces`:
+ * Three programs. Two are attached by ipmasq_legacy/backends/ebpf/ to every interface
+ * that matches `egress-masquerade-interfaces` (ports of a bridge or bond excepted):
  *
- *   ipmq_egress   tc egress:  the decision of spec section 3 for a flow's first packet,
- *                             then source NAT of every packet of a translated flow;
+ *   ipmq_egress   tc egress:  the decision (README "The decision") for a flow's first
+ *                             packet, then source NAT of every packet of a translated
+ *                             TCP, UDP or ICMP echo flow;
  *   ipmq_ingress  tc ingress: replies (and ICMP errors about translated flows) are
  *                             translated back before netfilter sees them.
  *
- * Only forwarded packets are ever translated (skb->ingress_ifindex != 0): the node's
- * own traffic is left alone, and so is a packet whose source already is an address of
- * the node (netfilter masqueraded it: a backend switch is in progress, or another tool
- * masquerades). Decision 1 and the port ranges live in `ipmq_cfg`, decision 2 is the
- * set of interfaces with the programs attached (and an entry in `ipmq_ifaces`, which
- * also holds the address to translate to), 3 is `ipmq_src4/6`, 4 is `ipmq_local4/6`,
- * 5 is `ipmq_exempt4/6`.
+ * The third, ipmq_nf, is a socket filter that an iptables rule asks (`-m bpf
+ * --object-pinned`, nat POSTROUTING, `-j MASQUERADE`): it says yes for what the tc
+ * programs do not translate but the decision masquerades: every protocol but TCP, UDP
+ * and ICMP echo (SCTP among them: netfilter rewrites its CRC32c), and every packet
+ * leaving a matching interface the tc programs are not attached to yet (a link that
+ * just appeared). Conntrack then keeps such a flow's NAT; the tc programs pass it.
+ *
+ * Only forwarded packets are ever masqueraded (skb->ingress_ifindex != 0). The node's
+ * own TCP and UDP flows that use a port we hand out reserve their reply tuple, and a
+ * node flow whose reply tuple a pod's translation already holds gets another port (what
+ * netfilter's NAT does to keep tuples unique), so node sockets never lose replies to
+ * a pod. A forwarded packet whose source already is an address of the node was
+ * masqueraded by netfilter (ipmq_nf, a backend switch, another tool): left alone.
+ * Decision 1 and the port ranges live in `ipmq_cfg`, decision 2 is the set of
+ * interfaces with the programs attached (an entry in `ipmq_ifaces` with IF_ATTACHED,
+ * which also holds the address to translate to), 3 is `ipmq_src4/6`, 4 is
+ * `ipmq_local4/6`, 5 is `ipmq_exempt4/6`.
  *
  * A config change is atomic: the loader writes the next generation of `ipmq_cfg` and of
  * the LPM tries (the generation is the first byte of every trie key), then flips
@@ -26,7 +37,8 @@
  * tuple into ipmq_nat_rev with BPF_NOEXIST, so two CPUs never hand out the same one.
  *
  * Return codes: TC_ACT_UNSPEC ("next filter, else pass") everywhere, so filters after
- * ours still run; TC_ACT_SHOT only when no port or no address is left (counted).
+ * ours still run; TC_ACT_SHOT only when no port is left (counted). An out-interface
+ * without an address of the family is not egress: its packets pass untouched.
  *
  * Build: clang -O2 -g -target bpf -I/usr/include/$(uname -m)-linux-gnu -c masq.c -o masq.o
  */
@@ -57,16 +69,18 @@
 #define IF_HAS4 0x01
 #define IF_HAS6 0x02
 #define IF_DRAIN 0x04      /* no longer matched: translate existing flows only */
+#define IF_ATTACHED 0x08   /* both tc programs are on it: ipmq_nf leaves TCP/UDP/echo to them */
 
 /* nat_val.flags */
 #define N_FOREIGN 0x01     /* reply tuple reserved for a flow netfilter translated */
 #define N_CLOSED 0x02      /* TCP FIN or RST seen */
+#define N_NODE 0x04        /* with N_FOREIGN: reply tuple of a flow of the node's own sockets */
 
 /* ipmq_stats slots (per CPU) */
 enum {
 	S_NEW_FLOWS = 0,   /* flows translated */
 	S_EXHAUSTED = 1,   /* packets dropped: no free port after the retries */
-	S_NO_ADDR = 2,     /* packets dropped: the out-interface has no address of the family */
+	S_NO_ADDR = 2,     /* new flows passed: the out-interface has no address of the family */
 	S_REPLIES = 3,     /* reply packets translated back */
 	S_ICMP_ERR = 4,    /* ICMP errors about translated flows rewritten (both ways) */
 	S_FRAGS = 5,       /* non-first fragments translated */
@@ -74,6 +88,7 @@ enum {
 	S_FOREIGN = 7,     /* reply tuples reserved for netfilter-translated flows */
 	S_RETRIES = 8,     /* ports tried that were taken */
 	S_FAILED = 9,      /* packets dropped: a rewrite failed (should never happen) */
+	S_NODE_REMAP = 10, /* node flows given another port: a pod's translation held theirs */
 	S_SLOTS = 16,
 };
 
@@ -1027,11 +1042,132 @@ static __always_inline int new_flow(struct __sk_buff *skb, struct scratch *sc, _
 	return TC_ACT_UNSPEC;
 }
 
+/* A packet of the node's own. Its TCP and UDP flows that use a port we hand out (any
+ * other port is never handed out: no collision) reserve their reply tuple, so no pod
+ * flow is given it; when a pod's translation already holds it (the node socket came
+ * second), the node's flow must get another port, as netfilter's NAT gives one to keep
+ * tuples unique: returns 1 then. 0: pass (reserved, or translated here already). */
+static __always_inline int node_flow(struct __sk_buff *skb, struct pkt *p, __u32 gen, __u64 now)
+{
+	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+		return 0;
+	if (!is_local(p, p->saddr))
+		return 0;
+	__u32 k = (gen & 1) * PORTS + bpf_ntohs(p->sport);
+	__u32 *ix = bpf_map_lookup_elem(&ipmq_portidx, &k);
+	if (!ix || !*ix)
+		return 0;
+	struct nat_key key, rk;
+	make_key(&key, p);
+	struct nat_val *v = bpf_map_lookup_elem(&ipmq_nat_fwd, &key);
+	if (v) { /* given another port before */
+		struct nat_val val = *v;
+		if (now - val.seen > REFRESH_NS)
+			v->seen = now;
+		snat(skb, p, &val);
+		return 0;
+	}
+	reverse_key(&rk, &key);
+	struct nat_val *r = bpf_map_lookup_elem(&ipmq_nat_rev, &rk);
+	if (!r) {
+		struct nat_val nv = {};
+		nv.flags = N_FOREIGN | N_NODE;
+		nv.seen = now;
+		bpf_map_update_elem(&ipmq_nat_rev, &rk, &nv, BPF_NOEXIST);
+		return 0;
+	}
+	if (r->flags & N_FOREIGN) {
+		if (now - r->seen > REFRESH_NS)
+			r->seen = now;
+		return 0;
+	}
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x12) != 0x02)
+		return 0; /* only a connection's first packet can take another port */
+	return 1;
+}
+
+/* The forwarded path before a new flow: translate a known flow, or tell a new one to
+ * masquerade (returns 1; 0: done, pass). */
+static __always_inline int forwarded(struct __sk_buff *skb, struct pkt *p, const struct nat_key *key,
+				     struct cfg *cfg, __u32 gen, struct iface *ifc, __u64 now)
+{
+	if (is_local(p, p->saddr)) {
+		reserve_foreign(p);
+		return 0;
+	}
+	int icmp = p->proto == IPPROTO_ICMP || p->proto == IPPROTO_ICMPV6_;
+	if (!icmp && p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
+		return 0; /* ipmq_nf hands it to netfilter (SCTP, GRE, ...) */
+	if (icmp && !p->has_ports)
+		return 0; /* other ICMP messages are not flows (errors: see ipmq_egress) */
+	if (icmp && !is_echo_request(p->family, p->icmp_type))
+		return 0; /* echo replies leaving are replies, never new flows */
+
+	struct nat_val *v = bpf_map_lookup_elem(&ipmq_nat_fwd, key);
+	if (v) {
+		struct nat_val val = *v;
+		if (now - val.seen > REFRESH_NS) {
+			v->seen = now;
+			/* the LRU may have evicted the reply half: put it back */
+			struct nat_key rk;
+			__builtin_memcpy(rk.saddr, key->daddr, 16);
+			__builtin_memcpy(rk.daddr, val.addr, 16);
+			rk.sport = key->dport;
+			rk.dport = val.port;
+			rk.proto = key->proto;
+			rk.family = key->family;
+			rk.pad[0] = 0;
+			rk.pad[1] = 0;
+			if (icmp)
+				rk.sport = val.port;
+			struct nat_val *r = bpf_map_lookup_elem(&ipmq_nat_rev, &rk);
+			if (r) {
+				r->seen = now;
+			} else {
+				struct nat_val rv = {};
+				__builtin_memcpy(rv.addr, key->saddr, 16);
+				rv.port = key->sport;
+				rv.ifindex = val.ifindex;
+				rv.seen = now;
+				bpf_map_update_elem(&ipmq_nat_rev, &rk, &rv, BPF_NOEXIST);
+			}
+		}
+		if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x05))
+			v->flags |= N_CLOSED;
+		if (p->frag == 1) {
+			struct frag_key fk;
+			make_frag_key(&fk, p);
+			struct frag_val fv = { .sport = key->sport, .dport = key->dport };
+			bpf_map_update_elem(&ipmq_frag, &fk, &fv, BPF_ANY);
+		}
+		snat(skb, p, &val);
+		return 0;
+	}
+
+	/* A new flow? TCP starts with a SYN; a UDP packet whose reverse flow we translated,
+	 * or saw entering the node, is a reply. */
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x12) != 0x02)
+		return 0;
+	if (p->proto == IPPROTO_UDP) {
+		struct nat_key rk;
+		reverse_key(&rk, key);
+		if (bpf_map_lookup_elem(&ipmq_nat_fwd, &rk) || bpf_map_lookup_elem(&ipmq_pass, &rk))
+			return 0;
+	}
+	if ((cfg->flags & F_DRAIN) || (ifc->flags & IF_DRAIN))
+		return 0;
+	if (!must_masquerade(cfg, gen, p))
+		return 0;
+	if (!(ifc->flags & (p->family == 4 ? IF_HAS4 : IF_HAS6))) {
+		stat_inc(S_NO_ADDR); /* no address of the family: not egress, passed as it is */
+		return 0;
+	}
+	return 1;
+}
+
 SEC("tc/egress")
 int ipmq_egress(struct __sk_buff *skb)
 {
-	if (skb->ingress_ifindex == 0)
-		return TC_ACT_UNSPEC; /* the node's own traffic */
 	__u32 zero = 0;
 	struct ctl *ctl = bpf_map_lookup_elem(&ipmq_ctl, &zero);
 	if (!ctl)
@@ -1045,13 +1181,12 @@ int ipmq_egress(struct __sk_buff *skb)
 	struct pkt p;
 	if (parse(skb, ifc->l2len, &p) < 0)
 		return TC_ACT_UNSPEC;
-
-	if (is_local(&p, p.saddr)) {
-		reserve_foreign(&p);
-		return TC_ACT_UNSPEC;
-	}
+	__u64 now = bpf_ktime_get_ns();
+	int node = skb->ingress_ifindex == 0;
 
 	if (p.frag == 2) {
+		if (node)
+			return TC_ACT_UNSPEC;
 		struct frag_key fk;
 		make_frag_key(&fk, &p);
 		struct frag_val *fv = bpf_map_lookup_elem(&ipmq_frag, &fk);
@@ -1075,104 +1210,70 @@ int ipmq_egress(struct __sk_buff *skb)
 		}
 		return TC_ACT_UNSPEC;
 	}
-
-	int icmp = p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6_;
-	if (icmp && !p.has_ports) {
-		if (is_icmp_error(p.family, p.icmp_type))
-			return egress_icmp_error(skb, &p);
-		return TC_ACT_UNSPEC; /* other ICMP messages are not flows */
-	}
+	if (!node && (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6_) && !p.has_ports &&
+	    is_icmp_error(p.family, p.icmp_type))
+		return egress_icmp_error(skb, &p);
 
 	struct nat_key key;
 	make_key(&key, &p);
-	if (icmp && !is_echo_request(p.family, p.icmp_type))
-		return TC_ACT_UNSPEC; /* echo replies leaving are replies, never new flows */
-
-	__u64 now = bpf_ktime_get_ns();
-	struct nat_val *v = bpf_map_lookup_elem(&ipmq_nat_fwd, &key);
-	if (v) {
-		struct nat_val val = *v;
-		if (now - val.seen > REFRESH_NS) {
-			v->seen = now;
-			/* the LRU may have evicted the reply half: put it back */
-			struct nat_key rk;
-			__builtin_memcpy(rk.saddr, key.daddr, 16);
-			__builtin_memcpy(rk.daddr, val.addr, 16);
-			rk.sport = key.dport;
-			rk.dport = val.port;
-			rk.proto = key.proto;
-			rk.family = key.family;
-			rk.pad[0] = 0;
-			rk.pad[1] = 0;
-			if (icmp)
-				rk.sport = val.port;
-			if (!p.has_ports) {
-				rk.sport = 0;
-				rk.dport = 0;
-			}
-			struct nat_val *r = bpf_map_lookup_elem(&ipmq_nat_rev, &rk);
-			if (r) {
-				r->seen = now;
-			} else {
-				struct nat_val rv = {};
-				__builtin_memcpy(rv.addr, key.saddr, 16);
-				rv.port = key.sport;
-				rv.ifindex = val.ifindex;
-				rv.seen = now;
-				bpf_map_update_elem(&ipmq_nat_rev, &rk, &rv, BPF_NOEXIST);
-			}
-		}
-		if (p.proto == IPPROTO_TCP && (p.tcp_flags & 0x05))
-			v->flags |= N_CLOSED;
-		if (p.frag == 1) {
-			struct frag_key fk;
-			make_frag_key(&fk, &p);
-			struct frag_val fv = { .sport = key.sport, .dport = key.dport };
-			bpf_map_update_elem(&ipmq_frag, &fk, &fv, BPF_ANY);
-		}
-		snat(skb, &p, &val);
-		return TC_ACT_UNSPEC;
-	}
-
-	/* A new flow? TCP starts with a SYN; a UDP (or other) packet whose reverse flow we
-	 * translated, or saw entering the node, is a reply. */
-	if (p.proto == IPPROTO_TCP && (p.tcp_flags & 0x12) != 0x02)
-		return TC_ACT_UNSPEC;
-	if (!icmp && p.proto != IPPROTO_TCP) {
-		struct nat_key rk;
-		reverse_key(&rk, &key);
-		if (bpf_map_lookup_elem(&ipmq_nat_fwd, &rk) || bpf_map_lookup_elem(&ipmq_pass, &rk))
-			return TC_ACT_UNSPEC;
-	}
-	if ((cfg->flags & F_DRAIN) || (ifc->flags & IF_DRAIN))
-		return TC_ACT_UNSPEC;
-	if (!must_masquerade(cfg, gen, &p))
+	if (node ? !node_flow(skb, &p, gen, now) : !forwarded(skb, &p, &key, cfg, gen, ifc, now))
 		return TC_ACT_UNSPEC;
 
+	/* A new flow: a pod's, translated to the out-interface's address; or a node flow
+	 * given another port on its own address. */
 	__u32 zero32 = 0;
 	struct scratch *sc = bpf_map_lookup_elem(&ipmq_scratch, &zero32);
 	if (!sc)
 		return TC_ACT_UNSPEC;
 	__builtin_memset(&sc->val, 0, sizeof(sc->val));
-	if (p.family == 4) {
-		if (!(ifc->flags & IF_HAS4)) {
-			stat_inc(S_NO_ADDR);
-			return TC_ACT_SHOT;
-		}
+	if (node)
+		__builtin_memcpy(sc->val.addr, p.saddr, 16);
+	else if (p.family == 4)
 		__builtin_memcpy(&sc->val.addr[12], &ifc->addr4, 4);
-	} else {
-		if (!(ifc->flags & IF_HAS6)) {
-			stat_inc(S_NO_ADDR);
-			return TC_ACT_SHOT;
-		}
+	else
 		__builtin_memcpy(sc->val.addr, ifc->addr6, 16);
-	}
 	_Static_assert(sizeof(struct pkt) <= sizeof(struct pkt_copy), "scratch pkt");
 	__builtin_memcpy(&sc->p, &p, sizeof(p));
 	sc->key = key;
 	sc->gen = gen;
 	sc->ifindex = ifindex;
+	if (node)
+		stat_inc(S_NODE_REMAP);
 	return new_flow(skb, sc, now);
+}
+
+/* ---------------------------------------------------------------- netfilter's part */
+
+/* Asked by the iptables rule of the netfilter assist (nat POSTROUTING, the first packet
+ * of each connection; skb->data is the network header): 1 = masquerade it. */
+SEC("socket")
+int ipmq_nf(struct __sk_buff *skb)
+{
+	if (skb->ingress_ifindex == 0)
+		return 0; /* the node's own traffic: never masqueraded */
+	__u32 zero = 0;
+	struct ctl *ctl = bpf_map_lookup_elem(&ipmq_ctl, &zero);
+	if (!ctl)
+		return 0;
+	__u32 gen = ctl->gen & 1;
+	struct cfg *cfg = bpf_map_lookup_elem(&ipmq_cfg, &gen);
+	if (!cfg || (cfg->flags & F_DRAIN))
+		return 0;
+	struct pkt p;
+	if (parse(skb, 0, &p) < 0)
+		return 0;
+	__u32 ifindex = skb->ifindex;
+	struct iface *ifc = bpf_map_lookup_elem(&ipmq_ifaces, &ifindex);
+	if (ifc && (ifc->flags & IF_ATTACHED)) {
+		if (ifc->flags & IF_DRAIN)
+			return 0;
+		int echo = (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6_) && p.has_ports;
+		if (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP || echo)
+			return 0; /* the tc programs translate it */
+	}
+	if (is_local(&p, p.saddr))
+		return 0;
+	return must_masquerade(cfg, gen, &p);
 }
 
 /* ---------------------------------------------------------------- ingress */

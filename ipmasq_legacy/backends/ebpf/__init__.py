@@ -45,19 +45,22 @@ from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
-from .. import netlink, ruledata, state
-from ..bpf import loader
-from ..errors import ApplyError
-from ..netlink import NETLINK_ROUTE
-from ..plan import FamilyPlan, Plan
-from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
+from ... import netlink, ruledata, state
+from ...bpf import loader
+from ...errors import ApplyError
+from ...netlink import NETLINK_ROUTE
+from ...plan import FamilyPlan, Plan
+from ..base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
+from . import assist
+from .links import IF_DRAIN, IFACE, Link, dump_addresses, dump_links, matching_links, read_links
 
 SHAPES = ruledata.load("ebpf")
 PIN_ENV = "IPMASQ_BPF_DIR"
 OBJECT_ENV = "IPMASQ_BPF_OBJECT"
 MAP_PREFIX = "ipmq_"
 HOOKS = ("ingress", "egress")
-PROGRAMS = {"ingress": "ipmq_ingress", "egress": "ipmq_egress"}
+PROGRAMS = {"ingress": "ipmq_ingress", "egress": "ipmq_egress", "nf": "ipmq_nf"}  # pinned as prog_<key>
+PROG_TYPES = {"ingress": loader.PROG_SCHED_CLS, "egress": loader.PROG_SCHED_CLS, "nf": loader.PROG_SOCKET_FILTER}
 PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}  # TC_H_CLSACT:TC_H_MIN_{INGRESS,EGRESS}
 FILTER = SHAPES["filter_name"]
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -66,11 +69,9 @@ MAX_RETRIES = 64  # masq.c's bound
 
 # Mirrors of masq.c (its _Static_asserts pin the sizes).
 F_V4, F_V6, F_ANY_SRC4, F_ANY_SRC6, F_RANDOM, F_DRAIN = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-IF_HAS4, IF_HAS6, IF_DRAIN = 0x01, 0x02, 0x04
 N_FOREIGN, N_CLOSED = 0x01, 0x02
 CFG = struct.Struct("=IIII32s")  # flags, retries, total ports, crc32 of the port list, sha256 of the tries
 CTL = struct.Struct("=I")
-IFACE = struct.Struct("=4s16sII")
 NAT_KEY = struct.Struct("=16s16s2s2sBB2x")
 NAT_VAL = struct.Struct("=16s2sHIQ")
 STATS = ("new_flows", "exhausted", "no_address", "replies", "icmp_errors", "fragments", "fragment_misses",
@@ -80,8 +81,6 @@ TRIES = {"exempt": {4: "ipmq_exempt4", 6: "ipmq_exempt6"}, "sources": {4: "ipmq_
 TRIE_FAMILY = {name: family for kinds in TRIES.values() for family, name in kinds.items()}
 TRIE_VALUE = b"\x01"  # the value of every trie entry (the datapath looks for the key only)
 TRIE_NOTES = "ebpf-tries.json"  # in the state directory: see trie_notes()
-ARPHRD_L3 = {0xFFFE, 0xFFFF, 512, 519, 768, 769, 776, 778, 823}  # none, void, ppp, rawip, ipip, ip6tnl, sit, gre, ip6gre
-IFA_F_SECONDARY, IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x01, 0x08, 0x20, 0x40
 
 
 def pin_dir() -> Path:
@@ -293,91 +292,13 @@ def addr_text(raw: bytes, family: int) -> str:
 # alone costs 0.1 s, more than all of those requests together. pyroute2 does the
 # writes (tc filters and qdiscs, conntrack).
 
-RTM_GETLINK, RTM_GETADDR, RTM_GETQDISC, RTM_GETTFILTER = 18, 22, 38, 46
-IFLA_IFNAME = 3
-IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
+RTM_GETQDISC, RTM_GETTFILTER = 38, 46
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_BPF_NAME, TCA_BPF_TAG, TCA_BPF_ID = 7, 10, 11
 TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
 
 
 # ---------------------------------------------------------------- the node's links
-
-
-@dataclass
-class Link:
-    index: int
-    name: str
-    l2len: int
-    addr4: str | None = None
-    addr6: str | None = None
-    addresses: list[str] = field(default_factory=list)
-
-    def iface_value(self, drain: bool = False) -> bytes:
-        flags = (IF_HAS4 if self.addr4 else 0) | (IF_HAS6 if self.addr6 else 0) | (IF_DRAIN if drain else 0)
-        a4 = ipaddress.ip_address(self.addr4).packed if self.addr4 else bytes(4)
-        a6 = ipaddress.ip_address(self.addr6).packed if self.addr6 else bytes(16)
-        return IFACE.pack(a4, a6, flags, self.l2len)
-
-
-def _dump_links(nl) -> list[tuple[int, int, str]]:
-    """(index, link type, name) of every link."""
-    out = []
-    for _kind, msg in nl.request(RTM_GETLINK, bytes(16), dump=True):
-        _family, ifi_type, index, _flags, _change = struct.unpack_from("=BxHiII", msg)
-        out.append((index, ifi_type, netlink.text(netlink.attrs(msg, 16).get(IFLA_IFNAME)) or ""))
-    return out
-
-
-def _dump_addresses(nl) -> list[tuple[int, int, int, int, int, bytes, bytes]]:
-    """(index, address family, prefix length, scope, flags, IFA_LOCAL, IFA_ADDRESS) of
-    every address (b"" where an attribute is missing; flags from IFA_FLAGS when set)."""
-    out = []
-    for _kind, msg in nl.request(RTM_GETADDR, bytes(8), dump=True):
-        af, plen, flags, scope, index = struct.unpack_from("=BBBBI", msg)
-        attrs = netlink.attrs(msg, 8)
-        if IFA_FLAGS in attrs:
-            flags = struct.unpack("=I", attrs[IFA_FLAGS])[0] or flags
-        out.append((index, af, plen, scope, flags, attrs.get(IFA_LOCAL, b""), attrs.get(IFA_ADDRESS, b"")))
-    return out
-
-
-def read_links() -> dict[int, Link]:
-    """Every link with its primary address per family (what MASQUERADE would pick: the
-    first primary global IPv4 address; the first usable global IPv6 one). Over
-    ..netlink: importing pyroute2 would cost 0.1 s."""
-    candidates: dict[int, dict[int, list]] = {}
-    with netlink.Netlink(NETLINK_ROUTE) as nl:
-        links = {index: Link(index, name, 0 if ifi_type in ARPHRD_L3 else 14)
-                 for index, ifi_type, name in _dump_links(nl)}
-        addresses = _dump_addresses(nl)
-    for index, af, _plen, scope, flags, local, address in addresses:
-        link = links.get(index)
-        if link is None or af not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        family = 4 if af == socket.AF_INET else 6
-        raw = (local if family == 4 else None) or address
-        if not raw:
-            continue
-        addr = socket.inet_ntop(af, raw)
-        link.addresses.append(addr)
-        candidates.setdefault(index, {4: [], 6: []})[family].append((scope, flags, addr))
-    for index, by_family in candidates.items():
-        link = links[index]
-        v4 = [(s, a) for s, f, a in by_family[4] if not f & IFA_F_SECONDARY]
-        link.addr4 = next((a for s, a in v4 if s == 0), next((a for s, a in v4 if s < 254), None))
-        v6 = [a for s, f, a in by_family[6]
-              if s == 0 and not f & (IFA_F_TENTATIVE | IFA_F_DADFAILED | IFA_F_DEPRECATED)]
-        link.addr6 = v6[0] if v6 else None
-    return links
-
-
-def matching_links(patterns, links: dict[int, Link]) -> dict[int, Link]:
-    from ..links import matches
-
-    if not patterns:
-        return {i: link for i, link in links.items() if link.name != "lo"}
-    return {i: link for i, link in links.items() if any(matches(p, link.name) for p in patterns)}
 
 
 class _LazyIPRoute:
@@ -849,6 +770,7 @@ class EbpfBackend(Backend):
 
     def __init__(self):
         self._obj: loader.BpfObject | None = None
+        self.reloaded = False  # _programs loaded programs anew (the assist must take the new one)
 
     # -- availability
 
@@ -879,6 +801,8 @@ class EbpfBackend(Backend):
         except loader.BpfError as exc:
             why = "not permitted (needs root: CAP_BPF and CAP_NET_ADMIN)" if exc.errno == errno.EPERM else exc.strerror
             return f"the kernel refuses BPF maps: {why}"
+        if lacking := assist.missing():
+            return f"missing {', '.join(lacking)} (the netfilter assist: install the iptables package)"
         bpffs = _bpffs_reason(pin_dir())
         if bpffs and bpffs != "mount":
             return bpffs
@@ -1031,7 +955,7 @@ class EbpfBackend(Backend):
         # the live generation, read back below (when thorough or when nothing else differs)
         deep = (have[4] == want[4], have[2:4] == want[2:4])
         prog_ids = {}
-        for hook in HOOKS:
+        for hook in PROGRAMS:
             prog_ids[hook] = self._prog_pinned(hook, obj)
             if prog_ids[hook] is None:
                 problems.append(f"program {hook} not loaded")
@@ -1044,7 +968,7 @@ class EbpfBackend(Backend):
                 if hooks.get(hook) != [(filter_name(hook, obj.digest), prog_ids[hook])]:
                     problems.append(f"{link.name}: {hook} not attached" if not hooks.get(hook)
                                     else f"{link.name}: {hook} runs another program")
-            if facts["ifaces"].get(index) != link.iface_value():
+            if facts["ifaces"].get(index) != link.iface_value(attached=True):
                 problems.append(f"{link.name}: address or type changed")
         for index in facts["attached"]:
             if index not in desired["matched"]:
@@ -1057,6 +981,7 @@ class EbpfBackend(Backend):
         for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
             if sorted(pinned.keys(name)) != desired["local"][family]:
                 problems.append(f"ipv{family}: node addresses changed")
+        problems += assist.problems(desired["families"], pin_dir() / "prog_nf", assist.read_all())
         if SHAPES["conntrack_keeper"] and shutil.which("nft") and not keeper_present():
             problems.append(f"nft table inet {KEEPER_TABLE} missing")
         # drains that are done: reconcile removes what is left of them
@@ -1120,7 +1045,7 @@ class EbpfBackend(Backend):
         now (a pin replaced: the program would go on using the old map, apply would write
         the new one). `pinned` has every map of `obj` opened."""
         stale = []
-        for hook in HOOKS:
+        for hook in PROGRAMS:
             try:
                 fd = pinned.sys.get(str(pin_dir() / f"prog_{hook}"))
             except loader.BpfError:
@@ -1222,6 +1147,7 @@ class EbpfBackend(Backend):
             return False  # netfilter's connections drain: done when conntrack says so
         keeper = tables.get(KEEPER_TABLES[0])
         _put(h, "nft", nft, sorted(keeper.items()) if keeper is not None else None)
+        _put(h, "assist", assist.fingerprint_text())
         return True
 
     @staticmethod
@@ -1251,7 +1177,7 @@ class EbpfBackend(Backend):
             finally:
                 for thread in runs.values():
                     thread.join()
-            for hook in HOOKS:
+            for hook in PROGRAMS:
                 try:
                     fd = sysobj.get(str(pin_dir() / f"prog_{hook}"))
                 except loader.BpfError as exc:
@@ -1293,8 +1219,8 @@ class EbpfBackend(Backend):
     @staticmethod
     def _fingerprint_links(h) -> None:
         with netlink.Netlink(NETLINK_ROUTE) as nl:
-            _put(h, "links", sorted(_dump_links(nl)))
-            _put(h, "addresses", sorted(_dump_addresses(nl)))
+            _put(h, "links", sorted(dump_links(nl)))
+            _put(h, "addresses", sorted(dump_addresses(nl)))
             qdiscs = sorted(q for q in _dump_qdiscs(nl) if q[1] in ("clsact", "ingress"))
             _put(h, "qdiscs", qdiscs)
             for index in sorted({q[0] for q in qdiscs}):
@@ -1366,7 +1292,8 @@ class EbpfBackend(Backend):
             for addr in have - want:
                 pinned.delete(name, addr)
         for index, link in desired["matched"].items():
-            pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value())
+            attached = bool(facts["attached"].get(index, {}).get("egress"))
+            pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value(attached=attached))
         # 3. the switch: one write. The old generation is left as it is: the next change
         # writes there what differs from it. After a first install it gets the config
         # too (it never held one), so that the next change writes only what it changes;
@@ -1387,7 +1314,9 @@ class EbpfBackend(Backend):
                     created: list[str]) -> list[str]:
         """Steps 4 and 5 of _install: programs and filters, links no longer matched."""
         # 4. programs, then the filters
+        self.reloaded = False
         fds = self._programs(pinned, obj, force=bool(created))  # new maps: programs must use them
+        changes = assist.sync(desired["families"], pin_dir() / "prog_nf", force=self.reloaded)
         try:
             # Ingress first: from then on every UDP (or other) flow entering is recorded,
             # and flows already under way are taken from conntrack, so that no reply
@@ -1400,6 +1329,8 @@ class EbpfBackend(Backend):
                 self._seed_pass(pinned)
             for link in desired["matched"].values():
                 self._attach(ipr, pinned, link, fds, obj, hooks=("egress",))
+                # from now on the tc programs translate its TCP, UDP and echo flows, not ipmq_nf
+                pinned.update("ipmq_ifaces", struct.pack("=I", link.index), link.iface_value(attached=True))
         finally:
             for fd in fds.values():
                 os.close(fd)
@@ -1414,7 +1345,7 @@ class EbpfBackend(Backend):
                     pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value(drain=True))
                 else:
                     self._detach(ipr, pinned, index)
-        return [f"{len(desired['matched'])} interfaces"]
+        return [f"{len(desired['matched'])} interfaces", *changes]
 
     def _write_generation(self, pinned: Pinned, gen: int, desired: dict, notes: dict) -> None:
         """Make generation `gen` (never the live one) what `desired` plans, reading back
@@ -1481,7 +1412,7 @@ class EbpfBackend(Backend):
         sysobj = pinned.sys
         fds = {}
         fresh = force or self._loaded_digest() != obj.digest or bool(self._programs_on_stale_maps(pinned, obj))
-        for hook in HOOKS:
+        for hook in PROGRAMS:
             path = pin_dir() / f"prog_{hook}"
             if not fresh and path.exists():
                 try:
@@ -1492,7 +1423,7 @@ class EbpfBackend(Backend):
             map_fds = {name: pinned.fd(name) for name in obj.maps}
             prog = obj.progs[PROGRAMS[hook]]
             try:
-                fd = sysobj.prog_load(loader.PROG_SCHED_CLS, loader.patched(prog, map_fds), obj.license, prog.name)
+                fd = sysobj.prog_load(PROG_TYPES[hook], loader.patched(prog, map_fds), obj.license, prog.name)
             except loader.BpfError as exc:
                 for other in fds.values():
                     os.close(other)
@@ -1501,6 +1432,7 @@ class EbpfBackend(Backend):
                 path.unlink()
             sysobj.pin(fd, str(path))
             fds[hook] = fd
+            self.reloaded = True
         pinned.update("ipmq_meta", struct.pack("=I", 0), bytes.fromhex(obj.digest))
         return fds
 
@@ -1670,7 +1602,7 @@ class EbpfBackend(Backend):
             ipr.close()
 
     def _other_backend_live(self) -> bool:
-        from . import NAMES, get
+        from .. import NAMES, get
 
         for name in NAMES:
             if name == self.name:
@@ -1691,7 +1623,8 @@ class EbpfBackend(Backend):
             facts, pinned = self._read()
             try:
                 if not facts["installed"] and not facts["attached"]:
-                    return ["nft tables " + ", ".join(gone)] if (gone := delete_tables()) else []
+                    gone = [*assist.remove(), *(["nft tables " + ", ".join(t)] if (t := delete_tables()) else [])]
+                    return gone
                 flags = CFG.unpack(facts["cfg"])[0] if facts["installed"] else 0
                 families = [f"ipv{f}" for f in FAMILIES if flags & (F_V4 if f == 4 else F_V6)] or ["programs"]
                 if pinned is not None and facts["attached"] and not flags & F_DRAIN and self._other_backend_live():
@@ -1746,6 +1679,7 @@ class EbpfBackend(Backend):
         finally:
             if pinned is not None:
                 pinned.close()
+        assist.remove()
         delete_tables()
         state.remove(TRIE_NOTES)
         directory = pin_dir()
@@ -1831,22 +1765,3 @@ def stats() -> dict:
         out = p.stats()
         out["nat_entries"] = len(p.keys("ipmq_nat_fwd")) if p.open("ipmq_nat_fwd") is not None else 0
         return out
-
-
-def _main(argv=None) -> int:
-    import json
-    import sys
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["stats"]:
-        print(json.dumps(stats(), indent=2, sort_keys=True))
-        return 0
-    if args[:1] == ["reap"]:
-        print("\n".join(EbpfBackend().reap()))
-        return 0
-    print("usage: python -m ipmasq_legacy.backends.ebpf stats|reap", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_main())
