@@ -2,8 +2,9 @@
 
 Applies on start; re-applies when the config or the ip-masq-agent file changes (inotify
 on their directories, so a rename-save and a Kubernetes ConfigMap update, an atomic swap
-of the `..data` symlink, are both seen); re-reads and reconciles every resyncInterval;
-SIGHUP reloads; SIGTERM and SIGINT exit leaving the rules in place (unless
+of the `..data` symlink, are both seen); follows the node's links and addresses
+(rtnetlink events: the ebpf datapath attaches to a new link and takes a new address at
+once, Backend.follow); re-reads and reconciles every resyncInterval; SIGHUP reloads; SIGTERM and SIGINT exit leaving the rules in place (unless
 --flush-on-exit). A bad edit keeps the last good config live and logs why.
 """
 
@@ -20,7 +21,7 @@ from typing import Callable
 from inotify_simple import INotify
 from inotify_simple import flags as F
 
-from . import agent, lock, state
+from . import agent, backends, lock, state
 from .config import Config, parse_duration
 from .errors import ConfigError, IpmasqError, LockTimeout
 from .ruledata import DEFAULTS
@@ -45,6 +46,35 @@ def watched_files(config_path: str | None, cfg: Config) -> list[Path]:
     return files
 
 
+class NodeEvents:
+    """rtnetlink's link and address groups, through pyroute2 (the project's netlink
+    library; the agent runs long, so its import cost does not matter here)."""
+
+    def __init__(self):
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
+
+        self.ipr = IPRoute()
+        self.ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+
+    def fileno(self) -> int:
+        return self.ipr.fileno()
+
+    def drain(self) -> int:
+        """Read every pending event; returns how many. An overrun (ENOBUFS) counts as
+        one: whatever was lost, the follow that comes reads the node whole."""
+        count = 0
+        while select.select([self.ipr.fileno()], [], [], 0)[0]:
+            try:
+                count += len(self.ipr.get()) or 1
+            except OSError:
+                count += 1
+        return count
+
+    def close(self) -> None:
+        self.ipr.close()
+
+
 class Watcher:
     def __init__(self, load: Callable[[], Config], config_path: str | None, lock_timeout: float,
                  flush_on_exit: bool = False, on_sync: Callable | None = None):
@@ -58,6 +88,7 @@ class Watcher:
         self.inotify = INotify()
         self.watches: dict[int, Path] = {}
         self.cfg: Config | None = None
+        self.synced: agent.SyncResult | None = None  # the last sync: its backend and plan
 
     # -- signals: the handlers only set flags; a wakeup pipe interrupts select()
 
@@ -114,16 +145,38 @@ class Watcher:
             return
         config_changed = self.cfg is None or cfg != self.cfg
         self.cfg = cfg
+        if result.plan is not None:
+            self.synced = result
         if config_changed:
             self._rewatch()
         if result.changes:
             log.info("%s: %s: %s", reason, result.backend, "; ".join(result.changes))
         self.on_sync(result)
 
+    def _follow(self) -> None:
+        """A link or an address came or went: the backend last synced follows the node
+        with the plan it applied (no config read, no plan built)."""
+        if self.synced is None or self.synced.plan is None:
+            return
+        started = time.monotonic()
+        try:
+            with lock.held(self.lock_timeout):
+                changes = backends.get(self.synced.backend).follow(self.synced.plan)
+        except LockTimeout as exc:
+            log.warning("links changed: %s; trying again at the next resync", exc)
+            return
+        except IpmasqError as exc:
+            log.error("links changed: follow failed: %s", exc)
+            return
+        if changes:
+            log.info("links changed: %s: %s (%.0f ms)", self.synced.backend, "; ".join(changes),
+                     (time.monotonic() - started) * 1000)
+
     def run(self) -> int:
         wake = self._install_signals()
         self.cfg = self.load()  # a bad config at start is exit 2, as for apply
         self._rewatch()
+        events = NodeEvents()  # subscribed before the first sync: nothing in between is missed
         self._sync("start", only_if_drifted=False)
         next_resync = time.monotonic() + resync_interval(self.cfg)
         log.info("watching %s; resync every %gs", ", ".join(str(p) for p in watched_files(self.config_path, self.cfg)),
@@ -131,13 +184,20 @@ class Watcher:
         while not self.stopping:
             timeout = max(0.0, next_resync - time.monotonic())
             try:
-                ready, _, _ = select.select([self.inotify.fd, wake], [], [], timeout)
+                ready, _, _ = select.select([self.inotify.fd, wake, events.fileno()], [], [], timeout)
             except InterruptedError:
                 ready = []
             if wake in ready:
                 os.read(wake, 4096)
             if self.stopping:
                 break
+            if events.fileno() in ready:
+                # at once, then again while events keep coming (a link, then its
+                # address, then its route: each may matter)
+                for _ in range(5):  # bounded: a follow that itself made events cannot spin
+                    if not events.drain():
+                        break
+                    self._follow()
             if self.inotify.fd in ready:
                 events = self.inotify.read(timeout=0)
                 time.sleep(DEBOUNCE)
@@ -152,6 +212,7 @@ class Watcher:
                 self._rewatch()  # a directory that did not exist yet (a late ConfigMap mount) may now
                 self._sync("resync", only_if_drifted=True)
                 next_resync = time.monotonic() + resync_interval(self.cfg)
+        events.close()
         if self.flush_on_exit:
             with lock.held(self.lock_timeout):
                 removed = agent.flush()

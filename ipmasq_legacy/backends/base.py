@@ -86,6 +86,11 @@ class Backend:
         """Remove everything this backend owns; returns what was removed."""
         raise NotImplementedError
 
+    def follow(self, plan: Plan) -> list[str]:
+        """After a link or an address came or went (watch): bring what depends on the
+        node's links up to date. Netfilter decides at packet time: nothing to do."""
+        return []
+
     def fingerprint(self) -> str | None:
         """A cheap digest of what this backend owns, as the kernel holds it now (counters
         left out); None where there is no cheap way. reconcile trusts an unchanged one."""

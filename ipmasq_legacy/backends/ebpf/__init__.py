@@ -51,7 +51,23 @@ from ...errors import ApplyError
 from ...netlink import NETLINK_ROUTE
 from ...plan import FamilyPlan, Plan
 from ..base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
-from . import assist
+from . import assist, node
+from .layout import (
+    CFG,
+    CTL,
+    F_ANY_SRC4,
+    F_ANY_SRC6,
+    F_DRAIN,
+    F_RANDOM,
+    F_V4,
+    F_V6,
+    LPM,
+    N_CLOSED,
+    N_FOREIGN,
+    NAT_KEY,
+    NAT_VAL,
+    STATS,
+)
 from .links import IF_DRAIN, IFACE, Link, dump_addresses, dump_links, matching_links, read_links
 
 SHAPES = ruledata.load("ebpf")
@@ -67,16 +83,6 @@ BPF_FS_MAGIC = 0xCAFE4A11
 PORTS = 65536
 MAX_RETRIES = 64  # masq.c's bound
 
-# Mirrors of masq.c (its _Static_asserts pin the sizes).
-F_V4, F_V6, F_ANY_SRC4, F_ANY_SRC6, F_RANDOM, F_DRAIN = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-N_FOREIGN, N_CLOSED = 0x01, 0x02
-CFG = struct.Struct("=IIII32s")  # flags, retries, total ports, crc32 of the port list, sha256 of the tries
-CTL = struct.Struct("=I")
-NAT_KEY = struct.Struct("=16s16s2s2sBB2x")
-NAT_VAL = struct.Struct("=16s2sHIQ")
-STATS = ("new_flows", "exhausted", "no_address", "replies", "icmp_errors", "fragments", "fragment_misses",
-         "foreign_reserved", "port_retries", "failed")
-LPM = {4: struct.Struct("=IB4s"), 6: struct.Struct("=IB16s")}
 TRIES = {"exempt": {4: "ipmq_exempt4", 6: "ipmq_exempt6"}, "sources": {4: "ipmq_src4", 6: "ipmq_src6"}}
 TRIE_FAMILY = {name: family for kinds in TRIES.values() for family, name in kinds.items()}
 TRIE_VALUE = b"\x01"  # the value of every trie entry (the datapath looks for the key only)
@@ -1283,17 +1289,9 @@ class EbpfBackend(Backend):
         # (whatever it holds: the config before the last change, what a killed apply
         # left half-written, a hand's edits)
         self._write_generation(pinned, idle, desired, notes)
-        # 2. node facts: local addresses, the matched interfaces' addresses
-        for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
-            want = set(desired["local"][family])
-            have = set(pinned.keys(name))
-            for addr in want - have:
-                pinned.update(name, addr, b"\x01")
-            for addr in have - want:
-                pinned.delete(name, addr)
-        for index, link in desired["matched"].items():
-            attached = bool(facts["attached"].get(index, {}).get("egress"))
-            pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value(attached=attached))
+        # 2. node facts: local addresses, the matched interfaces' addresses (flows
+        # translated to an address a link no longer has move to its new one)
+        self._write_node(facts, pinned, desired)
         # 3. the switch: one write. The old generation is left as it is: the next change
         # writes there what differs from it. After a first install it gets the config
         # too (it never held one), so that the next change writes only what it changes;
@@ -1309,6 +1307,43 @@ class EbpfBackend(Backend):
             mirror.result()
         self._note_tries(pinned, desired, idle, notes, both=first)
         return changes
+
+    @staticmethod
+    def _write_node(facts: dict, pinned: Pinned, desired: dict) -> list[str]:
+        node.write_locals(pinned, desired["local"])
+        changed = node.changed_addresses(facts["ifaces"], desired["matched"])
+        node.write_ifaces(pinned, desired["matched"], facts["attached"])
+        local = {a for family in FAMILIES for a in desired["local"][family]}
+        done, forgotten = node.repoint_flows(pinned, changed, local) if pinned.open("ipmq_nat_fwd") is not None else (0, 0)
+        return [f"{done} flows moved to a new address, {forgotten} forgotten"] if done or forgotten else []
+
+    def follow(self, plan: Plan) -> list[str]:
+        """After a link or an address came or went (watch): the node facts written, the
+        programs attached to every matched link and taken off links gone, flows moved
+        off addresses gone; the decision's generations are not touched (the config is
+        the same). Nothing when ebpf is not installed."""
+        if not pin_dir().joinpath("ctl").exists():
+            return []
+        ipr = _ipr()
+        facts, pinned = self._read()
+        try:
+            if pinned is None or not facts["installed"] or CFG.unpack(facts["cfg"])[0] & F_DRAIN:
+                return []
+            desired = self._desired(plan, facts["links"])
+            pinned.obj = self.obj()
+            created = pinned.ensure()  # every map open: the programs are checked against them all
+            changes = self._write_node(facts, pinned, desired)
+            changes += self._attach_all(plan, facts, pinned, desired, ipr, self.obj(), created)
+            gone = [i for i in facts["ifaces"] if i not in facts["links"]]
+            for index in gone:  # deleted links: their entries (and drains) go with them
+                pinned.delete("ipmq_ifaces", struct.pack("=I", index))
+            return changes + ([f"{len(gone)} deleted links forgotten"] if gone else [])
+        except (loader.BpfError, OSError) as exc:
+            raise ApplyError(f"ebpf: {exc}") from None
+        finally:
+            if pinned is not None:
+                pinned.close()
+            ipr.close()
 
     def _attach_all(self, plan: Plan, facts: dict, pinned: Pinned, desired: dict, ipr, obj: loader.BpfObject,
                     created: list[str]) -> list[str]:
