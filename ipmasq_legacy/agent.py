@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__, backends, config, state
 from . import plan as planmod
+from .backends import engines
 from .config import Config
 from .errors import ApplyError
 
@@ -53,28 +54,43 @@ def sync(cfg: Config, only_if_drifted: bool = False) -> SyncResult:
 
 def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
     started = time.monotonic()
-    backend, why = backends.resolve(cfg.datapath)
+    recorded = state.read().get("backend")
+    live = engines.live_engines()  # from the kernel: the record may be gone while rules stay
+    backend, why = backends.resolve(cfg.datapath, live=live)
     reason = backend.unavailable_reason()
     if reason:
         raise ApplyError(f"backend {backend.name} cannot run here: {reason}")
     the_plan = planmod.build(cfg)
-    previous = state.read().get("backend")
+    digest = "".join(f.digest() for f in the_plan.families)
+    others = [name for name in live if name != backend.name]
+    previous = recorded
+    if previous is None and others:
+        # No record, yet engines of ours are live (a wiped /run): rebuild the record from
+        # the kernel before anything changes, so that what follows is an ordinary
+        # migration (ebpf, for one, keeps a netfilter backend's connections NATed then).
+        previous = others[0]
+        state.write(previous, "")
     migrating = bool(previous) and previous != backend.name
     result = SyncResult(backend=backend.name, plan=the_plan)
-    if only_if_drifted and not migrating:
-        result.drift = backend.drift(the_plan)
-        if not result.drift:
-            result.duration = time.monotonic() - started
-            return result
+    if only_if_drifted:
+        result.drift = engines.second_engines(live, backend.name, replaced=recorded)
+        if not migrating:
+            result.drift += backend.drift(the_plan)
+            if not result.drift:
+                if recorded != backend.name:
+                    state.write(backend.name, digest)  # the record was lost; the kernel said what is there
+                result.duration = time.monotonic() - started
+                return result
         for phrase in result.drift:
             log.warning("drift in %s: %s", backend.name, phrase)
     log.debug("backend %s (%s)", backend.name, why)
     result.changes = backend.apply(the_plan)
-    # Migration: the new backend is live before the old one is removed.
-    if migrating:
-        removed = backends.get(previous).remove()
-        result.changes.append(f"removed {previous} ({', '.join(removed) or 'nothing left'})")
-    state.write(backend.name, "".join(f.digest() for f in the_plan.families))
+    # Migration: the new backend is live before the old one, and every other engine of
+    # ours the kernel holds, is removed.
+    for name in ([previous] if migrating else []) + [n for n in others if n != previous]:
+        removed = backends.get(name).remove()
+        result.changes.append(f"removed {name} ({', '.join(removed) or 'nothing left'})")
+    state.write(backend.name, digest)
     # An earlier backend kept alive for its own connections (ebpf draining after a switch)
     # goes once they have ended.
     result.changes += [f"finished handover: {what}" for what in backends.finish_handovers(backend.name)]
@@ -122,7 +138,11 @@ def _unchanged_since_verified(config_path: str | None, options: dict) -> bool:
     if backends.handover_pending(record["backend"]):
         return False  # a drained datapath waits for a full sync to remove it
     now = backends.get(record["backend"]).fingerprint()
-    return now is not None and now == record.get("kernel")
+    if now is None or now != record.get("kernel"):
+        return False
+    # A backend's fingerprint sees only its own objects: a second engine added since (an
+    # ebpf filter beside nftables, a legacy chain beside iptables-nft) is asked for apart.
+    return set(engines.live_engines()) <= {record["backend"]}
 
 
 def reconcile(config_path: str | None, options: dict) -> SyncResult | None:

@@ -210,9 +210,9 @@ def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics
     ctx.exit(code)
 
 
-def _installed_backend(cfg):
+def _installed_backend(cfg, live_engines: list[str] | None = None):
     recorded = state.read().get("backend")
-    return backends.get(recorded) if recorded else backends.resolve(cfg.datapath)[0]
+    return backends.get(recorded) if recorded else backends.resolve(cfg.datapath, live=live_engines)[0]
 
 
 @cli.command()
@@ -220,10 +220,12 @@ def _installed_backend(cfg):
 @output_option
 def status(cfg, output):
     """Backend in use, matched interfaces, exempt prefixes, counters, in sync or drifted."""
-    backend = _installed_backend(cfg)
+    ours = backends.engines.live_engines()  # asked of the kernel: state.json may be gone
+    backend = _installed_backend(cfg, ours)
     the_plan = planmod.build(cfg)
     live = backend.live()
-    drift = backend.drift(the_plan, live)
+    # every other engine of ours the kernel holds is drift (reconcile removes it)
+    drift = backends.engines.second_engines(ours, backend.name) + backend.drift(the_plan, live)
     exempt = planmod.sort_prefixes(p for f in live.families.values() for p in f.exempt)
     matched = links.matching(the_plan.interfaces)
     counters = [c for f in live.families.values() for c in f.counters]
@@ -231,6 +233,7 @@ def status(cfg, output):
         _emit_json({
             "backend": backend.name,
             "installed": live.installed,
+            "engines": ours,
             "interfaces": matched,
             "interface_patterns": list(the_plan.interfaces),
             "exempt": exempt,

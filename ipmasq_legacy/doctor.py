@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from . import backends
-from .backends import selection
+from .backends import engines, selection
 
 
 def _version(argv: list[str]) -> str | None:
@@ -81,8 +81,9 @@ def report() -> dict:
     kconfig = _kernel_config()
     rules = selection.host_rules()
     available = availability()
+    live = engines.live_engines()
     try:
-        auto, why = selection.choose_auto(available)
+        auto, why = selection.choose_auto(available, live)
     except LookupError as exc:
         auto, why = None, str(exc)
     libnft = ctypes.util.find_library("nftables")
@@ -107,6 +108,7 @@ def report() -> dict:
             "tc": _version(["tc", "-V"]),
         },
         "host rules": {"counts": rules.counts, "hints": rules.hints},
+        "engines": live,  # NAT engines of ours live in the kernel (more than one is drift)
         "bpf": {
             "bpffs mounted at /sys/fs/bpf": _bpffs_mounted(),
             "clsact": _probe_clsact() or "ok",
@@ -126,6 +128,9 @@ def render_text(data: dict) -> str:
     lines.append(f"rules on the host: {counts}")
     for engine, hint in data["host rules"]["hints"].items():
         lines.append(f"  {engine}: {hint}")
+    live = data["engines"]
+    lines.append("engines of ours live: " + (", ".join(live) or "none")
+                 + (" (more than one: reconcile or apply removes all but one)" if len(live) > 1 else ""))
     bpf = data["bpf"]
     lines.append(f"bpffs: {'mounted' if bpf['bpffs mounted at /sys/fs/bpf'] else 'not mounted'}; clsact: {bpf['clsact']}")
     lines.append(f"ebpf: {bpf['ebpf backend']}")

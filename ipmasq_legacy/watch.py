@@ -176,7 +176,7 @@ class Watcher:
         wake = self._install_signals()
         self.cfg = self.load()  # a bad config at start is exit 2, as for apply
         self._rewatch()
-        events = NodeEvents()  # subscribed before the first sync: nothing in between is missed
+        node_events = NodeEvents()  # subscribed before the first sync: nothing in between is missed
         self._sync("start", only_if_drifted=False)
         next_resync = time.monotonic() + resync_interval(self.cfg)
         log.info("watching %s; resync every %gs", ", ".join(str(p) for p in watched_files(self.config_path, self.cfg)),
@@ -184,18 +184,18 @@ class Watcher:
         while not self.stopping:
             timeout = max(0.0, next_resync - time.monotonic())
             try:
-                ready, _, _ = select.select([self.inotify.fd, wake, events.fileno()], [], [], timeout)
+                ready, _, _ = select.select([self.inotify.fd, wake, node_events.fileno()], [], [], timeout)
             except InterruptedError:
                 ready = []
             if wake in ready:
                 os.read(wake, 4096)
             if self.stopping:
                 break
-            if events.fileno() in ready:
+            if node_events.fileno() in ready:
                 # at once, then again while events keep coming (a link, then its
                 # address, then its route: each may matter)
                 for _ in range(5):  # bounded: a follow that itself made events cannot spin
-                    if not events.drain():
+                    if not node_events.drain():
                         break
                     self._follow()
             if self.inotify.fd in ready:
@@ -212,7 +212,7 @@ class Watcher:
                 self._rewatch()  # a directory that did not exist yet (a late ConfigMap mount) may now
                 self._sync("resync", only_if_drifted=True)
                 next_resync = time.monotonic() + resync_interval(self.cfg)
-        events.close()
+        node_events.close()
         if self.flush_on_exit:
             with lock.held(self.lock_timeout):
                 removed = agent.flush()

@@ -89,9 +89,10 @@ def test_doctor_json(node):
         assert data["backends"][name] == "available"
     assert set(data["backends"]) == set(backends.NAMES)
     assert data["auto"]["backend"] == "nftables"
+    assert data["engines"] == []  # none of ours live yet
     assert "nftables" in data["tools"]["nft"]
     text = node.ipmasq("doctor", check=True).stdout
-    assert "auto: nftables" in text
+    assert "auto: nftables" in text and "engines of ours live: none" in text
 
 
 # ---------------------------------------------------------------- hiding tools

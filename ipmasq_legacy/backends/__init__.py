@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import state
 from ..errors import BackendUnavailable
-from . import selection
+from . import engines, selection
 from .base import Backend
 from .iptables import IptablesBackend, detect_variant
 from .nftables import NftablesBackend
@@ -24,10 +24,11 @@ def get(name: str) -> Backend:
     raise BackendUnavailable(f"backend {name!r} is not available in this version (known: {', '.join(NAMES)})")
 
 
-def resolve(datapath: str, probe: bool = True) -> tuple[Backend, str]:
+def resolve(datapath: str, probe: bool = True, live: list[str] | None = None) -> tuple[Backend, str]:
     """(backend, why) for a configured datapath. `probe=False` reads nothing from the
     kernel (for `plan`, which needs no root): `auto` then trusts the state record, or
-    names the backend a node with no rules would get (nftables)."""
+    names the backend a node with no rules would get (nftables). `live`: the engines of
+    ours live in the kernel, when the caller has asked already (engines.live_engines)."""
     if datapath in NAMES:
         return get(datapath), "configured"
     if datapath == "iptables":
@@ -44,7 +45,7 @@ def resolve(datapath: str, probe: bool = True) -> tuple[Backend, str]:
         from ..doctor import availability
 
         try:
-            name, why = selection.choose_auto(availability())
+            name, why = selection.choose_auto(availability, engines.live_engines() if live is None else live)
         except LookupError as exc:
             raise BackendUnavailable(str(exc)) from None
         return get(name), why

@@ -2,6 +2,9 @@
 
 Order (first that applies wins):
 1. the backend recorded in the state file (what is installed stays installed);
+1b. without a record, the engines of ours the kernel holds (engines.live_engines): the
+   only one; of several, the one steps 2-6 would pick if it is among them, else the first
+   in backends.NAMES order (the caller removes the others once it is applied);
 2. kube-proxy's own nftables table (`table ip kube-proxy`): nftables;
 3. kubelet's hint chains (KUBE-IPTABLES-HINT, KUBE-KUBELET-CANARY) in one iptables
    variant: that variant (what iptables-wrapper does);
@@ -14,9 +17,11 @@ All reads are scoped listings; the probe never runs in the node's own namespace.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .. import state
@@ -120,11 +125,32 @@ def probe_nftables() -> str | None:
     return "probe could not run"
 
 
-def choose_auto(available: dict[str, str | None]) -> tuple[str, str]:
-    """(backend name, why). `available` maps each backend to None or why it cannot run."""
+def choose_auto(available, live: Sequence[str] = ()) -> tuple[str, str]:
+    """(backend name, why). `available` maps each backend to None or why it cannot run, or
+    is a function returning that map (called only when needed: the nftables probe costs a
+    namespace); `live` are the engines of ours live in the kernel (engines.live_engines)."""
+    availability = functools.cache(available if callable(available) else lambda: available)
     recorded = state.read().get("backend")
-    if recorded in available and available[recorded] is None:
+    if recorded and availability().get(recorded, "unknown") is None:
         return recorded, f"installed (recorded in {state.state_dir() / 'state.json'})"
+    if len(live) == 1:
+        return live[0], f"the only NAT engine of ours live in the kernel (no usable state record): {live[0]}"
+    try:
+        name, why = _heuristics(availability())
+    except LookupError:
+        if not live:
+            raise
+        name, why = None, "no backend can run here"
+    if not live:
+        return name, why
+    keep = name if name in live else live[0]
+    how = f"the choice without them ({why})" if keep == name else "the first in backend order"
+    return keep, (f"{len(live)} NAT engines of ours live in the kernel ({', '.join(live)}), no usable state record: "
+                  f"keeping {keep}, {how}; the others are removed")
+
+
+def _heuristics(available: dict[str, str | None]) -> tuple[str, str]:
+    """Steps 2-6: what a node with nothing of ours gets."""
     found = host_rules()
     if "nftables" in found.hints and available.get("nftables") is None:
         return "nftables", f"the host already uses nftables ({found.hints['nftables']})"
