@@ -48,7 +48,7 @@ needs_ebpf = pytest.mark.skipif(REASON is not None, reason=f"ebpf backend cannot
 @pytest.mark.skipif(not ebpf.object_path().exists(), reason="masq.o not built (bash scripts/setup)")
 def test_object_maps_match_the_loader():
     obj = loader.read_object(str(ebpf.object_path()))
-    assert set(obj.progs) == {"ipmq_egress", "ipmq_ingress", "ipmq_nf"}
+    assert set(obj.progs) == {"ipmq_egress", "ipmq_ingress", "ipmq_nf", "ipmq_guard"}
     assert set(obj.maps) == set(ebpf.KNOWN_MAPS)
     assert obj.maps["ipmq_nat_fwd"].key_size == ebpf.NAT_KEY.size
     assert obj.maps["ipmq_nat_fwd"].value_size == ebpf.NAT_VAL.size

@@ -1,6 +1,6 @@
 /* ipmasq-legacy eBPF datapath: source NAT (masquerade) on tc (clsact).
  *
- * Three programs. Two are attached by ipmasq_legacy/backends/ebpf/ to every interface
+ * Four programs. Two are attached by ipmasq_legacy/backends/ebpf/ to every interface
  * that matches `egress-masquerade-interfaces` (ports of a bridge or bond excepted):
  *
  *   ipmq_egress   tc egress:  the decision (README "The decision") for a flow's first
@@ -15,6 +15,8 @@
  * and ICMP echo (SCTP among them: netfilter rewrites its CRC32c), and every packet
  * leaving a matching interface the tc programs are not attached to yet (a link that
  * just appeared). Conntrack then keeps such a flow's NAT; the tc programs pass it.
+ * A fourth, ipmq_guard, asked by a mangle rule, drops packets of flows the tc programs
+ * translated that leave a link they are not on (conntrack would let them out untranslated).
  *
  * Only forwarded packets are ever masqueraded (skb->ingress_ifindex != 0). The node's
  * own TCP and UDP flows that use a port we hand out reserve their reply tuple, and a
@@ -1391,6 +1393,29 @@ int ipmq_ingress(struct __sk_buff *skb)
 	}
 	stat_inc(S_REPLIES);
 	return TC_ACT_UNSPEC;
+}
+
+/* Asked by the assist's mangle POSTROUTING rule (every packet; skb->data is the network
+ * header): 1 = drop it. A packet of a flow the tc programs translated, leaving a link
+ * they are not on (re-created, or its flow re-routed to a new link): conntrack holds the
+ * flow as established and untranslated, so neither NAT hook would see it, and it would
+ * leave with the pod's address. Dropped until the programs are on that link (`watch`:
+ * milliseconds), then the flow goes on with its translation. */
+SEC("socket")
+int ipmq_guard(struct __sk_buff *skb)
+{
+	if (skb->ingress_ifindex == 0)
+		return 0;
+	__u32 ifindex = skb->ifindex;
+	struct iface *ifc = bpf_map_lookup_elem(&ipmq_ifaces, &ifindex);
+	if (ifc && (ifc->flags & IF_ATTACHED))
+		return 0;
+	struct pkt p;
+	if (parse(skb, 0, &p) < 0 || !p.has_ports)
+		return 0;
+	struct nat_key key;
+	make_key(&key, &p);
+	return bpf_map_lookup_elem(&ipmq_nat_fwd, &key) != NULL;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

@@ -75,8 +75,9 @@ PIN_ENV = "IPMASQ_BPF_DIR"
 OBJECT_ENV = "IPMASQ_BPF_OBJECT"
 MAP_PREFIX = "ipmq_"
 HOOKS = ("ingress", "egress")
-PROGRAMS = {"ingress": "ipmq_ingress", "egress": "ipmq_egress", "nf": "ipmq_nf"}  # pinned as prog_<key>
-PROG_TYPES = {"ingress": loader.PROG_SCHED_CLS, "egress": loader.PROG_SCHED_CLS, "nf": loader.PROG_SOCKET_FILTER}
+PROGRAMS = {"ingress": "ipmq_ingress", "egress": "ipmq_egress", "nf": "ipmq_nf", "guard": "ipmq_guard"}  # pinned as prog_<key>
+PROG_TYPES = {"ingress": loader.PROG_SCHED_CLS, "egress": loader.PROG_SCHED_CLS, "nf": loader.PROG_SOCKET_FILTER,
+              "guard": loader.PROG_SOCKET_FILTER}
 PARENT = {"ingress": 0xFFFFFFF2, "egress": 0xFFFFFFF3}  # TC_H_CLSACT:TC_H_MIN_{INGRESS,EGRESS}
 FILTER = SHAPES["filter_name"]
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -799,6 +800,8 @@ class EbpfBackend(Backend):
             self.obj()
         except ApplyError as exc:
             return str(exc)
+        if memlock := loader.raise_memlock():
+            return memlock
         try:
             sysobj = loader.Sys()
             for map_type, key, value, flags in ((loader.MAP_LPM_TRIE, 9, 1, 1), (loader.MAP_LRU_HASH, 40, 32, 0),
@@ -987,7 +990,7 @@ class EbpfBackend(Backend):
         for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
             if sorted(pinned.keys(name)) != desired["local"][family]:
                 problems.append(f"ipv{family}: node addresses changed")
-        problems += assist.problems(desired["families"], pin_dir() / "prog_nf", assist.read_all())
+        problems += assist.problems(desired["families"], pin_dir(), assist.read_all())
         if SHAPES["conntrack_keeper"] and shutil.which("nft") and not keeper_present():
             problems.append(f"nft table inet {KEEPER_TABLE} missing")
         # drains that are done: reconcile removes what is left of them
@@ -1351,7 +1354,7 @@ class EbpfBackend(Backend):
         # 4. programs, then the filters
         self.reloaded = False
         fds = self._programs(pinned, obj, force=bool(created))  # new maps: programs must use them
-        changes = assist.sync(desired["families"], pin_dir() / "prog_nf", force=self.reloaded)
+        changes = assist.sync(desired["families"], pin_dir(), force=self.reloaded)
         try:
             # Ingress first: from then on every UDP (or other) flow entering is recorded,
             # and flows already under way are taken from conntrack, so that no reply

@@ -1,16 +1,20 @@
-"""The ebpf datapath's netfilter assist: one iptables nat chain per family whose
-MASQUERADE rules ask the pinned socket filter `prog_nf` (masq.c ipmq_nf) through xt_bpf.
+"""The ebpf datapath's netfilter assist: iptables chains whose rules ask the pinned
+socket filters of masq.c through xt_bpf.
 
-Why it exists (rules/ebpf.yaml `assist`): tc programs can only be attached to a link
-that exists, so a link that appears after a sync would let pods' packets out with their
-own address until the next sync; and netfilter already rewrites what BPF cannot cheaply
-(SCTP's CRC32c) or may not share (a protocol without ports: one tuple per destination).
-The rule asks the same maps as the tc programs, so the decision stays one.
+* nat `IPMASQ-EBPF` asks `prog_nf` (ipmq_nf) and masquerades what the tc programs do not
+  translate: protocols other than TCP, UDP and ICMP echo (netfilter rewrites SCTP's
+  CRC32c), and new connections leaving a matching link the programs are not attached to
+  yet (tc programs can only be attached to a link that exists: one that appeared since
+  the last sync would otherwise let pods' packets out with their own address);
+* mangle `IPMASQ-EBPF-GUARD` asks `prog_guard` (ipmq_guard) and drops packets of flows
+  the tc programs translated that now leave a link they are not on (conntrack holds such
+  a flow as established and untranslated: no NAT hook sees it again).
 
-The chain lives in the iptables variant the host uses (iptables.detect_variant) and is
-written in one `iptables-restore --noflush -w` transaction per family, like the
-iptables backend's; xt_bpf holds the program it was given, so the chain is written again
-whenever the program is reloaded.
+The rules read the same maps as the tc programs, so the decision stays one. The chains
+live in the iptables variant the host uses (iptables.detect_variant; where they already
+are, they stay), written in one `iptables-restore --noflush -w` per family; xt_bpf holds
+the program it was given, so they are written again whenever the programs are reloaded.
+Shapes: rules/ebpf.yaml `assist`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from ..iptables import VARIANTS, detect_variant
 
 ASSIST = ruledata.load("ebpf")["assist"]
 CHAIN = ASSIST["chain"]
+GUARD_CHAIN = ASSIST["guard_chain"]
+# table -> (chain, its jump from POSTROUTING)
+PARTS = {"nat": (CHAIN, ASSIST["jump"]), "mangle": (GUARD_CHAIN, ASSIST["guard_jump"])}
 
 
 def tool(family: int, variant: str, suffix: str = "") -> str:
@@ -40,66 +47,83 @@ def missing(variant: str | None = None) -> list[str]:
     return [t for t in need if shutil.which(t) is None]
 
 
-def chain_rules(fp: FamilyPlan, program: Path) -> list[str]:
-    """Our chain, as `iptables -S CHAIN` prints it. Sources are the program's (src tries)."""
-    lines = [f"-N {CHAIN}", ASSIST["local"]]
+def _out(interface: str | None) -> str:
+    return IPT["out_interface"].format(interface=interface) if interface else IPT["out_interface_any"]
+
+
+def chain_rules(fp: FamilyPlan, pins: Path) -> dict[str, list[str]]:
+    """Our chains per table, as `iptables -S CHAIN` prints them. Sources are the
+    programs' business (the src tries)."""
+    nat = [f"-N {CHAIN}", ASSIST["local"]]
     for rule in masquerade_rules(dataclasses.replace(fp, sources=())):
-        lines.append(ASSIST["masquerade"].format(
-            out_interface=(IPT["out_interface"].format(interface=rule.interface) if rule.interface
-                           else IPT["out_interface_any"]),
+        nat.append(ASSIST["masquerade"].format(
+            out_interface=_out(rule.interface),
             protocol=IPT["protocol"].format(protocol=rule.protocol) if rule.protocol else "",
             port_share=IPT["port_share"].format(probability=rule.share / 2**31) if rule.share is not None else "",
-            program=program,
+            program=pins / "prog_nf",
             to_ports=IPT["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
             random_fully=IPT["random_fully"] if fp.random_fully else "",
         ))
-    return lines
-
-
-def render_restore(fp: FamilyPlan | None, program: Path, live_jumps: list[str], chain_exists: bool) -> str:
-    """One transaction: the chain rewritten (or, fp None, removed) and exactly one jump."""
-    lines = ["*nat"]
-    if fp is None:
-        lines += ["-D" + j[2:] for j in live_jumps]
-        if chain_exists:
-            lines += [f":{CHAIN} - [0:0]", f"-X {CHAIN}"]
-    else:
-        lines += [f":{CHAIN} - [0:0]", *chain_rules(fp, program)[1:]]
-        if live_jumps != [ASSIST["jump"]]:
-            lines += ["-D" + j[2:] for j in live_jumps] + [ASSIST["jump"]]
-    return "\n".join(lines + ["COMMIT"]) + "\n"
+    mangle = [f"-N {GUARD_CHAIN}"] + [ASSIST["guard"].format(out_interface=_out(i), program=pins / "prog_guard")
+                                      for i in (fp.interfaces or (None,))]
+    return {"nat": nat, "mangle": mangle}
 
 
 @dataclasses.dataclass
 class AssistLive:
     variant: str
     family: int
-    jumps: list[str]
-    rules: list[str]  # the chain as -S prints it, [] when it does not exist
+    jumps: dict[str, list[str]]  # table -> POSTROUTING rules jumping to our chain
+    rules: dict[str, list[str]]  # table -> our chain as -S prints it, [] when missing
 
     @property
     def installed(self) -> bool:
-        return bool(self.jumps or self.rules)
+        return any(self.jumps.values()) or any(self.rules.values())
+
+
+def render_restore(fp: FamilyPlan | None, pins: Path, live: AssistLive) -> str:
+    """One transaction: each chain rewritten (fp None: removed) with exactly one jump."""
+    want = chain_rules(fp, pins) if fp is not None else {}
+    lines = []
+    for table, (chain, jump) in PARTS.items():
+        jumps, exists = live.jumps.get(table, []), bool(live.rules.get(table))
+        if fp is None and not jumps and not exists:
+            continue
+        lines.append(f"*{table}")
+        if fp is None:
+            lines += ["-D" + j[2:] for j in jumps]
+            if exists:
+                lines += [f":{chain} - [0:0]", f"-X {chain}"]
+        else:
+            lines += [f":{chain} - [0:0]", *want[table][1:]]
+            if jumps != [jump]:
+                lines += ["-D" + j[2:] for j in jumps] + [jump]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
 
 
 def read(variant: str, family: int) -> AssistLive:
-    """Our jumps and chain in one variant, from one `-save -t nat` (which, for legacy,
-    does not create the table: it lists what /proc says exists)."""
+    """Our jumps and chains in one variant, from one `-save` (which lists only the tables
+    that exist: for legacy, those /proc names; it creates none)."""
+    empty = AssistLive(variant, family, {}, {})
     if variant == "legacy":
         names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
         try:
-            if "nat" not in names.read_text().split():
-                return AssistLive(variant, family, [], [])
+            if not set(PARTS) & set(names.read_text().split()):
+                return empty
         except OSError:
-            return AssistLive(variant, family, [], [])
+            return empty
     if shutil.which(tool(family, variant, "-save")) is None:
-        return AssistLive(variant, family, [], [])
-    text = run([tool(family, variant, "-save"), "-t", "nat"], check=False).stdout
-    jumps = [ln for ln in text.splitlines() if ln.startswith("-A POSTROUTING ") and ln.endswith(f" -j {CHAIN}")]
-    rules = [ln for ln in text.splitlines() if ln.startswith(f"-A {CHAIN} ")]
-    if re.search(rf"^:{re.escape(CHAIN)} ", text, re.M):
-        rules = [f"-N {CHAIN}", *rules]
-    return AssistLive(variant, family, jumps, rules)
+        return empty
+    text = run([tool(family, variant, "-save")], check=False).stdout
+    live = AssistLive(variant, family, {}, {})
+    for table, (chain, _jump) in PARTS.items():
+        m = re.search(rf"^\*{table}\n(.*?)^COMMIT", text, re.M | re.S)
+        body = m.group(1).splitlines() if m else []
+        live.jumps[table] = [ln for ln in body if ln.startswith("-A POSTROUTING ") and ln.endswith(f" -j {chain}")]
+        rules = [ln for ln in body if ln.startswith(f"-A {chain} ")]
+        live.rules[table] = [f"-N {chain}", *rules] if f":{chain} - " in "\n".join(body) else []
+    return live
 
 
 def read_all() -> list[AssistLive]:
@@ -107,44 +131,42 @@ def read_all() -> list[AssistLive]:
 
 
 def variant_in_use(found: list[AssistLive]) -> str:
-    """Where our chain is already (so a re-apply stays put), else the host's iptables."""
-    for live in found:
-        if live.installed:
-            return live.variant
-    return detect_variant()[0]
+    """Where our chains are already (so a re-apply stays put), else the host's iptables."""
+    return next((live.variant for live in found if live.installed), None) or detect_variant()[0]
 
 
-def problems(families: dict[int, FamilyPlan | None], program: Path, found: list[AssistLive]) -> list[str]:
+def _wanted(live: AssistLive, families: dict[int, FamilyPlan | None], variant: str) -> FamilyPlan | None:
+    return families.get(live.family) if live.variant == variant else None
+
+
+def _in_sync(live: AssistLive, fp: FamilyPlan, pins: Path) -> bool:
+    return live.rules == chain_rules(fp, pins) and all(
+        live.jumps.get(table) == [jump] for table, (_chain, jump) in PARTS.items())
+
+
+def problems(families: dict[int, FamilyPlan | None], pins: Path, found: list[AssistLive]) -> list[str]:
     variant = variant_in_use(found)
     out = []
     for live in found:
-        fp = families.get(live.family) if live.variant == variant else None
-        if fp is None:
-            if live.installed:
-                out.append(f"ipv{live.family}: netfilter assist in iptables-{live.variant} not wanted")
-            continue
-        if live.rules != chain_rules(fp, program):
-            out.append(f"ipv{live.family}: netfilter assist chain {CHAIN} "
-                       + ("missing" if not live.rules else "differs"))
-        if live.jumps != [ASSIST["jump"]]:
-            out.append(f"ipv{live.family}: {len(live.jumps)} jumps to {CHAIN} instead of 1")
+        fp = _wanted(live, families, variant)
+        if fp is None and live.installed:
+            out.append(f"ipv{live.family}: netfilter assist in iptables-{live.variant} not wanted")
+        elif fp is not None and not _in_sync(live, fp, pins):
+            out.append(f"ipv{live.family}: netfilter assist chains " + ("missing" if not live.installed else "differ"))
     return out
 
 
-def sync(families: dict[int, FamilyPlan | None], program: Path, force: bool = False) -> list[str]:
+def sync(families: dict[int, FamilyPlan | None], pins: Path, force: bool = False) -> list[str]:
     """Make the chains what the plan wants (force: rewrite them even when they look right,
-    for a reloaded program); remove them from the other variant. Returns what changed."""
+    for reloaded programs); remove them from the other variant. Returns what changed."""
     found = read_all()
     variant = variant_in_use(found)
     changed = []
     for live in found:
-        fp = families.get(live.family) if live.variant == variant else None
-        if fp is None and not live.installed:
+        fp = _wanted(live, families, variant)
+        if (fp is None and not live.installed) or (fp is not None and not force and _in_sync(live, fp, pins)):
             continue
-        if fp is not None and not force and live.rules == chain_rules(fp, program) and live.jumps == [ASSIST["jump"]]:
-            continue
-        run([tool(live.family, live.variant, "-restore"), "--noflush", "-w"],
-            input=render_restore(fp, program, live.jumps, bool(live.rules)))
+        run([tool(live.family, live.variant, "-restore"), "--noflush", "-w"], input=render_restore(fp, pins, live))
         changed.append(f"ipv{live.family} netfilter assist {'removed' if fp is None else 'written'} "
                        f"(iptables-{live.variant})")
     return changed
@@ -155,4 +177,4 @@ def remove() -> list[str]:
 
 
 def fingerprint_text() -> str:
-    return "\n".join(f"{a.variant} {a.family} {a.jumps} {a.rules}" for a in read_all())
+    return "\n".join(f"{a.variant} {a.family} {sorted(a.jumps.items())} {sorted(a.rules.items())}" for a in read_all())
