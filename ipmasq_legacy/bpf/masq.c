@@ -39,11 +39,16 @@
  * tuple into ipmq_nat_rev with BPF_NOEXIST, so two CPUs never hand out the same one.
  *
  * Return codes: TC_ACT_UNSPEC ("next filter, else pass") everywhere, so filters after
- * ours still run; TC_ACT_SHOT only when no port is left (counted). An out-interface
- * without an address of the family is not egress: its packets pass untouched.
+ * ours still run; TC_ACT_SHOT only when no port is left (counted). The tc programs
+ * never drop for want of an address: an out-interface without an address of the family
+ * (as `ipmq_ifaces` says) is left to netfilter's MASQUERADE by ipmq_nf.
  *
  * Build: clang -O2 -g -target bpf -I/usr/include/$(uname -m)-linux-gnu -c masq.c -o masq.o
  */
+/* Debian 11's linux/stddef.h defines __always_inline as plain __inline__ (libbpf 0.3's
+ * bpf_helpers.h keeps it), which does not force inlining, and a BPF call takes at most
+ * five arguments: force it, as newer headers do (both define it only if undefined). */
+#define __always_inline inline __attribute__((always_inline))
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -82,7 +87,7 @@
 enum {
 	S_NEW_FLOWS = 0,   /* flows translated */
 	S_EXHAUSTED = 1,   /* packets dropped: no free port after the retries */
-	S_NO_ADDR = 2,     /* new flows passed: the out-interface has no address of the family */
+	S_NO_ADDR = 2,     /* new flows left to netfilter: the out-interface had no address of the family */
 	S_REPLIES = 3,     /* reply packets translated back */
 	S_ICMP_ERR = 4,    /* ICMP errors about translated flows rewritten (both ways) */
 	S_FRAGS = 5,       /* non-first fragments translated */
@@ -1161,7 +1166,7 @@ static __always_inline int forwarded(struct __sk_buff *skb, struct pkt *p, const
 	if (!must_masquerade(cfg, gen, p))
 		return 0;
 	if (!(ifc->flags & (p->family == 4 ? IF_HAS4 : IF_HAS6))) {
-		stat_inc(S_NO_ADDR); /* no address of the family: not egress, passed as it is */
+		stat_inc(S_NO_ADDR); /* no address of the family: ipmq_nf left it to MASQUERADE */
 		return 0;
 	}
 	return 1;
@@ -1266,12 +1271,17 @@ int ipmq_nf(struct __sk_buff *skb)
 		return 0;
 	__u32 ifindex = skb->ifindex;
 	struct iface *ifc = bpf_map_lookup_elem(&ipmq_ifaces, &ifindex);
-	if (ifc && (ifc->flags & IF_ATTACHED)) {
+	/* The tc programs translate TCP, UDP and echo on a link they are on that has an
+	 * address of the family (as the map says). A link without one (as the map says: it
+	 * may have got one since the last sync, or a new IPv6 address may still be
+	 * tentative) is left to MASQUERADE, which takes the address at the packet and drops
+	 * it when there is none, as the netfilter backends do: never a pod's address out. */
+	if (ifc && (ifc->flags & IF_ATTACHED) && (ifc->flags & (p.family == 4 ? IF_HAS4 : IF_HAS6))) {
 		if (ifc->flags & IF_DRAIN)
 			return 0;
 		int echo = (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6_) && p.has_ports;
 		if (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP || echo)
-			return 0; /* the tc programs translate it */
+			return 0;
 	}
 	if (is_local(&p, p.saddr))
 		return 0;
