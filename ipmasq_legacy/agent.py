@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__, backends, config, state
 from . import plan as planmod
-from .backends import engines
+from .backends import engines, tables
 from .config import Config
 from .errors import ApplyError
 
@@ -84,6 +84,7 @@ def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
         for phrase in result.drift:
             log.warning("drift in %s: %s", backend.name, phrase)
     log.debug("backend %s (%s)", backend.name, why)
+    tables.note_before_first_apply()  # so that flush can delete the empty tables we made
     result.changes = backend.apply(the_plan)
     # Migration: the new backend is live before the old one, and every other engine of
     # ours the kernel holds, is removed.
@@ -169,5 +170,8 @@ def flush() -> list[str]:
         families = backend.remove()
         if families:
             removed.append(f"{backend.name} ({', '.join(families)})")
+    gone = tables.remove_created()
+    if gone:
+        removed.append("empty tables our applies created (" + ", ".join(gone) + ")")
     state.clear()
     return removed

@@ -59,12 +59,12 @@ GOLDEN = {
     "default": """\
 # IPv4: nft -f - (one transaction)
 add table ip ipmasq_legacy
-add chain ip ipmasq_legacy postrouting { type nat hook postrouting priority srcnat; policy accept; }
+add chain ip ipmasq_legacy postrouting { type nat hook postrouting priority srcnat + 10; policy accept; }
 add rule ip ipmasq_legacy postrouting fib daddr type local return
 add rule ip ipmasq_legacy postrouting oifname != "lo" counter masquerade
 # IPv6: nft -f - (one transaction)
 add table ip6 ipmasq_legacy
-add chain ip6 ipmasq_legacy postrouting { type nat hook postrouting priority srcnat; policy accept; }
+add chain ip6 ipmasq_legacy postrouting { type nat hook postrouting priority srcnat + 10; policy accept; }
 add rule ip6 ipmasq_legacy postrouting fib daddr type local return
 add rule ip6 ipmasq_legacy postrouting oifname != "lo" counter masquerade
 """,
@@ -79,14 +79,14 @@ table ip ipmasq_legacy {{
 }}
 # IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip ipmasq_legacy
-add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
 add rule ip ipmasq_legacy postrouting fib daddr type local return
 add rule ip ipmasq_legacy postrouting ip daddr @exempt_12240718778febd5 return
 add rule ip ipmasq_legacy postrouting oifname "eth*" ip saddr 10.244.0.0/16 counter masquerade
 add rule ip ipmasq_legacy postrouting oifname "ens3" ip saddr 10.244.0.0/16 counter masquerade
 # IPv6: nft -f - (one transaction)
 add table ip6 ipmasq_legacy
-add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
 add rule ip6 ipmasq_legacy postrouting fib daddr type local return
 add rule ip6 ipmasq_legacy postrouting oifname "eth*" counter masquerade
 add rule ip6 ipmasq_legacy postrouting oifname "ens3" counter masquerade
@@ -104,7 +104,7 @@ table ip ipmasq_legacy {{
 }}
 # IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip ipmasq_legacy
-add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
 add rule ip ipmasq_legacy postrouting fib daddr type local return
 add rule ip ipmasq_legacy postrouting ip daddr @exempt_d7681fb8b295bc68 return
 add rule ip ipmasq_legacy postrouting oifname != "lo" counter masquerade
@@ -120,7 +120,7 @@ table ip ipmasq_legacy {{
 }}
 # IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip ipmasq_legacy
-add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
 add rule ip ipmasq_legacy postrouting fib daddr type local return
 add rule ip ipmasq_legacy postrouting ip daddr @exempt_12240718778febd5 return
 add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto tcp meta random & 2147483647 < 1007798105 counter masquerade to :1024-29999 fully-random
@@ -141,7 +141,7 @@ table ip6 ipmasq_legacy {{
 }}
 # IPv6: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip6 ipmasq_legacy
-add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
 add rule ip6 ipmasq_legacy postrouting fib daddr type local return
 add rule ip6 ipmasq_legacy postrouting ip6 daddr @exempt_b3d54c9003f03fa3 return
 add rule ip6 ipmasq_legacy postrouting oifname "eth*" ip6 saddr 2001:db8::7 counter masquerade
@@ -248,7 +248,7 @@ table ip ipmasq_legacy {
 \t}
 
 \tchain postrouting {
-\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\ttype nat hook postrouting priority srcnat + 10; policy accept;
 \t\tfib daddr type local return
 \t\tip daddr @exempt return
 \t\toifname "eth*" ip saddr 10.244.0.0/16 counter packets 12 bytes 3400 masquerade

@@ -362,3 +362,44 @@ def test_noop_reconcile_trusts_unchanged_inputs_and_fingerprint(node, backend):
     other = node.ipmasq("reconcile", "--config", str(config_path), "--log-level", "debug",
                         "--egress-masquerade-interfaces", "eth0", check=True)
     assert quick not in other.stderr and "drift in" in other.stderr
+
+
+# ---------------------------------------------------------------- flush restores the node
+
+
+@pytest.mark.parametrize("foreign", [False, True], ids=["bare-node", "docker-like-rules-first"])
+def test_flush_restores_the_rulesets_exactly_empty_tables_included(foreign):
+    """apply with iptables-nft, switch to ebpf (its assist writes iptables-nft nat and
+    mangle), to nftables, back to iptables-nft, then flush: every ruleset of the node is
+    what it was before the first apply, byte for byte (counters aside), the nat and mangle
+    tables iptables-nft created for us deleted; a table that existed before (Docker-like
+    rules in `ip nat`) stays, with its rules. (iptables-legacy tables cannot be deleted:
+    README "Known limits".)"""
+    with TestBed() as bed:
+        node = Node(bed)
+        try:
+            if foreign:
+                from .nodeutil import add_foreign_rules
+
+                add_foreign_rules(node, "iptables-nft")
+            before = node.rulesets()
+            tables_before = node.sh("nft list tables")
+            sequence = ["iptables-nft", "nftables", "iptables-nft"]
+            if backends_available("ebpf"):
+                sequence.insert(1, "ebpf")
+            for backend in sequence:
+                node.apply({"egress-masquerade-interfaces": "eth+"}, backend)
+                assert masqueraded(bed), backend
+            assert node.sh("nft list tables") != tables_before
+            node.ipmasq("flush", check=True)
+            assert node.sh("nft list tables") == tables_before
+            assert node.rulesets() == before
+        finally:
+            node.ipmasq("flush")
+            node.close()
+
+
+def backends_available(name: str) -> bool:
+    from ipmasq_legacy import backends
+
+    return backends.get(name).unavailable_reason() is None
