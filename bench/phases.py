@@ -28,8 +28,8 @@ BACKENDS = [("ipmasq_legacy.backends.iptables", "IptablesBackend"),
 # label -> list of (module, attribute path); every target shares the label's timer
 TARGETS: dict[str, list[tuple[str, str]]] = {
     "config.load": [("ipmasq_legacy.config", "load")],
-    "yaml": [("ipmasq_legacy.config", "_parse_text")],  # JSON, the fast path or libyaml
-    "config.parse_networks": [("ipmasq_legacy.config", "parse_networks")],
+    "yaml": [("ipmasq_legacy.config.text", "_parse_text")],  # JSON, the fast path or libyaml
+    "config.parse_networks": [("ipmasq_legacy.config.values", "parse_networks")],
     "plan.build": [("ipmasq_legacy.plan", "build")],
     "plan.normalise": [("ipmasq_legacy.plan", "normalise")],
     "agent.sync": [("ipmasq_legacy.agent", "sync")],

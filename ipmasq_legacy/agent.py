@@ -17,7 +17,7 @@ from . import __version__, backends, config, state
 from . import plan as planmod
 from .backends import engines, tables
 from .config import Config
-from .errors import ApplyError
+from .errors import ApplyError, IpmasqError
 
 log = logging.getLogger("ipmasq")
 
@@ -40,9 +40,22 @@ def drift_kind(phrase: str) -> str:
     return re.sub(r"\d+", "N", re.sub(r"^ipv[46]: ", "", phrase))
 
 
+def note_warnings(cfg: Config, only_new: bool) -> None:
+    """Log the config's warnings (unknown or ignored keys, differences from ip-masq-agent
+    and Cilium) and keep them for `status` and the metric. `only_new`: those the last
+    sync did not see already, so that cron's reconcile says each once, not every minute."""
+    known = state.read_warnings()
+    for warning in cfg.warnings:
+        if not (only_new and list(warning) in known):
+            log.warning("%s", warning.text)
+    if known != [list(w) for w in cfg.warnings]:
+        state.write_warnings(list(cfg.warnings))
+
+
 def sync(cfg: Config, only_if_drifted: bool = False) -> SyncResult:
     """Sync, and record it in the sync history (metrics read it): success with the
     kinds of drift repaired, or one more error."""
+    note_warnings(cfg, only_new=only_if_drifted)
     try:
         result = _sync(cfg, only_if_drifted)
     except ApplyError:
@@ -111,16 +124,20 @@ VERIFIED = "verified.json"
 
 def _file_digest(path: str) -> str:
     try:
+        if Path(path).is_dir():  # a ConfigMap mounted whole: every key's file
+            return config.directory_digest(Path(path))
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except FileNotFoundError:
         return "missing"
+    except IpmasqError as exc:
+        return f"unreadable: {exc}"
     except OSError as exc:
         return f"unreadable: {exc.strerror}"
 
 
 def _inputs(cfg: Config, config_path: str | None, options: dict) -> dict:
     files = [config_path or config.default_config_path()]
-    if cfg.enable_ip_masq_agent:
+    if cfg.enable_ip_masq_agent and not cfg.ip_masq_agent_inline:
         agent_path = Path(cfg.ip_masq_agent_config_path)
         files.append(str(agent_path / "config" if agent_path.is_dir() else agent_path))
     return {"version": __version__, "options": options, "files": {f: _file_digest(f) for f in files}}
@@ -146,14 +163,15 @@ def _unchanged_since_verified(config_path: str | None, options: dict) -> bool:
     return set(engines.live_engines()) <= {record["backend"]}
 
 
-def reconcile(config_path: str | None, options: dict) -> SyncResult | None:
+def reconcile(config_path: str | None, options: dict, missing_ok: bool | None = None) -> SyncResult | None:
     """Repair drift; None when the inputs and the kernel state are unchanged since the
-    last reconcile that found everything in sync (nothing was parsed or read in full)."""
+    last reconcile that found everything in sync (nothing was parsed or read in full).
+    `config_path` and `options` are the source to repair toward (source.for_follow)."""
     if _unchanged_since_verified(config_path, options):
         log.debug("in sync: config files and kernel state unchanged since the last verified reconcile")
         state.record_sync(ok=True)
         return None
-    cfg = config.load(config_path, options)
+    cfg = config.load(config_path, options, missing_ok=missing_ok)
     recorded = state.read().get("backend")
     before = backends.get(recorded).fingerprint() if recorded in backends.NAMES else None
     result = sync(cfg, only_if_drifted=True)

@@ -15,14 +15,16 @@ import traceback
 
 import click
 
-from . import __version__, backends, config, links, lock, logs, state
+from . import __version__, backends, config, links, lock, logs, source, state
 from . import plan as planmod
 from .errors import ApplyError, IpmasqError
+
+log = logging.getLogger("ipmasq")
 
 OUTPUT = click.Choice(["text", "json"])
 
 
-CONFIG_OPTION_KEYS = list(config.KEYS) + sorted(config.ALIASES)
+CONFIG_OPTION_KEYS = list(config.KEYS) + list(config.CLI_ALIASES)
 
 
 def key_options(func):
@@ -122,16 +124,21 @@ def _synced(lock_timeout, metrics_file, run):
 
 
 @cli.command()
-@config_options
+@key_options
 @lock_option
 @metrics_file_option
 @log_options
-def apply(cfg, lock_timeout, metrics_file, log_format, log_level):
-    """Install the config atomically; print one line saying what changed."""
+def apply(config_path, lock_timeout, metrics_file, log_format, log_level, **kwargs):
+    """Install the config atomically; print one line saying what changed.
+
+    Records where the config came from, for reconcile, status, list and watch."""
     from . import agent
 
     logs.setup(log_format, log_level)
+    src = source.for_apply(config_path, options_of(kwargs))
+    cfg = src.load()
     result = _synced(lock_timeout, metrics_file, lambda: agent.sync(cfg))
+    source.record(src, cfg)
     click.echo(f"{result.backend}: " + ("; ".join(result.changes) if result.changes else "unchanged"))
 
 
@@ -143,14 +150,20 @@ def apply(cfg, lock_timeout, metrics_file, log_format, log_level):
 def reconcile(config_path, lock_timeout, metrics_file, log_format, log_level, **kwargs):
     """For cron: repair drift from the config; silent when nothing drifted.
 
-    Reads only what the tool owns; each repair is one log line naming what drifted.
-    When the config files and the backend's fingerprint of the kernel state are unchanged
+    Without --config, repairs toward the config the last apply installed (one line when a
+    different one is given). Reads only what the tool owns; each repair is one log line
+    naming what drifted. When the config files and the backend's fingerprint of the kernel state are unchanged
     since the last reconcile that found everything in sync, it parses nothing."""
     from . import agent
 
     logs.setup(log_format, log_level)
-    options = options_of(kwargs)
-    _synced(lock_timeout, metrics_file, lambda: agent.reconcile(config_path, options))
+    src = source.for_follow(config_path, options_of(kwargs))
+    if src.note:
+        log.warning("%s", src.note)
+    result = _synced(lock_timeout, metrics_file,
+                     lambda: agent.reconcile(src.path, src.options, missing_ok=src.missing_ok))
+    if not src.recorded and result is not None and result.changes:
+        source.record(src, None)  # it installed what nothing recorded: later runs follow it
 
 
 @cli.command()
@@ -184,10 +197,14 @@ def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics
     from .watch import Watcher, resync_interval
 
     logs.setup(log_format, log_level)
-    options = options_of(kwargs)
+    src = source.for_follow(config_path, options_of(kwargs))  # without --config: what apply installed
+    if src.note:
+        log.warning("%s", src.note)
+    loaded = []
 
     def load():
-        return config.load(config_path, options)
+        loaded[:] = [src.load()]
+        return loaded[0]
 
     first = load()  # bad config at start: exit 2 before anything runs
     collector = metrics.Collector()
@@ -198,12 +215,13 @@ def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics
         logging.getLogger("ipmasq").info("metrics on http://%s:%d/metrics", metrics_address, server.port)
 
     def on_sync(result):
+        source.record(src, loaded[0] if loaded else None)  # watch applies: what it installed is the record
         collector.observe(result)
         if metrics_file:
             metrics.write_file(metrics_file, collector)
 
     try:
-        code = Watcher(load, config_path, lock_timeout, flush_on_exit, on_sync).run()
+        code = Watcher(load, src.path, lock_timeout, flush_on_exit, on_sync).run()
     finally:
         if server:
             server.close()
@@ -212,34 +230,58 @@ def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics
 
 def _installed_backend(cfg, live_engines: list[str] | None = None):
     recorded = state.read().get("backend")
-    return backends.get(recorded) if recorded else backends.resolve(cfg.datapath, live=live_engines)[0]
+    if recorded:
+        return backends.get(recorded)
+    if cfg is None:  # no config to ask: the engine the kernel holds, if any
+        return backends.get(live_engines[0]) if live_engines else None
+    return backends.resolve(cfg.datapath, live=live_engines)[0]
+
+
+def _status_source(config_path, options):
+    """(source, cfg, why not) for status: the config the last apply installed unless one is
+    given; when none can be known, the live state is still shown."""
+    try:
+        src = source.for_follow(config_path, options)
+    except source.SourceUnknown as exc:
+        return None, None, str(exc)
+    return src, src.load(), None
 
 
 @cli.command()
-@config_options
+@key_options
 @output_option
-def status(cfg, output):
-    """Backend in use, matched interfaces, exempt prefixes, counters, in sync or drifted."""
+def status(config_path, output, **kwargs):
+    """Backend in use, matched interfaces, exempt prefixes, counters, in sync or drifted.
+
+    Without --config, against the config the last apply installed."""
+    src, cfg, unknown = _status_source(config_path, options_of(kwargs))
     ours = backends.engines.live_engines()  # asked of the kernel: state.json may be gone
-    backend = _installed_backend(cfg, ours)
-    the_plan = planmod.build(cfg)
+    backend = _installed_backend(cfg, ours) or backends.resolve("auto", probe=False, live=ours)[0]
+    the_plan = planmod.build(cfg) if cfg is not None else None
     live = backend.live()
     # every other engine of ours the kernel holds is drift (reconcile removes it)
-    drift = backends.engines.second_engines(ours, backend.name) + backend.drift(the_plan, live)
+    drift = backends.engines.second_engines(ours, backend.name)
+    drift += backend.drift(the_plan, live) if the_plan is not None else [f"config source unknown: {unknown}"]
     exempt = planmod.sort_prefixes(p for f in live.families.values() for p in f.exempt)
-    matched = links.matching(the_plan.interfaces)
+    patterns = list(the_plan.interfaces) if the_plan is not None else []
+    matched = links.matching(the_plan.interfaces) if the_plan is not None else []
     counters = [c for f in live.families.values() for c in f.counters]
+    warnings = [w.text for w in cfg.warnings] if cfg is not None else []
     if output == "json":
         _emit_json({
             "backend": backend.name,
             "installed": live.installed,
             "engines": ours,
             "interfaces": matched,
-            "interface_patterns": list(the_plan.interfaces),
+            "interface_patterns": patterns,
             "exempt": exempt,
             "in_sync": not drift,
             "drift": drift,
             "counters": [vars(c) for c in counters],
+            "config": None if src is None else {
+                "path": src.path, "options": src.options, "shape": cfg.shape, "source": cfg.source,
+                "ip_masq_agent": _agent_source(cfg), "recorded": src.recorded or None, "note": src.note},
+            "warnings": warnings,
         })
         return
     shown = f"{exempt[0]} (+{len(exempt) - 1} more)" if len(exempt) > 1 else (exempt[0] if exempt else "none")
@@ -254,15 +296,34 @@ def status(cfg, output):
         totals[key] = (packets + c.packets, nbytes + c.bytes)
     for (family, interface), (packets, nbytes) in sorted(totals.items()):
         click.echo(f"  masqueraded ipv{family} via {interface}: {packets} packets, {nbytes} bytes")
+    if src is not None:
+        agent = _agent_source(cfg)
+        click.echo(f"Config: {source.describe(src.path, src.options)} ({config.SHAPES[cfg.shape]}"
+                   + (f"; ip-masq-agent: {agent}" if agent else "") + ")")
+        if src.note:
+            click.echo(f"  {src.note}")
+    for text in warnings:
+        click.echo(f"Warning: {text}")
     click.echo("State: in sync" if not drift else "State: drifted: " + "; ".join(drift))
 
 
+def _agent_source(cfg) -> str | None:
+    if not cfg.enable_ip_masq_agent or cfg.masq_agent is None:
+        return None
+    return cfg.masq_agent.source
+
+
 @cli.command("list")
-@config_options
+@key_options
 @output_option
-def list_cmd(cfg, output):
+def list_cmd(config_path, output, **kwargs):
     """The exempt prefixes in effect (as `cilium bpf ipmasq list` prints them)."""
-    live = _installed_backend(cfg).live()
+    recorded = state.read().get("backend")
+    backend = backends.get(recorded) if recorded else _installed_backend(None, backends.engines.live_engines())
+    if backend is None:  # nothing of ours live: the backend the config would use
+        cfg = source.for_follow(config_path, options_of(kwargs)).load()
+        backend = _installed_backend(cfg, [])
+    live = backend.live()
     exempt = planmod.sort_prefixes(p for f in live.families.values() for p in f.exempt)
     if output == "json":
         _emit_json({"exempt": exempt})

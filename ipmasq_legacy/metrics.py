@@ -47,6 +47,17 @@ class Collector:
         for kind, count in sorted(history.get("repairs", {}).items()):
             repairs.add_metric([kind], count)
         yield repairs
+        warnings = GaugeMetricFamily("ipmasq_config_warnings",
+                                     "Warnings about the config the last sync read (unknown or ignored keys, "
+                                     "differences from ip-masq-agent and Cilium), by kind", labels=["kind"])
+        from .config import WARNING_KINDS
+
+        kinds = dict.fromkeys(WARNING_KINDS, 0)  # every kind, 0 too: `> 0` alerts need the series
+        for kind, _text in state.read_warnings():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, count in sorted(kinds.items()):
+            warnings.add_metric([kind], count)
+        yield warnings
         info = GaugeMetricFamily("ipmasq_backend_info", "The backend in use", labels=["backend"])
         if recorded:
             info.add_metric([recorded], 1)

@@ -56,8 +56,42 @@ def remove(name: str) -> None:
 
 
 def clear() -> None:
+    """What flush forgets: the installed backend and the last verification. The config
+    source apply recorded stays (source.py): a reconcile after a flush reinstalls what
+    was applied, never the defaults."""
     for name in ("state.json", "verified.json"):
         remove(name)
+
+
+# ---------------------------------------------------------------- where the config came from
+# apply records the config source it installed (ipmasq_legacy/source.py reads it back).
+
+SOURCE = "source.json"
+
+
+def read_source() -> dict:
+    return read_json(SOURCE)
+
+
+def write_source(record: dict) -> None:
+    write_json(SOURCE, record)
+
+
+# ---------------------------------------------------------------- the config's warnings
+# Those of the config last read by a sync, kept so that a cron reconcile logs a warning
+# once rather than every minute, and so that the metric counts them between runs.
+
+WARNINGS = "warnings.json"
+
+
+def read_warnings() -> list[list[str]]:
+    """[[kind, text], ...] of the config the last sync read."""
+    items = read_json(WARNINGS).get("warnings", [])
+    return [list(w) for w in items if isinstance(w, (list, tuple)) and len(w) == 2]
+
+
+def write_warnings(warnings: list) -> None:
+    write_json(WARNINGS, {"warnings": [list(w) for w in warnings]})
 
 
 # ---------------------------------------------------------------- sync history

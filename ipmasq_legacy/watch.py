@@ -39,8 +39,12 @@ def resync_interval(cfg: Config) -> float:
 
 
 def watched_files(config_path: str | None, cfg: Config) -> list[Path]:
-    files = [Path(config_path) if config_path else Path(os.environ.get("IPMASQ_CONFIG") or DEFAULTS["config_path"])]
-    if cfg.enable_ip_masq_agent:
+    """The files whose change means a re-apply; their directories are watched. A config
+    directory (a cilium-config ConfigMap mounted whole) is given as DIR/..data: the
+    kubelet's swap of that link is an update, and any other file in DIR is a key."""
+    path = Path(config_path) if config_path else Path(os.environ.get("IPMASQ_CONFIG") or DEFAULTS["config_path"])
+    files = [path / "..data" if path.is_dir() else path]
+    if cfg.enable_ip_masq_agent and not cfg.ip_masq_agent_inline:
         agent_path = Path(cfg.ip_masq_agent_config_path)
         files.append(agent_path / "config" if agent_path.is_dir() else agent_path)
     return files
@@ -122,8 +126,10 @@ class Watcher:
                 self.watches[self.inotify.add_watch(str(directory), WATCH_MASK)] = directory
 
     def _relevant(self, events) -> bool:
-        names = {p.name for p in watched_files(self.config_path, self.cfg)} | {"..data"}
-        return any(event.name in names for event in events)
+        files = watched_files(self.config_path, self.cfg)
+        names = {p.name for p in files} | {"..data"}
+        whole = {p.parent for p in files if p.name == "..data"}  # config directories: every file is a key
+        return any(event.name in names or self.watches.get(event.wd) in whole for event in events)
 
     # -- one sync, under the node's lock
 

@@ -89,6 +89,17 @@ def test_precedence_option_over_file_over_default(tmp_path):
 def test_bpf_masquerade_alias(tmp_path):
     assert config.load(write(tmp_path, "bpf-masquerade: true\n")).datapath == "ebpf"
     assert config.load(write(tmp_path, "bpf-masquerade: false\n")).datapath == "auto"
+    # Cilium's own name, with Cilium's string values
+    assert config.load(write(tmp_path, 'enable-bpf-masquerade: "true"\n')).datapath == "ebpf"
+    assert config.load(write(tmp_path, 'enable-bpf-masquerade: "false"\n')).datapath == "auto"
+
+
+def test_bpf_masquerade_and_datapath_must_agree(tmp_path):
+    message = error_of(tmp_path, "datapath: nftables\nenable-bpf-masquerade: true\n")
+    assert "key 'enable-bpf-masquerade' in" in message and "contradicts key 'datapath'" in message
+    # the command line beats the file, as for every key
+    assert config.load(write(tmp_path, "enable-bpf-masquerade: true\n"), {"datapath": "nftables"}).datapath \
+        == "nftables"
 
 
 def test_empty_file_means_defaults(tmp_path):
@@ -201,7 +212,6 @@ def test_agent_json_and_configmap_directory(tmp_path):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("nonMasqueradeCIDR: []\n", "unknown key 'nonMasqueradeCIDR'; did you mean 'nonMasqueradeCIDRs'?"),
     ("nonMasqueradeCIDRs: 10.0.0.0/8\n", "expected a list of CIDRs"),
     ("nonMasqueradeCIDRs: [10.0.0.1/8]\n", "did you mean 10.0.0.0/8?"),
     ("masqLinkLocal: sometimes\n", "expected true or false"),
@@ -212,6 +222,17 @@ def test_agent_errors(tmp_path, text, expected):
     with pytest.raises(ConfigError) as exc:
         agent(tmp_path, text)
     assert expected in str(exc.value) and "ip-masq-agent" in str(exc.value)
+
+
+def test_agent_unknown_key_is_a_warning_with_a_hint(tmp_path):
+    """ip-masq-agent ignores keys it does not know: so does this tool, but it says so."""
+    path = tmp_path / "ip-masq-agent"
+    path.write_text("nonMasqueradeCIDR: []\n")
+    cfg = config.load(write(tmp_path, f"enable-ip-masq-agent: true\nip-masq-agent-config-path: {path}\n"))
+    assert [str(n) for n in cfg.masq_agent.non_masquerade_cidrs] == DEFAULT_11
+    assert [w.kind for w in cfg.warnings] == ["unknown-key"]
+    assert "unknown key 'nonMasqueradeCIDR' (did you mean 'nonMasqueradeCIDRs'?) ignored" in cfg.warnings[0].text
+    assert str(path) in cfg.warnings[0].text
 
 
 def test_agent_file_not_read_unless_enabled(tmp_path):
@@ -248,7 +269,7 @@ def test_parse_networks_agrees_with_one_by_one(value, family):
     where = "key 'k' in f.yaml"
     want = networks_one_by_one(value, where, family)
     for batch_min in (2, config.BATCH_MIN_ITEMS):
-        with mock.patch.object(config, "BATCH_MIN_ITEMS", batch_min):
+        with mock.patch.object(config.values, "BATCH_MIN_ITEMS", batch_min):
             try:
                 got = config.parse_networks(value, where, family)
             except ConfigError as exc:
