@@ -60,13 +60,21 @@ GOLDEN = {
 # IPv4: nft -f - (one transaction)
 add table ip ipmasq_legacy
 add chain ip ipmasq_legacy postrouting { type nat hook postrouting priority srcnat + 10; policy accept; }
+add rule ip ipmasq_legacy postrouting iif 0 fib saddr type != local return
+add rule ip ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip ipmasq_legacy postrouting fib daddr type local return
 add rule ip ipmasq_legacy postrouting oifname != "lo" counter masquerade
+add chain ip ipmasq_legacy prerouting { type filter hook prerouting priority dstnat - 10; policy accept; }
+add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
 # IPv6: nft -f - (one transaction)
 add table ip6 ipmasq_legacy
 add chain ip6 ipmasq_legacy postrouting { type nat hook postrouting priority srcnat + 10; policy accept; }
+add rule ip6 ipmasq_legacy postrouting iif 0 fib saddr type != local return
+add rule ip6 ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip6 ipmasq_legacy postrouting fib daddr type local return
 add rule ip6 ipmasq_legacy postrouting oifname != "lo" counter masquerade
+add chain ip6 ipmasq_legacy prerouting { type filter hook prerouting priority dstnat - 10; policy accept; }
+add rule ip6 ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
 """,
     "interfaces": f"""\
 # IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
@@ -80,16 +88,24 @@ table ip ipmasq_legacy {{
 # IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip ipmasq_legacy
 add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
+add rule ip ipmasq_legacy postrouting iif 0 fib saddr type != local return
+add rule ip ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip ipmasq_legacy postrouting fib daddr type local return
 add rule ip ipmasq_legacy postrouting ip daddr @exempt_12240718778febd5 return
 add rule ip ipmasq_legacy postrouting oifname "eth*" ip saddr 10.244.0.0/16 counter masquerade
 add rule ip ipmasq_legacy postrouting oifname "ens3" ip saddr 10.244.0.0/16 counter masquerade
+add chain ip ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
+add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
 # IPv6: nft -f - (one transaction)
 add table ip6 ipmasq_legacy
 add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
+add rule ip6 ipmasq_legacy postrouting iif 0 fib saddr type != local return
+add rule ip6 ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip6 ipmasq_legacy postrouting fib daddr type local return
 add rule ip6 ipmasq_legacy postrouting oifname "eth*" counter masquerade
 add rule ip6 ipmasq_legacy postrouting oifname "ens3" counter masquerade
+add chain ip6 ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
+add rule ip6 ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
 """,
     "tke": f"""\
 # IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
@@ -105,9 +121,13 @@ table ip ipmasq_legacy {{
 # IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip ipmasq_legacy
 add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
+add rule ip ipmasq_legacy postrouting iif 0 fib saddr type != local return
+add rule ip ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip ipmasq_legacy postrouting fib daddr type local return
 add rule ip ipmasq_legacy postrouting ip daddr @exempt_d7681fb8b295bc68 return
 add rule ip ipmasq_legacy postrouting oifname != "lo" counter masquerade
+add chain ip ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
+add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
 """,
     "ports": f"""\
 # IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
@@ -121,6 +141,8 @@ table ip ipmasq_legacy {{
 # IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip ipmasq_legacy
 add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
+add rule ip ipmasq_legacy postrouting iif 0 fib saddr type != local return
+add rule ip ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip ipmasq_legacy postrouting fib daddr type local return
 add rule ip ipmasq_legacy postrouting ip daddr @exempt_12240718778febd5 return
 add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto tcp meta random & 2147483647 < 1007798105 counter masquerade to :1024-29999 fully-random
@@ -128,6 +150,8 @@ add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta
 add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto udp meta random & 2147483647 < 1007798105 counter masquerade to :1024-29999 fully-random
 add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto udp counter masquerade to :32768-65535 fully-random
 add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 counter masquerade fully-random
+add chain ip ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
+add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
 """,
     "ipv6": f"""\
 # IPv6: nft -f - (transaction 1 of 2: the exempt set, alone)
@@ -142,10 +166,14 @@ table ip6 ipmasq_legacy {{
 # IPv6: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip6 ipmasq_legacy
 add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
+add rule ip6 ipmasq_legacy postrouting iif 0 fib saddr type != local return
+add rule ip6 ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip6 ipmasq_legacy postrouting fib daddr type local return
 add rule ip6 ipmasq_legacy postrouting ip6 daddr @exempt_b3d54c9003f03fa3 return
 add rule ip6 ipmasq_legacy postrouting oifname "eth*" ip6 saddr 2001:db8::7 counter masquerade
 add rule ip6 ipmasq_legacy postrouting oifname "eth*" ip6 saddr fd00:10:244::/56 counter masquerade
+add chain ip6 ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
+add rule ip6 ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
 """,
 }
 

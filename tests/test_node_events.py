@@ -762,15 +762,9 @@ def _ping_problems(src_t, dst_t, family, src, dst, token, here) -> list[str]:
     return problems
 
 
-# Bridged frames that br_netfilter hands to the ip/ip6 hooks meet nat POSTROUTING with the
-# bridge as out-interface and are masqueraded by `! -o lo` in every backend alike (ebpf's
-# assist decides for bridge ports, which are never attached): what the default config
-# should do with them is issue 13's ("Beside the real neighbours"), tracked here.
-BR_NF_ON = pytest.param(1, id="br-nf-call-on", marks=pytest.mark.xfail(
-    strict=True, reason="issue 13: bridged traffic under br_netfilter is masqueraded by every backend"))
-
-
-@pytest.mark.parametrize("br_nf", [BR_NF_ON, 0], ids=["br-nf-call-on", "br-nf-call-off"])
+# br-nf-call on: bridged frames meet the ip/ip6 hooks (nat POSTROUTING with the bridge as
+# out-interface); every backend returns for them (README "The decision").
+@pytest.mark.parametrize("br_nf", [1, 0], ids=["br-nf-call-on", "br-nf-call-off"])
 @pytest.mark.parametrize("br_address", [True, False], ids=["br0-addressed", "br0-no-address"])
 def test_bridged_traffic_passes_untouched_under_default_config(node, backend, br_address, br_nf):
     """`{}` on a node with bridge br0 and containers on veth ports: UDP, TCP and ping
@@ -902,3 +896,73 @@ def test_state_wipe_then_apply_another_backend_leaves_only_it(node, old, new):
     print(f"{old} -> {new}: apply said: {proc.stdout.strip()} {proc.stderr.strip()}")
     problems += engine_problems(node, path, new)
     assert not problems, f"{old} installed, state wiped, apply --backend {new}:\n" + "\n".join(problems)
+
+
+# ---------------------------------------------------------------- connections to the node, DNATed on
+
+
+PUBLISHED = 8080  # the node's port, DNATed to the pod's SERVER port (a published port, a NodePort)
+SERVER = 8081
+CLUSTER_IP = {4: "10.96.0.10", 6: "fd00:96::10"}  # a Service address DNATed to a destination outside
+
+
+def _dnat_rules(bed: TestBed) -> str:
+    """A neighbour's DNAT (its own nft table, as Docker's or kube-proxy's would be): the
+    node's port PUBLISHED to the pod, and a Service address to a destination in ext."""
+    pod, out = bed.pod_addr, {4: bed.dest("public"), 6: bed.dest("public6")}
+    text = ""
+    for family, nft, host in ((4, "ip", pod[4]), (6, "ip6", f"[{pod[6]}]")):
+        text += (f"table {nft} neighbour {{\n\tchain pre {{\n\t\ttype nat hook prerouting priority dstnat;\n"
+                 f"\t\ttcp dport {PUBLISHED} dnat to {host}:{SERVER}\n"
+                 f"\t\tudp dport {PUBLISHED} dnat to {host}:{SERVER}\n"
+                 f"\t\t{nft} daddr {CLUSTER_IP[family]} dnat to {out[family]}\n\t}}\n}}\n")
+    return text
+
+
+def _client_seen_by_pod(bed: TestBed, family: int, proto: str) -> str | None:
+    """A client in ext calls the node's PUBLISHED port; the address the pod's server saw."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    server = bed.in_netns(bed.pod, socket.socket, af(family), kind)
+    client = bed.in_netns(bed.ext, socket.socket, af(family), kind)
+    try:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the last round's TIME_WAIT
+        server.bind(("::" if family == 6 else "0.0.0.0", SERVER))
+        server.settimeout(3)
+        client.settimeout(3)
+        target = (bed.uplink_addr["eth0"][family], PUBLISHED)
+        if proto == "tcp":
+            server.listen(1)
+            client.connect(target)
+            conn, peer = server.accept()
+            conn.close()
+        else:
+            client.sendto(b"hello", target)
+            _data, peer = server.recvfrom(100)
+        return peer[0]
+    except OSError:
+        return None
+    finally:
+        server.close()
+        client.close()
+
+
+def test_connections_to_the_node_dnated_to_a_pod_keep_the_clients_address(node, backend):
+    """`{}`: a client outside calls a published port of the node (DNATed to the pod): the
+    pod sees the client's own address, not the node's (not pod egress, README "The
+    decision"); the pod's own connection to a Service address DNATed to a destination
+    outside is still masqueraded."""
+    bed = node.bed
+    node.sh("nft -f -", input=_dnat_rules(bed))
+    node.apply({}, backend)
+    problems = []
+    for family in (4, 6):
+        client = bed.ext_addr("eth0")[family]
+        for proto in ("tcp", "udp"):
+            seen = _client_seen_by_pod(bed, family, proto)
+            if seen != client:
+                problems.append(f"ipv{family} {proto}: the pod saw {seen}, want the client's {client}")
+        seen = probe(bed, CLUSTER_IP[family], "udp")
+        if seen != bed.uplink_addr["eth0"][family]:
+            problems.append(f"ipv{family}: the pod's flow to a Service left as {seen}, "
+                            f"want {bed.uplink_addr['eth0'][family]}")
+    assert not problems, f"{backend}:\n" + "\n".join(problems)

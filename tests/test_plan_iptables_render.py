@@ -48,9 +48,16 @@ def test_tke_configmap_golden(tmp_path):
         add {name} 172.18.0.0/16
         add {name} 192.168.0.0/17
     """)
-    assert ipt.render_restore(fp) == textwrap.dedent(f"""\
+    assert ipt.render_restore(fp, bridged=True) == textwrap.dedent(f"""\
+        *mangle
+        :IPMASQ-LEGACY-IN - [0:0]
+        -A IPMASQ-LEGACY-IN -m conntrack --ctstate NEW -m addrtype --dst-type LOCAL -j CONNMARK --set-xmark 0x200000/0x200000
+        -A PREROUTING -m comment --comment "ipmasq-legacy: mark connections to the node" -j IPMASQ-LEGACY-IN
+        COMMIT
         *nat
         :IPMASQ-LEGACY - [0:0]
+        -A IPMASQ-LEGACY -m physdev --physdev-is-bridged -j RETURN
+        -A IPMASQ-LEGACY -m connmark --mark 0x200000/0x200000 -j RETURN
         -A IPMASQ-LEGACY -m addrtype --dst-type LOCAL -j RETURN
         -A IPMASQ-LEGACY -m set --match-set {name} dst -j RETURN
         -A IPMASQ-LEGACY ! -o lo -j MASQUERADE
@@ -84,7 +91,7 @@ def test_eth_plus_interfaces_and_native_routing_golden(tmp_path):
     """)
     fp = p.family(4)
     assert fp.exempt == ("10.0.0.0/8",)  # native routing replaces the pod cidr as exemption
-    assert ipt.chain_rules(fp)[3:] == [
+    assert ipt.chain_rules(fp, bridged=False)[4:] == [
         "-A IPMASQ-LEGACY -s 10.244.0.0/16 -o eth+ -j MASQUERADE --random-fully",
         "-A IPMASQ-LEGACY -s 10.244.0.0/16 -o ens3 -j MASQUERADE --random-fully",
     ]
@@ -98,7 +105,7 @@ def test_pod_cidr_exempt_without_native_routing(tmp_path):
 
 def test_to_ports_split_by_protocol_and_range_size(tmp_path):
     p = build(tmp_path, "masquerade-to-ports: 1024-29999,32768-65535\nenable-ipv6-masquerade: false\n")
-    rules = ipt.chain_rules(p.family(4))[2:]  # no exempt prefixes: no set rule
+    rules = ipt.chain_rules(p.family(4), bridged=False)[3:]  # no exempt prefixes: no set rule
     assert rules[0] == ("-A IPMASQ-LEGACY ! -o lo -p tcp -m statistic --mode random --probability 0.46929256292"
                         " -j MASQUERADE --to-ports 1024-29999")
     assert rules[1] == "-A IPMASQ-LEGACY ! -o lo -p tcp -j MASQUERADE --to-ports 32768-65535"
@@ -128,12 +135,20 @@ def test_restore_replaces_stale_jumps_once(tmp_path):
     assert "-A POSTROUTING" not in ipt.render_restore(fp, [ipt.SHAPES["jump"]])
 
 
+def test_bridged_return_only_where_br_netfilter_is_loaded(tmp_path):
+    """The physdev match would load br_netfilter (and send every bridged frame of the node
+    through iptables): rendered only where it is loaded already."""
+    fp = build(tmp_path, "").family(4)
+    bridged = ipt.SHAPES["rules"]["bridged"]
+    assert bridged in ipt.chain_rules(fp, bridged=True) and bridged not in ipt.chain_rules(fp, bridged=False)
+
+
 def test_large_prefix_list_sizes_the_set(tmp_path):
     prefixes = [f"10.{i // 256}.{i % 256}.0/24" for i in range(0, 20000, 2)]
     fp = plan.FamilyPlan(family=4, interfaces=(), sources=(), exempt=plan.normalise(prefixes))
     first = ipt.render_set(fp).splitlines()[0]
     assert "maxelem 65536" in first and "hashsize 4096" in first
-    assert len(ipt.chain_rules(fp)) == 4  # one set lookup, not one rule per prefix
+    assert len(ipt.chain_rules(fp, bridged=False)) == 5  # one set lookup, not one rule per prefix
 
 
 @settings(max_examples=300, deadline=None)

@@ -21,6 +21,8 @@ from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter, missing_tool
 
 SHAPES = ruledata.load("iptables")
 CHAIN = SHAPES["chain"]
+INBOUND = SHAPES["inbound"]
+IN_CHAIN = INBOUND["chain"]
 VARIANTS = ("legacy", "nft")
 _JUMP_TARGET = f"-j {CHAIN}"
 _COUNTER = re.compile(r" -c (\d+) (\d+)")
@@ -73,19 +75,38 @@ def masquerade_line(rule: MasqueradeRule, random_fully: bool) -> str:
     )
 
 
-def chain_rules(fp: FamilyPlan) -> list[str]:
-    """Our chain, as `iptables -S CHAIN` prints it."""
+def br_netfilter() -> bool:
+    """br_netfilter is loaded here: bridged frames meet the ip hooks (a node fact)."""
+    return Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists()
+
+
+def chain_rules(fp: FamilyPlan, bridged: bool | None = None) -> list[str]:
+    """Our chain, as `iptables -S CHAIN` prints it. `bridged`: br_netfilter is loaded
+    (None: look)."""
     rules = SHAPES["rules"]
-    lines = [f"-N {CHAIN}", rules["local"]]
+    lines = [f"-N {CHAIN}"]
+    if br_netfilter() if bridged is None else bridged:
+        lines.append(rules["bridged"])
+    lines += [rules["inbound"], rules["local"]]
     if fp.exempt:
         lines.append(rules["exempt"].format(set=set_name(fp)))
     return lines + [masquerade_line(r, fp.random_fully) for r in masquerade_rules(fp)]
 
 
-def render_restore(fp: FamilyPlan, live_jumps: list[str] = ()) -> str:
-    """One iptables-restore --noflush transaction: rewrite the chain, leave exactly one jump."""
-    lines = [f"*{SHAPES['table']}", f":{CHAIN} - [0:0]"]
-    lines += chain_rules(fp)[1:]
+def inbound_rules() -> list[str]:
+    """The mangle chain that marks connections to the node, as -S prints it."""
+    return [f"-N {IN_CHAIN}", INBOUND["mark"]]
+
+
+def render_restore(fp: FamilyPlan, live_jumps: list[str] = (), live_in_jumps: list[str] = (),
+                   bridged: bool | None = None) -> str:
+    """One iptables-restore --noflush transaction: the mangle chain that marks connections
+    to the node and the nat chain rewritten, exactly one jump to each."""
+    lines = [f"*{INBOUND['table']}", f":{IN_CHAIN} - [0:0]", *inbound_rules()[1:]]
+    if list(live_in_jumps) != [INBOUND["jump"]]:
+        lines += ["-D" + jump[2:] for jump in live_in_jumps] + [INBOUND["jump"]]
+    lines += ["COMMIT", f"*{SHAPES['table']}", f":{CHAIN} - [0:0]"]
+    lines += chain_rules(fp, bridged)[1:]
     if list(live_jumps) != [SHAPES["jump"]]:
         lines += ["-D" + jump[2:] for jump in live_jumps]
         lines.append(SHAPES["jump"])
@@ -93,12 +114,19 @@ def render_restore(fp: FamilyPlan, live_jumps: list[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_remove(live_jumps: list[str], chain_exists: bool) -> str:
-    lines = [f"*{SHAPES['table']}"]
-    lines += ["-D" + jump[2:] for jump in live_jumps]
-    if chain_exists:
-        lines += [f":{CHAIN} - [0:0]", f"-X {CHAIN}"]
-    lines.append("COMMIT")
+def render_remove(live_jumps: list[str], chain_exists: bool, live_in_jumps: list[str] = (),
+                  in_chain_exists: bool = False) -> str:
+    lines = []
+    if live_in_jumps or in_chain_exists:
+        lines += [f"*{INBOUND['table']}", *("-D" + jump[2:] for jump in live_in_jumps)]
+        if in_chain_exists:
+            lines += [f":{IN_CHAIN} - [0:0]", f"-X {IN_CHAIN}"]
+        lines.append("COMMIT")
+    if live_jumps or chain_exists:
+        lines += [f"*{SHAPES['table']}", *("-D" + jump[2:] for jump in live_jumps)]
+        if chain_exists:
+            lines += [f":{CHAIN} - [0:0]", f"-X {CHAIN}"]
+        lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +142,8 @@ def _interface_of(rule: str) -> str:
 class IptablesFamilyLive(FamilyLive):
     jumps: list[str] = field(default_factory=list)  # POSTROUTING rules targeting our chain
     chain_exists: bool = False
+    in_jumps: list[str] = field(default_factory=list)  # mangle PREROUTING rules targeting IN_CHAIN
+    in_rules: list[str] = field(default_factory=list)  # IN_CHAIN as -S prints it ([]: missing)
     set_name: str | None = None
     stale_sets: list[str] = field(default_factory=list)  # ours, referenced by nothing (a crash's leftovers)
 
@@ -149,21 +179,32 @@ class IptablesBackend(Backend):
 
     # -- reading what we own
 
-    def _nat_table_exists(self, family: int) -> bool:
+    def _nat_table_exists(self, family: int, table: str = "nat") -> bool:
         if self.variant == "legacy":
             # Listing a legacy table instantiates it; /proc says whether it exists.
             names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
             try:
-                return "nat" in names.read_text().split()
+                return table in names.read_text().split()
             except OSError:
                 return False
         return True  # iptables-nft lists without creating anything
 
+    def _read_inbound(self, family: int, live: IptablesFamilyLive) -> None:
+        if not self._nat_table_exists(family, INBOUND["table"]):
+            return
+        ipt = self.tool(family)
+        pre = run([ipt, "-w", "-t", INBOUND["table"], "-S", "PREROUTING"], check=False)
+        live.in_jumps = [ln for ln in pre.stdout.splitlines() if ln.endswith(f" -j {IN_CHAIN}")]
+        chain = run([ipt, "-w", "-t", INBOUND["table"], "-S", IN_CHAIN], check=False)
+        live.in_rules = chain.stdout.splitlines() if chain.returncode == 0 else []
+
     def _read_family(self, family: int, all_sets: list[str]) -> FamilyLive:
         live = IptablesFamilyLive(family=family, installed=False)
         owned = [n for n in all_sets if n.startswith(SHAPES["set_name"].format(family=family, digest=""))]
+        self._read_inbound(family, live)
         if not self._nat_table_exists(family):
             live.stale_sets = owned
+            live.installed = bool(live.in_jumps or live.in_rules)
             return live
         ipt = self.tool(family)
         post = run([ipt, "-w", "-t", "nat", "-S", "POSTROUTING"], check=False)
@@ -179,7 +220,7 @@ class IptablesBackend(Backend):
                     live.counters.append(
                         RuleCounter(family, rule, _interface_of(rule), int(m.group(1)), int(m.group(2)))
                     )
-        live.installed = live.chain_exists or bool(live.jumps)
+        live.installed = live.chain_exists or bool(live.jumps or live.in_jumps or live.in_rules)
         live.set_name = next(
             (m.group(1) for ln in live.rules if (m := re.search(r"--match-set (\S+) dst", ln))), None
         )
@@ -205,6 +246,11 @@ class IptablesBackend(Backend):
             if self._nat_table_exists(family):
                 for chain in ("POSTROUTING", CHAIN):
                     digest.update(run([self.tool(family), "-w", "-t", "nat", "-S", chain], check=False).stdout.encode())
+            if self._nat_table_exists(family, INBOUND["table"]):
+                for chain in ("PREROUTING", IN_CHAIN):
+                    digest.update(run([self.tool(family), "-w", "-t", INBOUND["table"], "-S", chain],
+                                      check=False).stdout.encode())
+            digest.update(b"bridged" if br_netfilter() else b"")
             for name in owned:
                 digest.update(run(["ipset", "save", name], check=False).stdout.encode())
         return f"{self.name} {digest.hexdigest()}"
@@ -228,6 +274,10 @@ class IptablesBackend(Backend):
             problems.append(f"chain {CHAIN} differs")
         if live.jumps != [SHAPES["jump"]]:
             problems.append(f"{len(live.jumps)} jumps from POSTROUTING instead of 1")
+        if live.in_rules != inbound_rules():
+            problems.append(f"chain {IN_CHAIN} " + ("missing" if not live.in_rules else "differs"))
+        if live.in_jumps != [INBOUND["jump"]]:
+            problems.append(f"{len(live.in_jumps)} jumps from mangle PREROUTING instead of 1")
         if fp.exempt and live.set_name == set_name(fp) and not live.problems:
             if not _same_members(live.exempt, set_members(fp)):
                 problems.append(f"set {live.set_name} members differ")
@@ -279,7 +329,8 @@ class IptablesBackend(Backend):
                 continue
             if fp.exempt:
                 self._ensure_set(fp, live)
-            run([self.tool(family, "-restore"), "--noflush", "-w"], input=render_restore(fp, live.jumps))
+            run([self.tool(family, "-restore"), "--noflush", "-w"],
+                input=render_restore(fp, live.jumps, live.in_jumps))
             self._destroy_stale_sets(family, set_name(fp) if fp.exempt else None)
             what = "installed" if not live.installed else "updated (" + ", ".join(problems) + ")"
             changes.append(f"ipv{family} {what}: {len(chain_rules(fp)) - 1} rules, {len(fp.exempt)} exempt prefixes")
@@ -287,7 +338,7 @@ class IptablesBackend(Backend):
 
     def _remove_family(self, family: int, live: IptablesFamilyLive) -> bool:
         if live.installed:
-            text = render_remove(live.jumps, live.chain_exists)
+            text = render_remove(live.jumps, live.chain_exists, live.in_jumps, bool(live.in_rules))
             run([self.tool(family, "-restore"), "--noflush", "-w"], input=text)
         self._destroy_stale_sets(family, None)
         return live.installed

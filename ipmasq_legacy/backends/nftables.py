@@ -43,6 +43,9 @@ SET = SHAPES["set"]["name"]  # the stem of our sets' names: exempt_<digest>
 _OUR_SET = re.compile(rf"{SET}(?:_[0-9a-f]{{16}})?")  # bare `exempt`: an earlier version's
 CHAIN = SHAPES["chain"]["name"]
 CHAIN_HEADER = SHAPES["chain"]["header"]
+IN_CHAIN = SHAPES["inbound_chain"]["name"]
+IN_HEADER = SHAPES["inbound_chain"]["header"]
+IN_RULES = [SHAPES["inbound_chain"]["rule"]]
 # IPMASQ_NFT_CLI=1: drive the `nft` binary even when libnftables loads (tests, debugging).
 CLI_ENV = "IPMASQ_NFT_CLI"
 LIBRARY = "libnftables.so.1"
@@ -152,7 +155,7 @@ def set_name(fp: FamilyPlan) -> str:
 def chain_rules(fp: FamilyPlan) -> list[str]:
     """Our chain's rules, as `nft list table` prints them (counters left out)."""
     rules = SHAPES["rules"]
-    lines = [rules["local"]]
+    lines = [rules["bridged"], rules["inbound"], rules["local"]]
     if fp.exempt:
         lines.append(rules["exempt"].format(payload=SHAPES["payload"][fp.family], set=set_name(fp)))
     return lines + [masquerade_line(r, fp.family, fp.random_fully) for r in masquerade_rules(fp)]
@@ -193,6 +196,7 @@ def render_table(fp: FamilyPlan) -> str:
     if fp.exempt:
         lines += render_set(fp).splitlines()[1:-1]
         lines.append("")
+    lines += [f"\tchain {IN_CHAIN} {{", f"\t\t{IN_HEADER}", *(f"\t\t{rule}" for rule in IN_RULES), "\t}", ""]
     lines.append(f"\tchain {CHAIN} {{")
     lines.append(f"\t\t{CHAIN_HEADER}")
     lines += [f"\t\t{rule}" for rule in chain_rules(fp)]
@@ -225,6 +229,13 @@ def render_rules(fp: FamilyPlan, live: NftFamilyLive | None = None) -> str:
     else:
         lines.append(f"flush chain {chain}")
     lines += [f"add rule {chain} {rule}" for rule in chain_rules(fp)]
+    # the chain marking connections to the node: rewritten only when it differs
+    in_chain = f"{ref} {IN_CHAIN}"
+    if live is None or live.in_header != IN_HEADER or live.in_rules != IN_RULES:
+        if live is not None and live.in_header is not None:
+            lines += [f"flush chain {in_chain}", f"delete chain {in_chain}"]
+        lines.append(f"add chain {in_chain} {{ {IN_HEADER} }}")
+        lines += [f"add rule {in_chain} {rule}" for rule in IN_RULES]
     wanted = set_name(fp) if fp.exempt else None
     if live is not None and wanted in live.sets and not _same_prefixes(live.sets[wanted].members, fp.exempt):
         planned = set(member_texts(fp))
@@ -258,6 +269,8 @@ class NftSet:
 @dataclass
 class NftFamilyLive(FamilyLive):
     chain_header: str | None = None  # None: no chain postrouting in our table
+    in_header: str | None = None  # None: no chain prerouting (IN_CHAIN) in our table
+    in_rules: list[str] = field(default_factory=list)
     sets: dict[str, NftSet] = field(default_factory=dict)  # our sets (exempt_<digest>) by name
     foreign: list[tuple[str, str]] = field(default_factory=list)  # other objects: (kind, name)
     attributes: list[str] = field(default_factory=list)  # table attributes (flags dormant, ...)
@@ -360,6 +373,8 @@ def parse_table(text: str, family: int) -> NftFamilyLive:
                     live.sets[words[1]] = NftSet()
                 elif block == ("chain", CHAIN):
                     live.chain_header = ""
+                elif block == ("chain", IN_CHAIN):
+                    live.in_header = ""
                 else:
                     live.foreign.append(block)
                     live.problems.append(f"unexpected {words[0]} {words[1]}")
@@ -373,6 +388,11 @@ def parse_table(text: str, family: int) -> NftFamilyLive:
                 nset.members = _parse_elements(stmt, family, block[1], live.problems)
             else:
                 nset.declaration.append(stmt)
+        elif block == ("chain", IN_CHAIN):
+            if stmt.startswith("type ") and not live.in_header and not live.in_rules:
+                live.in_header = stmt
+            else:
+                live.in_rules.append(_COUNTER.sub("counter", stmt))
         elif block == ("chain", CHAIN):
             if stmt.startswith("type ") and not live.chain_header and not live.rules:
                 live.chain_header = stmt
@@ -574,6 +594,8 @@ class NftablesBackend(Backend):
                 problems.append(f"chain {CHAIN} hook differs")
             if live.rules != chain_rules(fp):
                 problems.append(f"chain {CHAIN} differs")
+        if live.in_header != IN_HEADER or live.in_rules != IN_RULES:
+            problems.append(f"chain {IN_CHAIN} " + ("missing" if live.in_header is None else "differs"))
         wanted = set_name(fp) if fp.exempt else None
         if wanted is not None:
             nset = live.sets.get(wanted)
@@ -695,7 +717,8 @@ class NftablesBackend(Backend):
                 continue
             sets = {fam["set"]: NftSet(set_declaration(family), recorded=True)} if fam.get("set") else {}
             families[family] = NftFamilyLive(family=family, installed=True, chain_header=CHAIN_HEADER,
-                                             rules=list(fam["rules"]), sets=sets)
+                                             rules=list(fam["rules"]), sets=sets, in_header=IN_HEADER,
+                                             in_rules=list(IN_RULES))
         return Live(self.name, families)
 
     def _record(self, plan: Plan | None, generation: int | None) -> None:

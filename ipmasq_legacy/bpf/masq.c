@@ -288,6 +288,17 @@ struct {
 	__uint(max_entries, 65536);
 } ipmq_pass SEC(".maps");
 
+/* Connections that entered the node addressed to it (published ports, NodePorts), by
+ * the client's end (address, port, protocol; destination fields zero): DNAT keeps that
+ * end, so their packets leaving towards a container are known and never masqueraded
+ * (not pod egress), as the netfilter backends' conntrack mark tells them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct nat_key);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+} ipmq_inbound SEC(".maps");
+
 /* Ports of fragmented datagrams, by (source, destination, IP id, protocol). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -526,6 +537,16 @@ static __always_inline void reverse_key(struct nat_key *r, const struct nat_key 
 	r->family = k->family;
 	r->pad[0] = 0;
 	r->pad[1] = 0;
+}
+
+static __always_inline void make_client_key(struct nat_key *k, const __u8 *addr, __be16 port, __u8 proto,
+					    __u8 family)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	__builtin_memcpy(k->saddr, addr, 16);
+	k->sport = port;
+	k->proto = proto;
+	k->family = family;
 }
 
 static __always_inline void make_frag_key(struct frag_key *k, const struct pkt *p)
@@ -1163,6 +1184,10 @@ static __always_inline int forwarded(struct __sk_buff *skb, struct pkt *p, const
 	}
 	if ((cfg->flags & F_DRAIN) || (ifc->flags & IF_DRAIN))
 		return 0;
+	struct nat_key ck;
+	make_client_key(&ck, p->saddr, p->sport, p->proto, p->family);
+	if (bpf_map_lookup_elem(&ipmq_inbound, &ck))
+		return 0; /* a connection to the node, DNATed on: not pod egress */
 	if (!must_masquerade(cfg, gen, p))
 		return 0;
 	if (!(ifc->flags & (p->family == 4 ? IF_HAS4 : IF_HAS6))) {
@@ -1354,6 +1379,15 @@ int ipmq_ingress(struct __sk_buff *skb)
 	struct nat_key key;
 	make_key(&key, &p);
 	struct nat_val *v = bpf_map_lookup_elem(&ipmq_nat_rev, &key);
+	if (!v && (p.proto == IPPROTO_UDP || (p.proto == IPPROTO_TCP && (p.tcp_flags & 0x12) == 0x02)) &&
+	    is_local(&p, p.daddr)) {
+		/* a new connection to the node: if it is DNATed on, its packets towards a
+		 * container are not pod egress (ipmq_inbound) */
+		struct nat_key ck;
+		make_client_key(&ck, p.saddr, p.sport, p.proto, p.family);
+		__u8 one = 1;
+		bpf_map_update_elem(&ipmq_inbound, &ck, &one, BPF_NOEXIST);
+	}
 	if (!v) {
 		if (!icmp && p.proto != IPPROTO_TCP && !is_local(&p, p.daddr) &&
 		    !bpf_map_lookup_elem(&ipmq_pass, &key)) {

@@ -1742,7 +1742,8 @@ def _put(h, *parts) -> None:
 
 KNOWN_MAPS = ("ipmq_cfg", "ipmq_ctl", "ipmq_ports", "ipmq_portidx", "ipmq_ifaces", "ipmq_local4", "ipmq_local6",
               "ipmq_exempt4", "ipmq_exempt6", "ipmq_src4", "ipmq_src6", "ipmq_nat_fwd", "ipmq_nat_rev",
-              "ipmq_pass", "ipmq_frag", "ipmq_stats", "ipmq_ifstats", "ipmq_meta", "ipmq_owned", "ipmq_scratch")
+              "ipmq_pass", "ipmq_frag", "ipmq_stats", "ipmq_ifstats", "ipmq_meta", "ipmq_owned", "ipmq_scratch",
+              "ipmq_inbound")
 
 
 BPFFS_ROOT = Path("/sys/fs/bpf")

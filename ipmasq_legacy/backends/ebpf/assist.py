@@ -6,6 +6,9 @@ socket filters of masq.c through xt_bpf.
   CRC32c), and new connections leaving a matching link the programs are not attached to
   yet (tc programs can only be attached to a link that exists: one that appeared since
   the last sync would otherwise let pods' packets out with their own address);
+* mangle `IPMASQ-EBPF-IN` marks connections whose first packet was addressed to the node
+  (published ports, NodePorts: DNATed on, never pod egress), for the nat chain and for
+  the tc programs' own record of them (masq.c ipmq_inbound);
 * mangle `IPMASQ-EBPF-GUARD` asks `prog_guard` (ipmq_guard) and drops packets of flows
   the tc programs translated that now leave a link they are not on (conntrack holds such
   a flow as established and untranslated: no NAT hook sees it again).
@@ -28,13 +31,15 @@ from ... import ruledata
 from ...plan import FamilyPlan, masquerade_rules
 from ..base import FAMILIES, run
 from ..iptables import SHAPES as IPT
-from ..iptables import VARIANTS, detect_variant
+from ..iptables import VARIANTS, br_netfilter, detect_variant
 
 ASSIST = ruledata.load("ebpf")["assist"]
 CHAIN = ASSIST["chain"]
 GUARD_CHAIN = ASSIST["guard_chain"]
-# table -> (chain, its jump from POSTROUTING)
-PARTS = {"nat": (CHAIN, ASSIST["jump"]), "mangle": (GUARD_CHAIN, ASSIST["guard_jump"])}
+IN_CHAIN = ASSIST["in_chain"]
+# (table, chain, its jump): written in this order, one transaction per family
+PARTS = (("mangle", IN_CHAIN, ASSIST["in_jump"]), ("nat", CHAIN, ASSIST["jump"]),
+         ("mangle", GUARD_CHAIN, ASSIST["guard_jump"]))
 
 
 def tool(family: int, variant: str, suffix: str = "") -> str:
@@ -51,10 +56,13 @@ def _out(interface: str | None) -> str:
     return IPT["out_interface"].format(interface=interface) if interface else IPT["out_interface_any"]
 
 
-def chain_rules(fp: FamilyPlan, pins: Path) -> dict[str, list[str]]:
-    """Our chains per table, as `iptables -S CHAIN` prints them. Sources are the
-    programs' business (the src tries)."""
-    nat = [f"-N {CHAIN}", ASSIST["local"]]
+def chain_rules(fp: FamilyPlan, pins: Path, bridged: bool | None = None) -> dict[str, list[str]]:
+    """Our chains by name, as `iptables -S CHAIN` prints them. Sources are the programs'
+    business (the src tries). `bridged`: br_netfilter is loaded (None: look)."""
+    nat = [f"-N {CHAIN}"]
+    if br_netfilter() if bridged is None else bridged:
+        nat.append(ASSIST["bridged"])
+    nat += [ASSIST["inbound"], ASSIST["local"]]
     for rule in masquerade_rules(dataclasses.replace(fp, sources=())):
         nat.append(ASSIST["masquerade"].format(
             out_interface=_out(rule.interface),
@@ -64,17 +72,17 @@ def chain_rules(fp: FamilyPlan, pins: Path) -> dict[str, list[str]]:
             to_ports=IPT["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
             random_fully=IPT["random_fully"] if fp.random_fully else "",
         ))
-    mangle = [f"-N {GUARD_CHAIN}"] + [ASSIST["guard"].format(out_interface=_out(i), program=pins / "prog_guard")
-                                      for i in (fp.interfaces or (None,))]
-    return {"nat": nat, "mangle": mangle}
+    guard = [f"-N {GUARD_CHAIN}"] + [ASSIST["guard"].format(out_interface=_out(i), program=pins / "prog_guard")
+                                     for i in (fp.interfaces or (None,))]
+    return {IN_CHAIN: [f"-N {IN_CHAIN}", ASSIST["in_mark"]], CHAIN: nat, GUARD_CHAIN: guard}
 
 
 @dataclasses.dataclass
 class AssistLive:
     variant: str
     family: int
-    jumps: dict[str, list[str]]  # table -> POSTROUTING rules jumping to our chain
-    rules: dict[str, list[str]]  # table -> our chain as -S prints it, [] when missing
+    jumps: dict[str, list[str]]  # chain -> the rules jumping to it
+    rules: dict[str, list[str]]  # chain -> as -S prints it, [] when missing
 
     @property
     def installed(self) -> bool:
@@ -84,22 +92,20 @@ class AssistLive:
 def render_restore(fp: FamilyPlan | None, pins: Path, live: AssistLive) -> str:
     """One transaction: each chain rewritten (fp None: removed) with exactly one jump."""
     want = chain_rules(fp, pins) if fp is not None else {}
-    lines = []
-    for table, (chain, jump) in PARTS.items():
-        jumps, exists = live.jumps.get(table, []), bool(live.rules.get(table))
-        if fp is None and not jumps and not exists:
-            continue
-        lines.append(f"*{table}")
+    by_table: dict[str, list[str]] = {}
+    for table, chain, jump in PARTS:
+        jumps, exists = live.jumps.get(chain, []), bool(live.rules.get(chain))
+        lines = by_table.setdefault(table, [])
         if fp is None:
             lines += ["-D" + j[2:] for j in jumps]
             if exists:
                 lines += [f":{chain} - [0:0]", f"-X {chain}"]
         else:
-            lines += [f":{chain} - [0:0]", *want[table][1:]]
+            lines += [f":{chain} - [0:0]", *want[chain][1:]]
             if jumps != [jump]:
                 lines += ["-D" + j[2:] for j in jumps] + [jump]
-        lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
+    out = [line for table, lines in by_table.items() if lines for line in (f"*{table}", *lines, "COMMIT")]
+    return "\n".join(out) + "\n"
 
 
 def read(variant: str, family: int) -> AssistLive:
@@ -109,7 +115,7 @@ def read(variant: str, family: int) -> AssistLive:
     if variant == "legacy":
         names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
         try:
-            if not set(PARTS) & set(names.read_text().split()):
+            if not {table for table, _c, _j in PARTS} & set(names.read_text().split()):
                 return empty
         except OSError:
             return empty
@@ -117,12 +123,12 @@ def read(variant: str, family: int) -> AssistLive:
         return empty
     text = run([tool(family, variant, "-save")], check=False).stdout
     live = AssistLive(variant, family, {}, {})
-    for table, (chain, _jump) in PARTS.items():
+    for table, chain, _jump in PARTS:
         m = re.search(rf"^\*{table}\n(.*?)^COMMIT", text, re.M | re.S)
         body = m.group(1).splitlines() if m else []
-        live.jumps[table] = [ln for ln in body if ln.startswith("-A POSTROUTING ") and ln.endswith(f" -j {chain}")]
+        live.jumps[chain] = [ln for ln in body if ln.startswith("-A ") and ln.endswith(f" -j {chain}")]
         rules = [ln for ln in body if ln.startswith(f"-A {chain} ")]
-        live.rules[table] = [f"-N {chain}", *rules] if f":{chain} - " in "\n".join(body) else []
+        live.rules[chain] = [f"-N {chain}", *rules] if f":{chain} - " in "\n".join(body) else []
     return live
 
 
@@ -140,8 +146,7 @@ def _wanted(live: AssistLive, families: dict[int, FamilyPlan | None], variant: s
 
 
 def _in_sync(live: AssistLive, fp: FamilyPlan, pins: Path) -> bool:
-    return live.rules == chain_rules(fp, pins) and all(
-        live.jumps.get(table) == [jump] for table, (_chain, jump) in PARTS.items())
+    return live.rules == chain_rules(fp, pins) and all(live.jumps.get(chain) == [jump] for _t, chain, jump in PARTS)
 
 
 def problems(families: dict[int, FamilyPlan | None], pins: Path, found: list[AssistLive]) -> list[str]:
