@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -77,6 +78,45 @@ class NodeEvents:
 
     def close(self) -> None:
         self.ipr.close()
+
+
+NFNLGRP_NFTABLES = 7  # nf_tables' notification group: every commit, whoever makes it
+LEGACY_POLL = 0.5  # seconds: iptables-legacy announces nothing; its fingerprint is looked at (README)
+
+
+class RulesetEvents:
+    """nf_tables' notifications: every commit of nftables and of iptables-nft (ours, a
+    firewalld reload that flushed everything, a hand's `nft delete table`), so that what
+    removed our rules is answered within a second, not at the next resync. None where
+    nf_tables cannot be subscribed to."""
+
+    def __init__(self):
+        self.sock: socket.socket | None = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+        try:
+            self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            self.sock = None
+
+    def fileno(self) -> int | None:
+        return self.sock.fileno() if self.sock is not None else None
+
+    def drain(self) -> int:
+        count = 0
+        while self.sock is not None:
+            try:
+                self.sock.recv(1 << 16)
+                count += 1
+            except BlockingIOError:
+                break
+            except OSError:  # ENOBUFS: events were lost; something changed
+                count += 1
+        return count
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
 
 
 class Watcher:
@@ -178,19 +218,44 @@ class Watcher:
             log.info("links changed: %s: %s (%.0f ms)", self.synced.backend, "; ".join(changes),
                      (time.monotonic() - started) * 1000)
 
+    def _check_rules(self, reason: str, ruleset_events: RulesetEvents) -> None:
+        """Something changed rulesets (or, for iptables-legacy, our fingerprint moved):
+        repair what of ours drifted, then forget the events our own repair made."""
+        started = time.monotonic()
+        self._sync(reason, only_if_drifted=True)
+        ruleset_events.drain()
+        if self.synced is not None and self.synced.changes:
+            log.info("%s: repaired in %.0f ms after the change was seen", reason, (time.monotonic() - started) * 1000)
+
+    def _legacy_fingerprint(self) -> str | None:
+        if self.synced is None or self.synced.backend != "iptables-legacy":
+            return None
+        try:
+            return backends.get(self.synced.backend).fingerprint()
+        except IpmasqError:
+            return None
+
     def run(self) -> int:
         wake = self._install_signals()
         self.cfg = self.load()  # a bad config at start is exit 2, as for apply
         self._rewatch()
         node_events = NodeEvents()  # subscribed before the first sync: nothing in between is missed
+        ruleset_events = RulesetEvents()
         self._sync("start", only_if_drifted=False)
+        ruleset_events.drain()  # our own commits
+        legacy_seen = self._legacy_fingerprint()
+        next_poll = time.monotonic() + LEGACY_POLL
         next_resync = time.monotonic() + resync_interval(self.cfg)
         log.info("watching %s; resync every %gs", ", ".join(str(p) for p in watched_files(self.config_path, self.cfg)),
                  resync_interval(self.cfg))
         while not self.stopping:
             timeout = max(0.0, next_resync - time.monotonic())
+            if legacy_seen is not None:
+                timeout = min(timeout, max(0.0, next_poll - time.monotonic()))
+            fds = [self.inotify.fd, wake, node_events.fileno()] + ([ruleset_events.fileno()]
+                                                                  if ruleset_events.fileno() is not None else [])
             try:
-                ready, _, _ = select.select([self.inotify.fd, wake, node_events.fileno()], [], [], timeout)
+                ready, _, _ = select.select(fds, [], [], timeout)
             except InterruptedError:
                 ready = []
             if wake in ready:
@@ -204,12 +269,24 @@ class Watcher:
                     if not node_events.drain():
                         break
                     self._follow()
+            if ruleset_events.fileno() is not None and ruleset_events.fileno() in ready:
+                time.sleep(0.02)  # one check for a burst of commits (a firewalld reload makes many)
+                ruleset_events.drain()
+                self._check_rules("rulesets changed", ruleset_events)
+            if legacy_seen is not None and time.monotonic() >= next_poll:
+                now = self._legacy_fingerprint()
+                if now != legacy_seen:
+                    self._check_rules("iptables-legacy rules changed", ruleset_events)
+                    now = self._legacy_fingerprint()
+                legacy_seen, next_poll = now, time.monotonic() + LEGACY_POLL
             if self.inotify.fd in ready:
                 events = self.inotify.read(timeout=0)
                 time.sleep(DEBOUNCE)
                 events += self.inotify.read(timeout=0)
                 if self._relevant(events):
                     self._sync("config changed", only_if_drifted=False)
+                    ruleset_events.drain()
+                    legacy_seen = self._legacy_fingerprint()
                     continue
             if self.reload_requested:
                 self.reload_requested = False
@@ -219,6 +296,7 @@ class Watcher:
                 self._sync("resync", only_if_drifted=True)
                 next_resync = time.monotonic() + resync_interval(self.cfg)
         node_events.close()
+        ruleset_events.close()
         if self.flush_on_exit:
             with lock.held(self.lock_timeout):
                 removed = agent.flush()

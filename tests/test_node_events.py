@@ -966,3 +966,40 @@ def test_connections_to_the_node_dnated_to_a_pod_keep_the_clients_address(node, 
             problems.append(f"ipv{family}: the pod's flow to a Service left as {seen}, "
                             f"want {bed.uplink_addr['eth0'][family]}")
     assert not problems, f"{backend}:\n" + "\n".join(problems)
+
+
+# ---------------------------------------------------------------- our rules removed under watch
+
+
+# What removes our rules the way a firewall reload does, per backend, and how to see them back.
+WIPES = {
+    "iptables-legacy": ("iptables-legacy -t nat -F POSTROUTING && ip6tables-legacy -t nat -F POSTROUTING",
+                        "iptables-legacy -t nat -S POSTROUTING"),
+    "iptables-nft": ("nft delete table ip nat && nft delete table ip6 nat", "iptables-nft -t nat -S POSTROUTING"),
+    "nftables": ("nft delete table ip ipmasq_legacy && nft delete table ip6 ipmasq_legacy",
+                 "nft list tables"),
+    "ebpf": ("nft delete table ip nat && nft delete table ip6 nat", "iptables-nft -t nat -S POSTROUTING"),
+}
+OURS = {"iptables-legacy": "IPMASQ-LEGACY", "iptables-nft": "IPMASQ-LEGACY", "nftables": "ipmasq_legacy",
+        "ebpf": "IPMASQ-EBPF"}
+
+
+def test_watch_repairs_removed_rules_within_a_second(node, backend):
+    """`ipmasq watch` answers a wipe of our rules (what `firewall-cmd --reload` does to
+    iptables-nft's tables, a hand's `nft delete table`, a flush of iptables-legacy's
+    POSTROUTING) within a second: nf_tables announces every commit; iptables-legacy's
+    fingerprint is looked at once a second. Then pods are masqueraded again."""
+    bed = node.bed
+    config = node.write_config(ETH_PLUS)
+    agent = WatchAgent(node, "--config", config, "--backend", backend)
+    try:
+        wipe, look = WIPES[backend]
+        agent.wait_for(lambda: OURS[backend] in node.sh(look), "rules installed")
+        node.sh(wipe)
+        took = agent.wait_for(lambda: OURS[backend] in node.sh(look), "repair", timeout=5)
+        print(f"{backend}: rules back {took:.3f} s after the wipe")
+        assert took <= 1.0, f"{backend}: repaired after {took:.3f} s (> 1 s)"
+        for family, dst in ((4, bed.dest("public")), (6, bed.dest("public6"))):
+            assert probe(bed, dst) == bed.uplink_addr["eth0"][family]
+    finally:
+        agent.close()
