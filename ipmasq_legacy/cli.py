@@ -128,16 +128,28 @@ def _synced(lock_timeout, metrics_file, run):
 @lock_option
 @metrics_file_option
 @log_options
-def apply(config_path, lock_timeout, metrics_file, log_format, log_level, **kwargs):
+@click.option("--take-over", "take_over", multiple=True, metavar="NAME",
+              help="Also remove another manager's masquerading once ours is live: ip-masq-agent "
+                   "(its chain IP-MASQ-AGENT or IP-MASQ and its jump, every iptables variant and family).")
+def apply(config_path, lock_timeout, metrics_file, log_format, log_level, take_over, **kwargs):
     """Install the config atomically; print one line saying what changed.
 
     Records where the config came from, for reconcile, status, list and watch."""
-    from . import agent
+    from . import agent, others
 
     logs.setup(log_format, log_level)
     src = source.for_apply(config_path, options_of(kwargs))
     cfg = src.load()
-    result = _synced(lock_timeout, metrics_file, lambda: agent.sync(cfg))
+
+    def sync_and_take_over():
+        others.check_take_over(take_over)  # refused before anything changes
+        result = agent.sync(cfg)
+        for name in take_over:  # ours is live first: no moment without masquerading
+            removed = others.take_over(name)
+            result.changes.append(f"took over {name} (" + (", ".join(removed) or "nothing of it found") + ")")
+        return result
+
+    result = _synced(lock_timeout, metrics_file, sync_and_take_over)
     source.record(src, cfg)
     click.echo(f"{result.backend}: " + ("; ".join(result.changes) if result.changes else "unchanged"))
 
@@ -162,6 +174,11 @@ def reconcile(config_path, lock_timeout, metrics_file, log_format, log_level, **
         log.warning("%s", src.note)
     result = _synced(lock_timeout, metrics_file,
                      lambda: agent.reconcile(src.path, src.options, missing_ok=src.missing_ok))
+    if result is not None and (result.changes or result.drift):
+        from . import others
+
+        for f in others.find():  # with a repair: the others may be why
+            log.warning("masquerading by others beside ours: %s", f.text())
     if not src.recorded and result is not None and result.changes:
         source.record(src, None)  # it installed what nothing recorded: later runs follow it
 
@@ -175,6 +192,10 @@ def flush(lock_timeout):
     with lock.held(lock_timeout):
         removed = agent.flush()
     click.echo("removed " + ", ".join(removed) if removed else "nothing to remove")
+    from . import others
+
+    for f in others.find():  # never touched: said, so nobody takes the node for unmasqueraded
+        log.warning("left in place: masquerading by others: %s", f.text())
 
 
 @cli.command()
@@ -267,6 +288,9 @@ def status(config_path, output, **kwargs):
     matched = links.matching(the_plan.interfaces) if the_plan is not None else []
     counters = [c for f in live.families.values() for c in f.counters]
     warnings = [w.text for w in cfg.warnings] if cfg is not None else []
+    from . import others
+
+    foreign = others.find()
     if output == "json":
         _emit_json({
             "backend": backend.name,
@@ -282,6 +306,7 @@ def status(config_path, output, **kwargs):
                 "path": src.path, "options": src.options, "shape": cfg.shape, "source": cfg.source,
                 "ip_masq_agent": _agent_source(cfg), "recorded": src.recorded or None, "note": src.note},
             "warnings": warnings,
+            "others": [vars(f) for f in foreign],
         })
         return
     shown = f"{exempt[0]} (+{len(exempt) - 1} more)" if len(exempt) > 1 else (exempt[0] if exempt else "none")
@@ -304,6 +329,8 @@ def status(config_path, output, **kwargs):
             click.echo(f"  {src.note}")
     for text in warnings:
         click.echo(f"Warning: {text}")
+    for f in foreign:
+        click.echo(f"Masquerading by others: {f.text()}")
     click.echo("State: in sync" if not drift else "State: drifted: " + "; ".join(drift))
 
 

@@ -95,7 +95,10 @@ def report() -> dict:
         binding = False
     wanted = ("CONFIG_BPF_SYSCALL", "CONFIG_NET_CLS_BPF", "CONFIG_NET_SCH_INGRESS", "CONFIG_NF_TABLES",
               "CONFIG_NFT_MASQ", "CONFIG_NFT_FIB_IPV4", "CONFIG_IP_NF_IPTABLES_LEGACY", "CONFIG_IP_SET_HASH_NET")
+    from . import others
+
     return {
+        "others": [vars(f) for f in others.find()],
         "kernel": platform.release(),
         "root": os.geteuid() == 0,
         "tools": {
@@ -131,6 +134,8 @@ def render_text(data: dict) -> str:
     live = data["engines"]
     lines.append("engines of ours live: " + (", ".join(live) or "none")
                  + (" (more than one: reconcile or apply removes all but one)" if len(live) > 1 else ""))
+    for f in data["others"]:
+        lines.append(f"masquerading by others: {f['manager']}: {f['what']} ({f['where']})")
     bpf = data["bpf"]
     lines.append(f"bpffs: {'mounted' if bpf['bpffs mounted at /sys/fs/bpf'] else 'not mounted'}; clsact: {bpf['clsact']}")
     lines.append(f"ebpf: {bpf['ebpf backend']}")

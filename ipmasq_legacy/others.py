@@ -1,0 +1,131 @@
+"""Masquerading that other managers installed: found by name, reported, never touched
+unless the operator asks (`apply --take-over ip-masq-agent`).
+
+Reported by `status`, `doctor`, `reconcile` (a log line) and `flush`: ip-masq-agent's chain
+(`IP-MASQ-AGENT`, or `IP-MASQ` as GKE names it with --masq-chain), flannel's
+`FLANNEL-POSTRTG`, Cilium's `CILIUM_POST_nat`, netavark's `NETAVARK-*`, and every other
+MASQUERADE rule in a nat table (Docker's `-s 172.17.0.0/16 ! -o docker0`), in both iptables
+variants and both families; and nft tables of others with a masquerade statement.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import state
+from .backends.base import FAMILIES, run
+from .errors import ApplyError
+
+# chain name (or prefix, ending in "*") -> the manager it belongs to
+CHAINS = {"IP-MASQ-AGENT": "ip-masq-agent", "IP-MASQ": "ip-masq-agent", "FLANNEL-POSTRTG": "flannel",
+          "CILIUM_POST_nat": "cilium", "NETAVARK-*": "netavark", "KUBE-POSTROUTING": "kube-proxy",
+          "DOCKER*": "docker"}
+OURS = ("IPMASQ-LEGACY", "IPMASQ-EBPF")
+TAKE_OVER = {"ip-masq-agent"}  # what --take-over knows how to remove
+RECORD = "taken-over.json"
+
+
+@dataclass(frozen=True)
+class Found:
+    manager: str
+    where: str  # "iptables-nft ipv4", "nft table inet foo"
+    what: str  # the chain, or the rule
+
+    def text(self) -> str:
+        return f"{self.manager}: {self.what} ({self.where})"
+
+
+def _manager(chain: str, rule: str) -> str:
+    for name, manager in CHAINS.items():
+        if chain == name or (name.endswith("*") and chain.startswith(name[:-1])):
+            return manager
+    return "docker" if re.search(r"docker0|\bbr-[0-9a-f]{12}\b", rule) else "unknown"
+
+
+def _saves() -> list[tuple[str, int, str]]:
+    """(variant, family, `-save -t nat` text) where a nat table exists (a legacy one is
+    never created by looking)."""
+    out = []
+    for variant in ("legacy", "nft"):
+        for family in FAMILIES:
+            tool = f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-save"
+            if shutil.which(tool) is None:
+                continue
+            if variant == "legacy":
+                names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
+                try:
+                    if "nat" not in names.read_text().split():
+                        continue
+                except OSError:
+                    continue
+            out.append((variant, family, run([tool, "-t", "nat"], check=False).stdout))
+    return out
+
+
+def find() -> list[Found]:
+    found: list[Found] = []
+    for variant, family, text in _saves():
+        where = f"iptables-{variant} ipv{family}"
+        declared = re.findall(r"^:(\S+) ", text, re.M)
+        for chain in declared:
+            if chain in OURS or chain in ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"):
+                continue
+            manager = _manager(chain, "")
+            if manager not in ("unknown", "docker", "kube-proxy"):
+                found.append(Found(manager, where, chain))
+        for line in text.splitlines():
+            m = re.match(r"-A (\S+) (.*-j MASQUERADE.*)$", line)
+            if m and m.group(1) not in OURS and _manager(m.group(1), line) in ("docker", "kube-proxy", "unknown"):
+                found.append(Found(_manager(m.group(1), line), where, line))
+    if shutil.which("nft"):
+        table = None
+        for line in run(["nft", "list", "ruleset"], check=False).stdout.splitlines():
+            m = re.match(r"table (\S+) (\S+) \{", line)
+            if m:
+                table = f"{m.group(1)} {m.group(2)}"
+            elif table and "masquerade" in line and not table.split()[1].startswith("ipmasq_legacy") \
+                    and table.split()[1] not in ("nat",):  # iptables-nft's tables: listed above
+                found.append(Found(table.split()[1], f"nft table {table}", line.strip()))
+    return sorted(set(found), key=lambda f: (f.manager, f.where, f.what))
+
+
+def _chains_of(manager: str, found: list[Found]) -> list[Found]:
+    return [f for f in found if f.manager == manager and f.where.startswith("iptables-") and " " not in f.what]
+
+
+def check_take_over(names) -> None:
+    """Refuse before anything changes when a manager we took over has put its chain back:
+    it still runs, and would fight us."""
+    taken = state.read_json(RECORD)
+    for name in names:
+        if name not in TAKE_OVER:
+            raise ApplyError(f"--take-over {name}: unknown (known: {', '.join(sorted(TAKE_OVER))})")
+        back = _chains_of(name, find()) if name in taken else []
+        if back:
+            raise ApplyError(f"--take-over {name}: its chain {back[0].what} came back ({back[0].where}) after it was "
+                             f"taken over: {name} is still running; stop it first (its DaemonSet)")
+
+
+def take_over(name: str) -> list[str]:
+    """Remove the manager's jumps and chains in every variant and family (one
+    iptables-restore per variant and family); returns what was removed."""
+    removed = []
+    for variant, family, text in _saves():
+        chains = [c for c in re.findall(r"^:(\S+) ", text, re.M) if _manager(c, "") == name]
+        if not chains:
+            continue
+        lines = ["*nat"]
+        for chain in chains:
+            lines += ["-D" + ln[2:] for ln in text.splitlines() if ln.startswith("-A ") and ln.endswith(f" -j {chain}")]
+        for chain in chains:
+            lines += [f"-F {chain}", f"-X {chain}"]
+        tool = f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-restore"
+        run([tool, "--noflush", "-w"], input="\n".join(lines + ["COMMIT"]) + "\n")
+        removed += [f"{c} (iptables-{variant} ipv{family})" for c in chains]
+    record = state.read_json(RECORD)
+    record[name] = sorted({r.split(" ")[0] for r in removed} | set(record.get(name, [])))
+    state.write_json(RECORD, record)
+    return removed
