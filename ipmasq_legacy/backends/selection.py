@@ -157,6 +157,11 @@ def _heuristics(available: dict[str, str | None]) -> tuple[str, str]:
     for variant in ("iptables-nft", "iptables-legacy"):
         if variant in found.hints and available.get(variant) is None:
             return variant, f"the host already uses {variant} ({found.hints[variant]})"
+    firewalld = _firewalld()
+    if firewalld and available.get("nftables") is None:
+        # its reloads and restarts flush every iptables-nft table (ours with them), never
+        # another nft table: measured by tests/test_neighbours.py
+        return "nftables", f"firewalld runs here ({firewalld}): its reloads flush iptables-nft's tables"
     busiest = max(found.counts, key=lambda k: found.counts[k])
     if found.counts[busiest] > 0 and available.get(busiest) is None:
         counts = ", ".join(f"{k} {v}" for k, v in found.counts.items())
@@ -166,3 +171,19 @@ def _heuristics(available: dict[str, str | None]) -> tuple[str, str]:
     if available.get("iptables-legacy") is None:
         return "iptables-legacy", f"no rules on the host yet; nftables cannot run ({available.get('nftables')})"
     raise LookupError("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in available.items() if v))
+
+
+def _firewalld() -> str | None:
+    """What shows firewalld runs here: its nft table, or its iptables chains."""
+    try:
+        from .. import netlink
+
+        if netlink.nft_tables([("inet", "firewalld")]).get(("inet", "firewalld")) is not None:
+            return "table inet firewalld"
+    except OSError:
+        pass
+    if shutil.which("iptables-nft-save") and re.search(r"^:INPUT_direct ",
+                                                       run(["iptables-nft-save", "-t", "filter"], check=False).stdout,
+                                                       re.M):
+        return "chain INPUT_direct in iptables-nft"
+    return None
