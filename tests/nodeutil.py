@@ -183,7 +183,10 @@ class WatchAgent:
     """`ipmasq watch ARGS` running in the node namespace of `node` (with the node's env);
     its stderr goes to a log file in the node's folder. Killed by close()."""
 
-    def __init__(self, node: Node, *args: str, name: str = "watch.log"):
+    def __init__(self, node: Node, *args: str, name: str = "watch.log", prefix: list[str] | None = None,
+                 env: dict | None = None):
+        """`prefix` replaces `ip netns exec NODE` (say, to run inside a sandbox's mount
+        namespace as well: tests/neighbours.py); `env` is added to the node's env."""
         import time
 
         self.node = node
@@ -191,8 +194,9 @@ class WatchAgent:
         self._time = time
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", node.bed.node, sys.executable, "-m", "ipmasq_legacy", "watch", *args],
-                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **node.env})
+                [*(prefix or ["ip", "netns", "exec", node.bed.node]), sys.executable, "-m", "ipmasq_legacy",
+                 "watch", *args],
+                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **node.env, **(env or {})})
         try:
             self.wait_for(lambda: "watching" in self.log.read_text(), "start", timeout=15)
         except BaseException:
