@@ -327,7 +327,31 @@ def fetch_from(bed: TestBed, ns: str, url: str, timeout: int = 5) -> str:
 # ---------------------------------------------------------------- dockerd
 
 
-class Dockerd:
+class Daemon:
+    """A daemon of a sandbox (self.proc), started by start(): stopped as systemd would
+    (SIGTERM, then SIGKILL after STOP_TIMEOUT), restarted as `systemctl restart` would."""
+
+    STOP_TIMEOUT = 30
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self) -> float:
+        self.stop()
+        return self.start()
+
+
+class Dockerd(Daemon):
     """dockerd in a sandbox: `--iptables=true`, masquerade on or off (`--ip-masq`),
     private data root, exec root, pidfile and socket; the image imported."""
 
@@ -360,19 +384,7 @@ class Dockerd:
         assert self.proc.poll() is None, f"dockerd exited {self.proc.returncode}: {self.sb.log('dockerd.log')[-3000:]}"
         return time.monotonic() - t0
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def restart(self) -> float:
-        """systemctl restart docker, as it were: SIGTERM, wait, start again."""
-        self.stop()
-        return self.start()
+    STOP_TIMEOUT = 30
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         return self.sb.run(["/usr/bin/docker", *args], env=self.cli_env, check=check, timeout=timeout)
@@ -500,7 +512,7 @@ DBUS_CONF = """\
 """
 
 
-class Firewalld:
+class Firewalld(Daemon):
     """firewalld with FirewallBackend `backend` (iptables or nftables) and its own system
     bus (a dbus-daemon without service activation) in a sandbox. Default zone `trusted`,
     so that its filtering lets the bed's traffic through: what is tested is what its
@@ -534,18 +546,7 @@ class Firewalld:
     def cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.sb.run(["firewall-cmd", *args], check=check, timeout=120)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def restart(self) -> float:
-        self.stop()
-        return self.start()
+    STOP_TIMEOUT = 60
 
     def reload(self, complete: bool = False) -> float:
         t0 = time.monotonic()

@@ -7,10 +7,12 @@ import ipaddress
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import weakref
 from pathlib import Path
 
@@ -291,3 +293,35 @@ def extra_namespaces(bed: TestBed, *suffixes: str):
                 errors.append(exc)
         if errors:
             raise AssertionError(f"could not delete extra namespaces: {errors}")
+
+
+class UdpReporter:
+    """A UDP server in ext that answers every datagram with `<payload> <src addr> <src port>`."""
+
+    def __init__(self, bed: TestBed, address: str, port: int):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.sock = bed.in_netns(bed.ext, socket.socket, family, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind((address, port))
+        self.sock.settimeout(0.2)
+        self.seen: list[tuple[bytes, str, int]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except (socket.timeout, OSError):
+                continue
+            self.seen.append((data, peer[0], peer[1]))
+            try:
+                self.sock.sendto(data + b" %s %d" % (peer[0].encode(), peer[1]), peer[:2])
+            except OSError:
+                pass
+
+    def close(self):
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()

@@ -36,7 +36,7 @@ from ipmasq_legacy.bpf import loader
 from ipmasq_legacy.plan import FamilyPlan, Plan
 from ipmasq_legacy.testbed import TestBed
 
-from .nodeutil import Node
+from .nodeutil import Node, UdpReporter
 
 REASON = backends.get("ebpf").unavailable_reason()
 needs_ebpf = pytest.mark.skipif(REASON is not None, reason=f"ebpf backend cannot run here: {REASON}")
@@ -144,7 +144,8 @@ def test_lpm_run_reads_one_generation_of_a_trie():
                     got = sorted(raw[i:i + 9] for i in range(0, len(raw), 9))
                     assert got == expected(first), (first, seek, expect)
                     assert len(values) == len(got) and values.count(b"\x05") == (first == 0)
-        assert sysobj.lpm_start(fd, 9, 1, seeks[2]) == seeks[2][1]  # the first it holds
+        if loader.trie_next_key_exact(sysobj):  # (kernels with the trie_get_next_key bug: lpm_run skips seeks)
+            assert sysobj.lpm_start(fd, 9, 1, seeks[2]) == seeks[2][1]  # the first it holds
         assert sysobj.lpm_covering(fd, 9, 1, 1) == (None, [])
         sysobj.update(fd, struct.pack("=I", 6) + bytes(5), b"\x03")  # 0.0.0.0/6: generations 0 to 3
         value, candidates = sysobj.lpm_covering(fd, 9, 1, 1)
@@ -156,38 +157,6 @@ def test_lpm_run_reads_one_generation_of_a_trie():
 
 # ---------------------------------------------------------------- helpers for traffic
 
-
-
-class UdpReporter:
-    """A UDP server in ext that answers every datagram with `<payload> <src addr> <src port>`."""
-
-    def __init__(self, bed: TestBed, address: str, port: int):
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self.sock = bed.in_netns(bed.ext, socket.socket, family, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.bind((address, port))
-        self.sock.settimeout(0.2)
-        self.seen: list[tuple[bytes, str, int]] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self):
-        while not self._stop:
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except (socket.timeout, OSError):
-                continue
-            self.seen.append((data, peer[0], peer[1]))
-            try:
-                self.sock.sendto(data + b" %s %d" % (peer[0].encode(), peer[1]), peer[:2])
-            except OSError:
-                pass
-
-    def close(self):
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
 
 
 class TcpEcho:

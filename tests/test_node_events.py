@@ -39,7 +39,7 @@ import pytest
 from ipmasq_legacy import backends
 from ipmasq_legacy.testbed import ReplyLostError, TestBed
 
-from .nodeutil import WatchAgent, driven_node, extra_namespaces, live_engines
+from .nodeutil import UdpReporter, WatchAgent, driven_node, extra_namespaces, live_engines
 from .test_traffic import NETFILTER_BACKENDS, TRAFFIC_BACKENDS
 
 pytestmark = pytest.mark.traffic
@@ -129,38 +129,6 @@ def add_uplink(node, name: str, peer: str, v4: str, v6: str, dests: dict[int, st
     node.sh(f"ip addr add {v4}.1/24 dev {name} && ip -6 addr add {v6}1/64 dev {name} nodad && "
             f"ip link set {name} up && ip route add {dests[4]}/32 via {v4}.2 dev {name} && "
             f"ip -6 route add {dests[6]}/128 via {v6}2 dev {name}")
-
-
-class UdpReporter:
-    """A UDP server in ext bound to address:port answering every datagram with
-    `<payload> <source address> <source port>`; records (payload, address, port)."""
-
-    def __init__(self, bed: TestBed, address: str, port: int):
-        self.sock = bed.in_netns(bed.ext, socket.socket, af(family_of(address)), socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.sock.bind((address, port))
-        self.sock.settimeout(0.1)
-        self.seen: list[tuple[bytes, str, int]] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self):
-        while not self._stop:
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except (socket.timeout, OSError):
-                continue
-            self.seen.append((data, peer[0], peer[1]))
-            try:
-                self.sock.sendto(data + b" %s %d" % (peer[0].encode(), peer[1]), peer)
-            except OSError:
-                pass
-
-    def close(self):
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
 
 
 class Stream:
