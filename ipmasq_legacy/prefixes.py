@@ -62,7 +62,26 @@ class PrefixError(ValueError):
 def address_text(version: int, value: int) -> str:
     if version == 4:
         return socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
+    if value >> 32 == 0xFFFF:  # IPv4-mapped: Python 3.13 spells it dotted, earlier ones in hex
+        return v6_words(value)
     return str(ipaddress.IPv6Address(value))  # Python's RFC 5952 spelling
+
+
+def v6_words(value: int) -> str:
+    """RFC 5952 text of an IPv6 address in hex words, as Python before 3.13 spells every
+    address: one spelling on every Python (set names are digests of these texts)."""
+    words = [f"{(value >> (112 - 16 * i)) & 0xFFFF:x}" for i in range(8)]
+    best_len, best_at, start = 1, -1, None
+    for i in range(9):
+        if i < 8 and words[i] == "0":
+            start = i if start is None else start
+        elif start is not None:
+            if i - start > best_len:
+                best_len, best_at = i - start, start
+            start = None
+    if best_at < 0:
+        return ":".join(words)
+    return ":".join(words[:best_at]) + "::" + ":".join(words[best_at + best_len:])
 
 
 def parse(text: str) -> Prefix:

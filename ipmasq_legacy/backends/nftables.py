@@ -29,6 +29,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,13 @@ def _network(prefix, family: int):
         raise ConfigError(f"prefix {prefix!r} is not an IPv{family} network: {exc}") from None
 
 
+def _net_text(net) -> str:
+    """A prefix in one spelling on every Python: set names are digests of these texts."""
+    if net.version == 6 and net.network_address.ipv4_mapped is not None:
+        return f"{prefixes.v6_words(int(net.network_address))}/{net.prefixlen}"
+    return str(net)
+
+
 def _member_text(prefix: str, family: int) -> str:
     """A plan prefix, checked again (fast: 100,000 of them), in the set's element syntax."""
     try:
@@ -99,7 +107,7 @@ def _member_text(prefix: str, family: int) -> str:
         raise ConfigError(f"prefix {prefix!r} is not an IPv{family} network: {exc}") from None
     if net.version != family:
         raise ConfigError(f"prefix {prefix!r} is IPv{net.version} in the IPv{family} plan")
-    return str(net)
+    return _net_text(net)
 
 
 def _prefix_text(net) -> str:
@@ -347,9 +355,9 @@ def _parse_elements(statement: str, family: int, name: str, problems: list[str])
         try:
             if "-" in word:
                 first, last = (network(a).network_address for a in word.split("-", 1))
-                out += [str(n) for n in ipaddress.summarize_address_range(first, last)]
+                out += [_net_text(n) for n in ipaddress.summarize_address_range(first, last)]
             else:
-                out.append(str(network(word)))
+                out.append(_net_text(network(word)))
         except (ValueError, TypeError):
             odd += 1
     if odd:
@@ -488,6 +496,151 @@ def _library_missing() -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- is the binding safe here?
+#
+# The binding (pip-nftables, a copy of nftables' py/nftables.py) is written for one
+# nftables release's libnftables. Older libraries crash under it in C, where Python
+# cannot catch it: libnftables 0.9.8 (Debian 11) aborts with "double free or corruption"
+# after the transaction committed, so apply died half done. So the binding is used only
+#   1. with a library at least as new as the binding (`nft --version` tells the
+#      library's release: the nftables package ships both), and
+#   2. after a child process ran it the way apply does (a checked transaction through a
+#      second context, the commit, both contexts freed) in a throw-away network
+#      namespace (without the right to make one: the check alone) and exited normally.
+# Otherwise `nft -f -` drives the kernel. The verdict is kept in the state directory
+# (tmpfs), keyed by the library file and the binding's version: one child per boot.
+
+BINDING_RECORD = "nft-binding.json"
+PROBE_TIMEOUT = 20
+
+
+def _release(text: str) -> tuple[int, ...] | None:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(g or 0) for g in m.groups()) if m else None
+
+
+def binding_version() -> str | None:
+    from importlib import metadata
+
+    for dist in ("pip-nftables", "nftables"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def library_version() -> str | None:
+    """The nftables release of the installed library, from `nft --version`."""
+    if shutil.which("nft") is None:
+        return None
+    try:
+        out = subprocess.run(["nft", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    release = _release(out)
+    return ".".join(map(str, release)) if release else None
+
+
+def _library_file() -> str:
+    """The loaded libnftables' path, size and mtime: a new library gets a new verdict."""
+    ctypes.CDLL(LIBRARY)
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if "libnftables.so" in line:
+            path = line.split(None, 5)[-1]
+            st = os.stat(path)
+            return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    return LIBRARY
+
+
+def _probe_binding(table: str) -> str | None:
+    """Run the binding on `table` in a child the way apply does; None if it survived and
+    loaded it, else why not (a crash, or nft's own error)."""
+    child = [sys.executable, "-c", "import sys; from ipmasq_legacy.backends import nftables as n; "
+             "sys.exit(n._probe_main(sys.argv[1] == 'check'))"]
+    attempts = ([["unshare", "--net", "--", *child, "commit"]] if shutil.which("unshare") else []) + [[*child, "check"]]
+    for argv in attempts:
+        try:
+            proc = subprocess.run(argv, input=table, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return "the libnftables binding did not finish a probe transaction"
+        if argv[0] == "unshare" and proc.returncode != 0 and proc.stderr.startswith("unshare:"):
+            continue  # no right to make a namespace: check in place (commits nothing)
+        if proc.returncode < 0:
+            return (f"libnftables {library_version() or '?'} crashed under the binding {binding_version() or '?'} "
+                    f"(signal {-proc.returncode}) in a probe")
+        if proc.returncode != 0:
+            first = next((ln for ln in proc.stderr.splitlines() if ln.strip()), f"exit status {proc.returncode}")
+            return f"a probe table did not load through libnftables: {first.strip()}"
+        return None
+    return "the libnftables probe could not run"
+
+
+def binding_unsafe(table: str | None = None) -> str | None:
+    """None when the in-process binding may drive the kernel here, else why not."""
+    missing = _library_missing()
+    if missing:
+        return missing
+    bind = binding_version()
+    key = f"{_library_file()} {bind} {sys.version_info[0]}.{sys.version_info[1]}"
+    record = state.read_json(BINDING_RECORD)
+    if key in record:
+        return record[key]
+    lib = library_version()
+    if lib and bind and _release(lib) < (_release(bind) or ()):
+        verdict = f"libnftables {lib} is older than the binding {bind} (written for nftables {bind})"
+    else:
+        from .selection import NFT_PROBE
+
+        verdict = _probe_binding(table or NFT_PROBE)
+    if verdict is None or "crashed" in verdict or "older" in verdict:  # nft's own error: no verdict kept
+        try:
+            state.write_json(BINDING_RECORD, {**record, key: verdict})
+        except OSError:
+            pass  # no state directory we may write: probe again next time
+    return verdict
+
+
+def _probe_main(check_only: bool) -> int:
+    """The child of _probe_binding: stdin's table through the binding as apply does it."""
+    import gc
+
+    runner = _LibRunner()
+    text = sys.stdin.read()
+    rc, _, err = runner.cmd(text, dry_run=True)
+    if rc == 0 and not check_only:
+        rc, _, err = runner.cmd(text)
+    del runner
+    gc.collect()  # the contexts are freed here, where 0.9.8 crashed
+    if rc != 0:
+        sys.stderr.write(err)
+    return 0 if rc == 0 else 1
+
+
+def probe_table(table: str) -> str | None:
+    """Whether a table like ours loads, through the driver apply would use: None, else
+    why not. (selection's probe for `auto`: the same path as apply.)"""
+    if not _cli_forced() and binding_unsafe(table) is None:
+        return None  # the binding loaded `table` in its probe
+    if shutil.which("nft") is None:
+        return "the nft command is missing (install the nftables package)"
+    attempts = [["unshare", "--net", "nft", "-f", "-"], ["nft", "--check", "-f", "-"]]
+    if shutil.which("unshare") is None:
+        attempts = attempts[1:]
+    for argv in attempts:
+        try:
+            proc = subprocess.run(argv, input=table, capture_output=True, text=True, timeout=10)
+        except subprocess.TimeoutExpired:
+            return "probe timed out"
+        if argv[0] == "unshare" and proc.returncode != 0 and "unshare" in proc.stderr:
+            continue  # could not make the namespace (e.g. no CAP_SYS_ADMIN): check in place instead
+        if proc.returncode != 0:
+            first = next((ln for ln in proc.stderr.splitlines() if ln.strip()), f"exit status {proc.returncode}")
+            return f"a nat table with fib, an interval set and masquerade did not load: {first.strip()}"
+        return None
+    return "probe could not run"
+
+
 def _cli_forced() -> bool:
     return os.environ.get(CLI_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -519,7 +672,7 @@ class NftablesBackend(Backend):
     def _runner(self):
         if self._runner_obj is None:
             use_cli = _cli_forced() if self.use_cli is None else self.use_cli
-            if not use_cli:
+            if not use_cli and binding_unsafe() is None:  # a crash in C must never cut an apply short
                 try:
                     self._runner_obj = _LibRunner()
                 except (ImportError, OSError):
@@ -538,10 +691,10 @@ class NftablesBackend(Backend):
         use_cli = _cli_forced() if self.use_cli is None else self.use_cli
         if use_cli and not have_nft:
             return "no nft binary (install the nftables package)"
-        if not use_cli:
-            missing = _library_missing()
-            if missing and not have_nft:
-                return f"no nft binary and {missing} (install the nftables package)"
+        if not use_cli and not have_nft:
+            unsafe = binding_unsafe()
+            if unsafe:
+                return f"no nft binary, and the libnftables binding cannot be used: {unsafe} (install the nftables package)"
         return self._kernel_probe_reason()
 
     def _kernel_probe_reason(self) -> str | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import re
 import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -103,26 +102,13 @@ def host_rules() -> HostRules:
 
 
 def probe_nftables() -> str | None:
-    """None when a table like ours loads in a throw-away namespace; else why not. Without
-    the right to make a namespace (no CAP_SYS_ADMIN), the kernel still validates the same
-    table with `nft --check`, which commits nothing."""
-    if shutil.which("nft") is None:
-        return "the nft command is missing (install the nftables package)"
-    attempts = [["unshare", "--net", "nft", "-f", "-"], ["nft", "--check", "-f", "-"]]
-    if shutil.which("unshare") is None:
-        attempts = attempts[1:]
-    for argv in attempts:
-        try:
-            proc = subprocess.run(argv, input=NFT_PROBE, capture_output=True, text=True, timeout=10)
-        except subprocess.TimeoutExpired:
-            return "probe timed out"
-        if argv[0] == "unshare" and proc.returncode != 0 and "unshare" in proc.stderr:
-            continue  # could not make the namespace (e.g. no CAP_SYS_ADMIN): check in place instead
-        if proc.returncode != 0:
-            first = next((ln for ln in proc.stderr.splitlines() if ln.strip()), f"exit status {proc.returncode}")
-            return f"a nat table with fib, an interval set and masquerade did not load: {first.strip()}"
-        return None
-    return "probe could not run"
+    """None when a table like ours loads in a throw-away namespace; else why not. It is
+    loaded through the driver apply would use (nftables.probe_table: the libnftables
+    binding, itself run first in a child, or `nft -f -`); without the right to make a
+    namespace (no CAP_SYS_ADMIN), it is only checked, which commits nothing."""
+    from .nftables import probe_table
+
+    return probe_table(NFT_PROBE)
 
 
 def choose_auto(available, live: Sequence[str] = ()) -> tuple[str, str]:

@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import errno
 import hashlib
 import os
 import platform
+import re
+import resource
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -88,6 +89,18 @@ def lpm_rank(key: bytes, first: int) -> int:
     return -1 if (key[4] | (0xFF >> plen)) < first else 1
 
 
+def _bisect_left(n: int, target: int, key, lo: int = 0) -> int:
+    """bisect.bisect_left(range(n), target, lo=lo, key=key): its key= is Python 3.10+."""
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if key(mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def _run_bounds(raw: bytes, n: int, key_size: int, first: int) -> tuple[int, int] | None:
     """(start, end) of the keys of lpm_rank 0 among the n keys of `raw`, found by
     bisection; None when the keys are not in lpm_rank order. The order is checked in C
@@ -96,8 +109,8 @@ def _run_bounds(raw: bytes, n: int, key_size: int, first: int) -> tuple[int, int
     def rank(i):
         return lpm_rank(raw[i * key_size:(i + 1) * key_size], first)
 
-    s = bisect.bisect_left(range(n), 0, key=rank)
-    e = bisect.bisect_left(range(n), 1, lo=s, key=rank)
+    s = _bisect_left(n, 0, rank)
+    e = _bisect_left(n, 1, rank, lo=s)
     heads = raw[4:n * key_size:key_size]
     lengths = raw[0 if sys.byteorder == "little" else 3:n * key_size:key_size]  # at most 136: one byte
     ok = (heads[s:e] == bytes([first]) * (e - s) and (e == s or min(lengths[s:e]) >= 8)
@@ -105,6 +118,71 @@ def _run_bounds(raw: bytes, n: int, key_size: int, first: int) -> tuple[int, int
     if not ok:
         ok = all(rank(i) == (-1 if i < s else 0 if i < e else 1) for i in range(n))
     return (s, e) if ok else None
+
+
+def memlock_charged(release: str | None = None) -> bool:
+    """Whether this kernel charges BPF maps and programs to RLIMIT_MEMLOCK: before 5.11
+    it does (after, memory cgroups account them; libbpf's FEAT_MEMCG_ACCOUNT)."""
+    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return m is None or (int(m.group(1)), int(m.group(2))) < (5, 11)
+
+
+@cache
+def raise_memlock() -> str | None:
+    """What libbpf does before it creates maps (bump_rlimit_memlock): where the kernel
+    charges them to RLIMIT_MEMLOCK (64 KiB by default on Debian 11, less than one of
+    our maps), raise it to unlimited. None when done or not needed, else why it stays."""
+    if not memlock_charged():
+        return None
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == inf:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (inf, inf))
+        return None
+    except (ValueError, OSError):
+        pass  # raising the hard limit needs CAP_SYS_RESOURCE: take what the hard limit allows
+    if hard == inf:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (inf, inf))
+        return None
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+    return (f"kernel {os.uname().release} charges BPF maps to RLIMIT_MEMLOCK, and its hard limit "
+            f"({hard // 1024} KiB) cannot be raised here (needs CAP_SYS_RESOURCE, or `ulimit -l unlimited`)")
+
+
+@cache
+def _trie_next_key_exact(nr: int) -> bool:
+    """Whether this kernel answers BPF_MAP_GET_NEXT_KEY on an LPM trie, for a key it does
+    not hold, with the trie's first key (what lpm_start relies on). Before the fix "bpf:
+    Fix exact match conditions in trie_get_next_key()" (6.13, backported to some stable
+    kernels; Debian 11's 5.10.223 lacks it) a key of the same length as a node it does not
+    match is taken for that node: here 1.2.3.5/32 for 1.2.3.4/32, and the answer is "no
+    next key". Probed once per process on a two-entry trie."""
+    sysobj = Sys()
+    held = struct.pack("=I4B", 32, 1, 2, 3, 4)
+    fd = sysobj.map_create(MAP_LPM_TRIE, 8, 1, 2, 1, "ipmq_probe")
+    try:
+        sysobj.update(fd, held, b"\x01")
+        return sysobj.next_key(fd, struct.pack("=I4B", 32, 1, 2, 3, 5), 8) == held
+    finally:
+        os.close(fd)
+
+
+def trie_next_key_exact(sysobj: Sys) -> bool:
+    try:
+        return _trie_next_key_exact(sysobj.nr)
+    except BpfError:
+        return False  # cannot tell: read from the trie's first key, which is right everywhere
+
+
+def _batch_done(attr, asked: int) -> int:
+    """How many elements a failed BPF_MAP_*_BATCH processed. The kernel writes the count
+    back only when the map type has the batch op; where it has not (LPM tries before 5.12,
+    ENOTSUPP) the count still says `asked` and nothing was done. (A batch that fails on
+    its last element writes asked - 1.)"""
+    count = struct.unpack_from("=I", attr, 32)[0]
+    return 0 if count >= asked else count
 
 
 class Sys:
@@ -117,6 +195,7 @@ class Sys:
         if nr is None:
             raise BpfError(errno.ENOSYS, f"no bpf syscall number known for {platform.machine()}")
         self.nr = nr
+        raise_memlock()  # before any map is made (kernels < 5.11); unavailable_reason reports a failure
 
     def call(self, cmd: int, attr, what: str) -> int:
         ret = _libc.syscall(self.nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
@@ -274,7 +353,7 @@ class Sys:
         sizes the batches so that little past it is read. One BPF_MAP_LOOKUP_BATCH per
         65,536 entries (key by key where the kernel lacks it); the order is checked in
         every batch, and a trie walked in another order is read whole."""
-        after = self.lpm_start(fd, key_size, first, seek) if seek else None
+        after = self.lpm_start(fd, key_size, first, seek) if seek and trie_next_key_exact(self) else None
         keys, values = [], []
         got, step = 0, 1024
         most = 65536 if expect is None else max(1024, min(65536, expect + 64))
@@ -401,7 +480,7 @@ class Sys:
         except BpfError as exc:
             if exc.errno not in NO_BATCH:
                 raise
-            done = struct.unpack_from("=I", attr, 32)[0]
+            done = _batch_done(attr, len(keys))
         for k, v in zip(keys[done:], values[done:]):
             self.update(fd, k, v, flags)
 
@@ -418,7 +497,7 @@ class Sys:
         except BpfError as exc:
             if exc.errno not in (*NO_BATCH, errno.ENOENT):
                 raise
-            done = struct.unpack_from("=I", attr, 32)[0]
+            done = _batch_done(attr, len(keys))
         for k in keys[done:]:
             self.delete(fd, k)
 
@@ -506,6 +585,15 @@ class Sys:
         if fd is not None:
             return fd
         exc, text = failure2 or failure
+        if failure2 and exc.errno == errno.ENOSPC:
+            # Kernels before 6.4 fail a load whose verifier log fills the buffer (ENOSPC) and
+            # keep its start, not its end: the load without a log has the real errno, and
+            # a log of statistics and errors only (BPF_LOG_STATS, 4) says why, in a few lines.
+            _, failure3 = attempt(4, 1 << 20)
+            stats = ("verification time", "stack depth", "processed ")
+            lines = (failure3[1] if failure3 else "").strip().splitlines()
+            exc, text = failure[0], "\n".join([ln for ln in lines if not ln.startswith(stats)]
+                                              + [ln for ln in lines if ln.startswith("processed ")])
         tail = [ln for ln in text.strip().splitlines() if ln.strip()][-3:]
         raise BpfError(exc.errno, f"{exc.strerror}" + (f"; verifier: {' | '.join(tail)}" if tail else ""))
 

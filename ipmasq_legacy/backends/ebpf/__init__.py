@@ -810,12 +810,52 @@ class EbpfBackend(Backend):
         except loader.BpfError as exc:
             why = "not permitted (needs root: CAP_BPF and CAP_NET_ADMIN)" if exc.errno == errno.EPERM else exc.strerror
             return f"the kernel refuses BPF maps: {why}"
+        if verifier := self._verifier_reason(sysobj):
+            return verifier
         if lacking := assist.missing():
             return f"missing {', '.join(lacking)} (the netfilter assist: install the iptables package)"
         bpffs = _bpffs_reason(pin_dir())
         if bpffs and bpffs != "mount":
             return bpffs
         return None
+
+    VERIFIER_RECORD = "ebpf-verifier.json"
+
+    def _verifier_reason(self, sysobj: loader.Sys) -> str | None:
+        """Whether this kernel's verifier takes every program of the object: each loaded
+        once against throw-away maps of the object's shapes (hash maps of one entry: their
+        size does not change what the verifier sees), then closed. An older verifier may
+        refuse what a newer one takes (Debian 11's 5.10: "The sequence of 8193 jumps is
+        too complex"), which only a load tells. Kept in the state directory per kernel and
+        object: a load costs the verifier's time (0.1-2 s)."""
+        obj = self.obj()
+        key = f"{os.uname().release} {obj.digest}"
+        record = state.read_json(self.VERIFIER_RECORD)
+        if key in record:
+            return record[key]
+        fds, verdict = {}, None
+        try:
+            for name, d in obj.maps.items():
+                small = d.type in (loader.MAP_HASH, loader.MAP_LRU_HASH, loader.MAP_PERCPU_HASH, loader.MAP_LPM_TRIE)
+                fds[name] = sysobj.map_create(d.type, d.key_size, d.value_size, 1 if small else d.max_entries,
+                                              d.flags, "ipmq_probe")
+            for hook, prog_name in PROGRAMS.items():
+                prog = obj.progs[prog_name]
+                try:
+                    os.close(sysobj.prog_load(PROG_TYPES[hook], loader.patched(prog, fds), obj.license, prog.name))
+                except loader.BpfError as exc:
+                    verdict = f"kernel {os.uname().release}'s verifier refuses program {prog.name}: {exc.strerror}"
+                    break
+        except loader.BpfError as exc:
+            return f"the kernel refuses BPF maps of the object: {exc.strerror}"  # not kept: may be passing
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        try:
+            state.write_json(self.VERIFIER_RECORD, {**record, key: verdict})
+        except OSError:
+            pass
+        return verdict
 
     # -- rendering
 
