@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import state
 from .backends.base import FAMILIES, run
+from .backends.iptables import legacy_tables
 from .errors import ApplyError
 
 # chain name (or prefix, ending in "*") -> the manager it belongs to
@@ -54,13 +54,8 @@ def _saves() -> list[tuple[str, int, str]]:
             tool = f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-save"
             if shutil.which(tool) is None:
                 continue
-            if variant == "legacy":
-                names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
-                try:
-                    if "nat" not in names.read_text().split():
-                        continue
-                except OSError:
-                    continue
+            if variant == "legacy" and "nat" not in legacy_tables(family):
+                continue
             out.append((variant, family, run([tool, "-t", "nat"], check=False).stdout))
     return out
 

@@ -129,10 +129,10 @@ def test_slash_zero_is_split_for_hash_net(tmp_path):
 def test_restore_replaces_stale_jumps_once(tmp_path):
     fp = build(tmp_path, "").family(4)
     old = '-A POSTROUTING -m comment --comment "ipmasq-legacy v0" -j IPMASQ-LEGACY'
-    text = ipt.render_restore(fp, [old, old])
+    text = ipt.render_restore(fp, [old, old], bridged=False)
     assert text.count("-D POSTROUTING") == 2
     assert text.count("-A POSTROUTING") == 1
-    assert "-A POSTROUTING" not in ipt.render_restore(fp, [ipt.SHAPES["jump"]])
+    assert "-A POSTROUTING" not in ipt.render_restore(fp, [ipt.SHAPES["jump"]], bridged=False)
 
 
 def test_bridged_return_only_where_br_netfilter_is_loaded(tmp_path):

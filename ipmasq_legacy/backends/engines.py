@@ -18,19 +18,18 @@ import errno
 import shutil
 import struct
 import subprocess
-from pathlib import Path
 
 from .. import netlink, ruledata
 from ..netlink import NETLINK_NETFILTER, NETLINK_ROUTE
 from .base import FAMILIES
 from .iptables import CHAIN as IPTABLES_CHAIN
+from .iptables import legacy_tables
 from .nftables import TABLE as NFT_TABLE
 
 # The ebpf datapath's netfilter assist chain belongs to ebpf, never to the iptables backends.
 ASSIST_CHAIN = ruledata.load("ebpf").get("assist", {}).get("chain", "IPMASQ-EBPF")
 OUR_CHAINS = (IPTABLES_CHAIN, ASSIST_CHAIN)
 NFT_FAMILY = {4: "ip", 6: "ip6"}
-LEGACY_TABLES = {4: "/proc/net/ip_tables_names", 6: "/proc/net/ip6_tables_names"}
 
 NFT_MSG_GETCHAIN = (netlink.NFNL_SUBSYS_NFTABLES << 8) | 4
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
@@ -66,11 +65,8 @@ def _legacy_chains() -> set[str]:
     """Our chains in the nat table of iptables-legacy, either family (both listed at once)."""
     saves = []
     for family in FAMILIES:
-        try:
-            if "nat" not in Path(LEGACY_TABLES[family]).read_text().split():
-                continue  # no legacy nat table: nothing to list (and listing would create it)
-        except OSError:
-            continue  # ip_tables not loaded
+        if "nat" not in legacy_tables(family):
+            continue  # no legacy nat table: nothing to list (and listing would create it)
         tool = f"{'iptables' if family == 4 else 'ip6tables'}-legacy-save"
         if shutil.which(tool) is not None:
             saves.append(subprocess.Popen([tool, "-t", "nat"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,

@@ -75,17 +75,27 @@ def masquerade_line(rule: MasqueradeRule, random_fully: bool) -> str:
     )
 
 
+def legacy_tables(family: int) -> set[str]:
+    """The iptables-legacy tables that exist in this namespace, from /proc: listing a
+    legacy table would create it, so every reader asks here first."""
+    names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
+    try:
+        return set(names.read_text().split())
+    except OSError:  # ip_tables not loaded
+        return set()
+
+
 def br_netfilter() -> bool:
     """br_netfilter is loaded here: bridged frames meet the ip hooks (a node fact)."""
     return Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists()
 
 
-def chain_rules(fp: FamilyPlan, bridged: bool | None = None) -> list[str]:
+def chain_rules(fp: FamilyPlan, *, bridged: bool) -> list[str]:
     """Our chain, as `iptables -S CHAIN` prints it. `bridged`: br_netfilter is loaded
-    (None: look)."""
+    (a node fact the backend reads, br_netfilter(): rendering reads nothing)."""
     rules = SHAPES["rules"]
     lines = [f"-N {CHAIN}"]
-    if br_netfilter() if bridged is None else bridged:
+    if bridged:
         lines.append(rules["bridged"])
     lines += [rules["inbound"], rules["local"]]
     if fp.exempt:
@@ -98,15 +108,15 @@ def inbound_rules() -> list[str]:
     return [f"-N {IN_CHAIN}", INBOUND["mark"]]
 
 
-def render_restore(fp: FamilyPlan, live_jumps: list[str] = (), live_in_jumps: list[str] = (),
-                   bridged: bool | None = None) -> str:
+def render_restore(fp: FamilyPlan, live_jumps: list[str] = (), live_in_jumps: list[str] = (), *,
+                   bridged: bool) -> str:
     """One iptables-restore --noflush transaction: the mangle chain that marks connections
     to the node and the nat chain rewritten, exactly one jump to each."""
     lines = [f"*{INBOUND['table']}", f":{IN_CHAIN} - [0:0]", *inbound_rules()[1:]]
     if list(live_in_jumps) != [INBOUND["jump"]]:
         lines += ["-D" + jump[2:] for jump in live_in_jumps] + [INBOUND["jump"]]
     lines += ["COMMIT", f"*{SHAPES['table']}", f":{CHAIN} - [0:0]"]
-    lines += chain_rules(fp, bridged)[1:]
+    lines += chain_rules(fp, bridged=bridged)[1:]
     if list(live_jumps) != [SHAPES["jump"]]:
         lines += ["-D" + jump[2:] for jump in live_jumps]
         lines.append(SHAPES["jump"])
@@ -153,6 +163,7 @@ class IptablesBackend(Backend):
         assert variant in VARIANTS
         self.variant = variant
         self.name = f"iptables-{variant}"
+        self.bridged = br_netfilter()  # read once: render and drift compare against the same
 
     def tool(self, family: int, suffix: str = "") -> str:
         base = "iptables" if family == 4 else "ip6tables"
@@ -174,19 +185,14 @@ class IptablesBackend(Backend):
                 parts.append(f"# IPv{fp.family}: ipset restore")
                 parts.append(render_set(fp).rstrip("\n"))
             parts.append(f"# IPv{fp.family}: {self.tool(fp.family, '-restore')} --noflush -w")
-            parts.append(render_restore(fp).rstrip("\n"))
+            parts.append(render_restore(fp, bridged=self.bridged).rstrip("\n"))
         return "\n".join(parts) + "\n"
 
     # -- reading what we own
 
     def _nat_table_exists(self, family: int, table: str = "nat") -> bool:
         if self.variant == "legacy":
-            # Listing a legacy table instantiates it; /proc says whether it exists.
-            names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
-            try:
-                return table in names.read_text().split()
-            except OSError:
-                return False
+            return table in legacy_tables(family)
         return True  # iptables-nft lists without creating anything
 
     def _read_inbound(self, family: int, live: IptablesFamilyLive) -> None:
@@ -250,7 +256,7 @@ class IptablesBackend(Backend):
                 for chain in ("PREROUTING", IN_CHAIN):
                     digest.update(run([self.tool(family), "-w", "-t", INBOUND["table"], "-S", chain],
                                       check=False).stdout.encode())
-            digest.update(b"bridged" if br_netfilter() else b"")
+            digest.update(b"bridged" if self.bridged else b"")
             for name in owned:
                 digest.update(run(["ipset", "save", name], check=False).stdout.encode())
         return f"{self.name} {digest.hexdigest()}"
@@ -270,7 +276,7 @@ class IptablesBackend(Backend):
         problems = list(live.problems) + stale
         if not live.chain_exists:
             problems.append(f"chain {CHAIN} missing")
-        elif live.rules != chain_rules(fp):
+        elif live.rules != chain_rules(fp, bridged=self.bridged):
             problems.append(f"chain {CHAIN} differs")
         if live.jumps != [SHAPES["jump"]]:
             problems.append(f"{len(live.jumps)} jumps from POSTROUTING instead of 1")
@@ -330,10 +336,10 @@ class IptablesBackend(Backend):
             if fp.exempt:
                 self._ensure_set(fp, live)
             run([self.tool(family, "-restore"), "--noflush", "-w"],
-                input=render_restore(fp, live.jumps, live.in_jumps))
+                input=render_restore(fp, live.jumps, live.in_jumps, bridged=self.bridged))
             self._destroy_stale_sets(family, set_name(fp) if fp.exempt else None)
             what = "installed" if not live.installed else "updated (" + ", ".join(problems) + ")"
-            changes.append(f"ipv{family} {what}: {len(chain_rules(fp)) - 1} rules, {len(fp.exempt)} exempt prefixes")
+            changes.append(f"ipv{family} {what}: {len(chain_rules(fp, bridged=self.bridged)) - 1} rules, {len(fp.exempt)} exempt prefixes")
         return changes
 
     def _remove_family(self, family: int, live: IptablesFamilyLive) -> bool:

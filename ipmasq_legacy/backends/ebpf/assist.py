@@ -31,7 +31,7 @@ from ... import ruledata
 from ...plan import FamilyPlan, masquerade_rules
 from ..base import FAMILIES, run
 from ..iptables import SHAPES as IPT
-from ..iptables import VARIANTS, br_netfilter, detect_variant
+from ..iptables import VARIANTS, br_netfilter, detect_variant, legacy_tables
 
 ASSIST = ruledata.load("ebpf")["assist"]
 CHAIN = ASSIST["chain"]
@@ -56,11 +56,11 @@ def _out(interface: str | None) -> str:
     return IPT["out_interface"].format(interface=interface) if interface else IPT["out_interface_any"]
 
 
-def chain_rules(fp: FamilyPlan, pins: Path, bridged: bool | None = None) -> dict[str, list[str]]:
+def chain_rules(fp: FamilyPlan, pins: Path, bridged: bool) -> dict[str, list[str]]:
     """Our chains by name, as `iptables -S CHAIN` prints them. Sources are the programs'
-    business (the src tries). `bridged`: br_netfilter is loaded (None: look)."""
+    business (the src tries). `bridged`: br_netfilter is loaded (read by the caller)."""
     nat = [f"-N {CHAIN}"]
-    if br_netfilter() if bridged is None else bridged:
+    if bridged:
         nat.append(ASSIST["bridged"])
     nat += [ASSIST["inbound"], ASSIST["local"]]
     for rule in masquerade_rules(dataclasses.replace(fp, sources=())):
@@ -89,9 +89,9 @@ class AssistLive:
         return any(self.jumps.values()) or any(self.rules.values())
 
 
-def render_restore(fp: FamilyPlan | None, pins: Path, live: AssistLive) -> str:
+def render_restore(fp: FamilyPlan | None, pins: Path, live: AssistLive, bridged: bool) -> str:
     """One transaction: each chain rewritten (fp None: removed) with exactly one jump."""
-    want = chain_rules(fp, pins) if fp is not None else {}
+    want = chain_rules(fp, pins, bridged) if fp is not None else {}
     by_table: dict[str, list[str]] = {}
     for table, chain, jump in PARTS:
         jumps, exists = live.jumps.get(chain, []), bool(live.rules.get(chain))
@@ -112,13 +112,8 @@ def read(variant: str, family: int) -> AssistLive:
     """Our jumps and chains in one variant, from one `-save` (which lists only the tables
     that exist: for legacy, those /proc names; it creates none)."""
     empty = AssistLive(variant, family, {}, {})
-    if variant == "legacy":
-        names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
-        try:
-            if not {table for table, _c, _j in PARTS} & set(names.read_text().split()):
-                return empty
-        except OSError:
-            return empty
+    if variant == "legacy" and not {table for table, _c, _j in PARTS} & legacy_tables(family):
+        return empty
     if shutil.which(tool(family, variant, "-save")) is None:
         return empty
     text = run([tool(family, variant, "-save")], check=False).stdout
@@ -145,18 +140,19 @@ def _wanted(live: AssistLive, families: dict[int, FamilyPlan | None], variant: s
     return families.get(live.family) if live.variant == variant else None
 
 
-def _in_sync(live: AssistLive, fp: FamilyPlan, pins: Path) -> bool:
-    return live.rules == chain_rules(fp, pins) and all(live.jumps.get(chain) == [jump] for _t, chain, jump in PARTS)
+def _in_sync(live: AssistLive, fp: FamilyPlan, pins: Path, bridged: bool) -> bool:
+    return live.rules == chain_rules(fp, pins, bridged) and all(live.jumps.get(chain) == [jump] for _t, chain, jump in PARTS)
 
 
 def problems(families: dict[int, FamilyPlan | None], pins: Path, found: list[AssistLive]) -> list[str]:
+    bridged = br_netfilter()
     variant = variant_in_use(found)
     out = []
     for live in found:
         fp = _wanted(live, families, variant)
         if fp is None and live.installed:
             out.append(f"ipv{live.family}: netfilter assist in iptables-{live.variant} not wanted")
-        elif fp is not None and not _in_sync(live, fp, pins):
+        elif fp is not None and not _in_sync(live, fp, pins, bridged):
             out.append(f"ipv{live.family}: netfilter assist chains " + ("missing" if not live.installed else "differ"))
     return out
 
@@ -166,12 +162,13 @@ def sync(families: dict[int, FamilyPlan | None], pins: Path, force: bool = False
     for reloaded programs); remove them from the other variant. Returns what changed."""
     found = read_all()
     variant = variant_in_use(found)
+    bridged = br_netfilter()
     changed = []
     for live in found:
         fp = _wanted(live, families, variant)
-        if (fp is None and not live.installed) or (fp is not None and not force and _in_sync(live, fp, pins)):
+        if (fp is None and not live.installed) or (fp is not None and not force and _in_sync(live, fp, pins, bridged)):
             continue
-        run([tool(live.family, live.variant, "-restore"), "--noflush", "-w"], input=render_restore(fp, pins, live))
+        run([tool(live.family, live.variant, "-restore"), "--noflush", "-w"], input=render_restore(fp, pins, live, bridged))
         changed.append(f"ipv{live.family} netfilter assist {'removed' if fp is None else 'written'} "
                        f"(iptables-{live.variant})")
     return changed
