@@ -127,3 +127,15 @@ def nft_tables(wanted) -> dict[tuple[str, str], dict[int, bytes] | None]:
             out[(family, name)] = attrs(replies[0][1], 4) if replies else None
     return out
 
+
+def nft_table_names() -> list[tuple[str, str]]:
+    """(family, name) of every nf_tables table: one dump of the tables alone (their sets'
+    elements are not fetched, as `nft list ruleset` would fetch them)."""
+    names = {v: k for k, v in NFPROTO.items()}
+    out = []
+    with Netlink(NETLINK_NETFILTER) as nl:
+        for _kind, msg in nl.request(NFT_MSG_GETTABLE, _nfgenmsg(socket.AF_UNSPEC), dump=True):
+            name = text(attrs(msg, 4).get(NFTA_TABLE_NAME))
+            if name is not None:
+                out.append((names.get(msg[0], str(msg[0])), name))
+    return out

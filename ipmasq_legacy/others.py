@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from . import state
+from . import netlink, state
 from .backends.base import FAMILIES, run
 from .backends.iptables import legacy_tables
 from .errors import ApplyError
@@ -26,6 +26,7 @@ CHAINS = {"IP-MASQ-AGENT": "ip-masq-agent", "IP-MASQ": "ip-masq-agent", "FLANNEL
 OURS = ("IPMASQ-LEGACY", "IPMASQ-EBPF")
 TAKE_OVER = {"ip-masq-agent"}  # what --take-over knows how to remove
 RECORD = "taken-over.json"
+IPTABLES_NFT_TABLES = {"nat", "filter", "mangle", "raw", "security"}
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,18 @@ def find() -> list[Found]:
             if m and m.group(1) not in OURS and _manager(m.group(1), line) in ("docker", "kube-proxy", "unknown"):
                 found.append(Found(_manager(m.group(1), line), where, line))
     if shutil.which("nft"):
-        table = None
-        for line in run(["nft", "list", "ruleset"], check=False).stdout.splitlines():
-            m = re.match(r"table (\S+) (\S+) \{", line)
-            if m:
-                table = f"{m.group(1)} {m.group(2)}"
-            elif table and "masquerade" in line and not table.split()[1].startswith("ipmasq_legacy") \
-                    and table.split()[1] not in ("nat",):  # iptables-nft's tables: listed above
-                found.append(Found(table.split()[1], f"nft table {table}", line.strip()))
+        # others' tables one by one: `nft list ruleset` would fetch our exempt set's
+        # elements too (0.5-0.9 s beside 100,000 of them, on every `status`)
+        try:
+            tables = netlink.nft_table_names()
+        except OSError:
+            tables = []
+        for family, name in tables:
+            if name.startswith("ipmasq_legacy") or name in IPTABLES_NFT_TABLES:  # ours; iptables-nft's: above
+                continue
+            listing = run(["nft", "list", "table", family, name], check=False).stdout
+            found += [Found(name, f"nft table {family} {name}", line.strip())
+                      for line in listing.splitlines() if "masquerade" in line]
     return sorted(set(found), key=lambda f: (f.manager, f.where, f.what))
 
 
