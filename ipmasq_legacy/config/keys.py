@@ -32,6 +32,11 @@ class Config:
     datapath: str = "auto"
     iptables_random_fully: bool = False
     masquerade_to_ports: tuple = ()
+    # Issue 17 (README "The decision"): destinations masqueraded even inside a wider exempt
+    # prefix; masquerade only to these; SNAT to this address on this out-interface.
+    force_masquerade_cidrs: tuple = ()
+    masquerade_only_cidrs: tuple = ()
+    egress_masquerade_addresses: tuple = ()  # ((pattern, address), ...)
     # Loaded from ip_masq_agent_config_path when enable_ip_masq_agent is on, or inline
     # (Helm's ipMasqAgent.config): then no file is read.
     masq_agent: MasqAgentConfig | None = None
@@ -55,6 +60,9 @@ KEYS: dict[str, tuple[str, Callable]] = {
     "datapath": ("datapath", v.parse_datapath),
     "iptables-random-fully": ("iptables_random_fully", v.parse_bool),
     "masquerade-to-ports": ("masquerade_to_ports", v.parse_port_ranges),
+    "force-masquerade-cidrs": ("force_masquerade_cidrs", lambda x, w: v.parse_networks(x, w)),
+    "masquerade-only-cidrs": ("masquerade_only_cidrs", lambda x, w: v.parse_networks(x, w)),
+    "egress-masquerade-addresses": ("egress_masquerade_addresses", v.parse_snat_addresses),
 }
 
 # More of Cilium's option names, with the meaning they have in Cilium (README: Compatibility).
@@ -74,7 +82,9 @@ CLI_ALIASES = ("bpf-masquerade", "enable-bpf-masquerade")  # also command-line o
 UNSUPPORTED = {
     "enable-masquerade-to-route-source": "the source becomes the out-interface's primary address, never a "
                                          "route's source address",
-    "derive-masquerade-ip-addr-from-device": "the source becomes the out-interface's own primary address",
+    "derive-masquerade-ip-addr-from-device": "Cilium takes that device's address whichever link a packet leaves "
+                                             "by; here the address must be on the out-link: give it in "
+                                             "egress-masquerade-addresses",
     "enable-ipv4-egress-gateway": "egress gateway policies are Cilium's; there is no per-pod gateway here",
     "enable-egress-gateway": "egress gateway policies are Cilium's; there is no per-pod gateway here",
 }

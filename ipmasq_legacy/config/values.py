@@ -7,6 +7,7 @@ line naming the key, the value and the file.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, NamedTuple
 
@@ -123,6 +124,45 @@ def parse_networks(value: Any, where: str, family: int | None = None) -> tuple:
         if parsed is not None:
             return tuple(parsed)
     return tuple(parse_network(item, where, family) for item in items)
+
+
+def parse_snat_addresses(value: Any, where: str) -> tuple:
+    """egress-masquerade-addresses: {pattern: address or [addresses]}, or the command line's
+    "eth0=203.0.113.7,eth0=2001:db8::7" -> ((pattern, address), ...), sorted, at most one
+    address per family and pattern. The address text is ipaddress's, so nothing else can
+    reach iptables-restore or nft input."""
+    if value is None:
+        return ()
+    pairs: list = []
+    if isinstance(value, dict):
+        for pattern, addresses in value.items():
+            items = addresses if isinstance(addresses, (list, tuple)) else _as_list(addresses, where)
+            pairs += [(pattern, a) for a in items]
+    else:
+        for item in _as_list(value, where):
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(f"{where}: {_show(item)} is not INTERFACE=ADDRESS (or use a mapping "
+                                  "interface: address)")
+            pattern, _, address = item.partition("=")
+            pairs.append((pattern, address))
+    out: dict = {}
+    for pattern, address in pairs:
+        pattern = parse_interface(pattern, where)
+        if pattern == "lo":
+            raise ConfigError(f"{where}: nothing leaving 'lo' is masqueraded; no address can be given for it")
+        if isinstance(address, bool) or not isinstance(address, str):
+            raise ConfigError(f"{where}: {pattern}: expected an IP address, got {_show(address)}")
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: {pattern}: {_show(address)} is not an IP address (no prefix length)") from None
+        if ip.is_multicast or ip.is_unspecified or ip.is_loopback or getattr(ip, "ipv4_mapped", None):
+            raise ConfigError(f"{where}: {pattern}: {_show(address)} cannot be a source address")
+        key = (pattern, ip.version)
+        if key in out and out[key] != str(ip):
+            raise ConfigError(f"{where}: {pattern}: two IPv{ip.version} addresses ({out[key]}, {ip}); give one")
+        out[key] = str(ip)
+    return tuple(sorted((pattern, address) for (pattern, _family), address in out.items()))
 
 
 def parse_datapath(value: Any, where: str) -> str:
