@@ -771,6 +771,9 @@ static __always_inline __be16 claim_port(const struct cfg *cfg, __u32 gen, const
 	int scan = total <= retries; /* a small range: try every port once */
 	__be16 found = 0;
 	for (__u32 i = 0; i < MAX_RETRIES; i++) {
+		/* Opaque to clang: without it clang 11 folds the two exits into one `i != min(retries, 64)`
+		 * test, whose bound the 5.10 verifier cannot see ("sequence of 8193 jumps is too complex"). */
+		asm volatile("" : "+r"(retries));
 		if (i >= retries)
 			break;
 		__u32 idx;
