@@ -796,7 +796,7 @@ def test_our_nft_tables_are_asked_by_name(node):
     ours installed runs no nft and imports no pyroute2."""
     def ask(then: str = "None"):
         code = ("import json, sys; from ipmasq_legacy.backends import ebpf; "
-                "print(json.dumps([sorted(ebpf._nft_tables()), ebpf.drain_tables_present(), ebpf.keeper_present(), "
+                "print(json.dumps([sorted(ebpf.keeper.nft_tables()), ebpf.drain_tables_present(), ebpf.keeper_present(), "
                 f"{then}, 'pyroute2' in sys.modules]))")
         return json.loads(in_node_python(node, code))
 

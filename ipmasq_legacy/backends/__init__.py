@@ -20,8 +20,23 @@ def get(name: str) -> Backend:
     if name == "ebpf":
         from .ebpf import EbpfBackend
 
-        return EbpfBackend()
+        return EbpfBackend(another_live=lambda: _another_live("ebpf"))
     raise BackendUnavailable(f"backend {name!r} is not available in this version (known: {', '.join(NAMES)})")
+
+
+def _another_live(but: str) -> bool:
+    """Whether a backend other than `but` is available and installed here (ebpf's remove:
+    then a switch, and its datapath drains its flows instead of dropping them)."""
+    for name in NAMES:
+        if name == but:
+            continue
+        try:
+            backend = get(name)
+            if backend.unavailable_reason() is None and backend.live().installed:
+                return True
+        except Exception:
+            continue
+    return False
 
 
 def resolve(datapath: str, probe: bool = True, live: list[str] | None = None) -> tuple[Backend, str]:

@@ -140,7 +140,7 @@ def _ebpf_draining() -> bool:
 
 def _our_tc_filters() -> bool:
     """A bpf filter named ipmasq_legacy/... on a clsact hook of any link."""
-    from .ebpf import _filters
+    from .ebpf.tc import our_filters
 
     try:
         with netlink.Netlink(NETLINK_ROUTE) as nl:
@@ -149,6 +149,6 @@ def _our_tc_filters() -> bool:
                 index = TCMSG.unpack_from(msg)[1]
                 if netlink.text(netlink.attrs(msg, TCMSG.size).get(TCA_KIND)) == "clsact":
                     clsact.add(index)
-            return any(any(_filters(index, nl).values()) for index in sorted(clsact))
+            return any(any(our_filters(index, nl).values()) for index in sorted(clsact))
     except OSError:
         return False

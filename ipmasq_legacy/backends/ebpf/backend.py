@@ -1,0 +1,490 @@
+"""EbpfBackend: the backend's verbs (render, live, drift, apply, follow, fingerprint,
+remove, reap) over the package's parts; what the datapath is and how it changes: the
+package's docstring (__init__.py)."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ... import netlink, state
+from ...bpf import loader
+from ...errors import ApplyError
+from ...netlink import NETLINK_ROUTE
+from ...plan import Plan
+from ..base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
+from . import assist, handover, node, programs
+from .bpffs import bpffs_reason, ensure_bpffs
+from .conntrack import netfilter_snat_tuples, seed_foreign, seed_pass
+from .encode import cfg_value, local_port_range, lpm_key, port_spans, translated_ports
+from .fingerprint import fingerprint as read_fingerprint
+from .generations import generation_problems, note_tries, write_generation
+from .keeper import (
+    DRAIN_TABLE,
+    KEEPER_TABLE,
+    add_drain_tables,
+    add_keeper,
+    delete_tables,
+    drain_tables_present,
+    keeper_present,
+)
+from .layout import CFG, CTL, F_DRAIN, F_V4, F_V6
+from .links import IF_DRAIN, IFACE, Link, matching_links, read_links
+from .maps import Background, Pinned, trie_notes
+from .names import HOOKS, PROGRAMS, SHAPES, TRIES, filter_name, object_path, pin_dir, pin_name
+from .tc import attach, detach, open_ipr, our_filters
+
+
+@dataclass
+class EbpfFamilyLive(FamilyLive):
+    attached: dict[str, dict[str, str]] = field(default_factory=dict)  # link -> hook -> filter name
+
+
+class EbpfBackend(Backend):
+    name = "ebpf"
+
+    def __init__(self, another_live: Callable[[], bool] | None = None):
+        self._obj: loader.BpfObject | None = None
+        # Whether another backend masquerades here now (remove: a switch, so ours drain);
+        # the registry (backends.get) passes its check, which this package cannot import.
+        self._another_live = another_live or (lambda: False)
+
+    # -- availability
+
+    def obj(self) -> loader.BpfObject:
+        if self._obj is None:
+            try:
+                self._obj = loader.read_object(str(object_path()))
+            except loader.ObjectError as exc:
+                raise ApplyError(f"BPF object: {exc}") from None
+        return self._obj
+
+    def unavailable_reason(self) -> str | None:
+        if loader.syscall_number() is None:
+            return f"no bpf(2) syscall number known for this machine ({os.uname().machine})"
+        path = object_path()
+        if not path.exists():
+            return (f"the BPF object {path} is not built: run `bash scripts/setup` (it installs clang, llvm "
+                    "and libbpf-dev and compiles ipmasq_legacy/bpf/masq.c)")
+        try:
+            self.obj()
+        except ApplyError as exc:
+            return str(exc)
+        if memlock := loader.raise_memlock():
+            return memlock
+        try:
+            sysobj = loader.Sys()
+            for map_type, key, value, flags in ((loader.MAP_LPM_TRIE, 9, 1, 1), (loader.MAP_LRU_HASH, 40, 32, 0),
+                                                (loader.MAP_PERCPU_ARRAY, 4, 8, 0)):
+                os.close(sysobj.map_create(map_type, key, value, 4, flags, "ipmq_probe"))
+        except loader.BpfError as exc:
+            why = "not permitted (needs root: CAP_BPF and CAP_NET_ADMIN)" if exc.errno == errno.EPERM else exc.strerror
+            return f"the kernel refuses BPF maps: {why}"
+        if verifier := programs.verifier_reason(self.obj(), sysobj):
+            return verifier
+        if lacking := assist.missing():
+            return f"missing {', '.join(lacking)} (the netfilter assist: install the iptables package)"
+        bpffs = bpffs_reason(pin_dir())
+        if bpffs and bpffs != "mount":
+            return bpffs
+        return None
+
+    # -- rendering
+
+    def render(self, plan: Plan) -> str:
+        families = self.wanted_families(plan)
+        ports = translated_ports(next((fp.to_ports for fp in plan.families), ()), local_port_range())
+        d = str(pin_dir())
+        lines = [
+            f"# ebpf: programs ipmq_egress / ipmq_ingress of {object_path()} on tc clsact (direct action),",
+            f"# pref {SHAPES['tc_priority']} handle {SHAPES['tc_handle']}, of every interface matching "
+            + (", ".join(plan.interfaces) if plan.interfaces else "any but lo"),
+            f"# maps pinned under {d}; bpftool batch syntax, generation 0 shown (apply writes the idle one, then",
+            "# flips ctl). Translated source ports: "
+            + (", ".join(f"{a}-{b}" if a != b else str(a) for a, b in port_spans(ports)) or "none"),
+            f"map update pinned {d}/cfg key hex 00 00 00 00 value hex {cfg_value(families, ports).hex(' ')}",
+        ]
+        for family in FAMILIES:
+            fp = families[family]
+            if fp is None:
+                lines.append(f"# IPv{family}: disabled")
+                continue
+            lines.append(f"# IPv{family}: sources " + (", ".join(fp.sources) or "any")
+                         + f"; {len(fp.exempt)} exempt prefixes")
+            for kind, prefixes in (("sources", fp.sources), ("exempt", fp.exempt)):
+                pin = pin_name(TRIES[kind][family])
+                for prefix in prefixes:
+                    lines.append(f"map update pinned {d}/{pin} key hex {lpm_key(family, 0, prefix).hex(' ')} "
+                                 f"value hex 01  # {prefix}")
+        lines.append(f"map update pinned {d}/ctl key hex 00 00 00 00 value hex 00 00 00 00")
+        return "\n".join(lines) + "\n"
+
+    # -- reading
+
+    def _read(self) -> tuple[dict, Pinned | None]:
+        """(facts, pinned-or-None). Facts: gen, cfg, tries, attached filters, iface map.
+        Over ..netlink and bpf(2): no pyroute2."""
+        facts: dict = {"attached": {}, "ifaces": {}, "installed": False}
+        links = read_links()
+        facts["links"] = links
+        with netlink.Netlink(NETLINK_ROUTE) as nl:
+            for index in links:
+                f = our_filters(index, nl)
+                if any(f.values()):
+                    facts["attached"][index] = {h: [(x["name"], x["id"]) for x in v] for h, v in f.items()}
+        pinned = None
+        if pin_dir().joinpath("ctl").exists():
+            try:
+                pinned = Pinned(self.obj())
+            except ApplyError:
+                pinned = Pinned(None)
+            if pinned.open("ipmq_ctl") is None:
+                pinned.close()
+                pinned = None
+        if pinned is not None:
+            facts["installed"] = True
+            gen = pinned.gen()
+            facts["gen"] = gen
+            facts["cfg"] = pinned.cfg(gen)
+            if pinned.open("ipmq_ifaces") is not None:
+                facts["ifaces"] = {struct.unpack("=I", k)[0]: v for k, v in pinned.items("ipmq_ifaces")}
+        return facts, pinned
+
+    def live(self) -> Live:
+        facts, pinned = self._read()
+        families = {}
+        try:
+            flags = CFG.unpack(facts["cfg"])[0] if facts.get("installed") else 0
+            drain = bool(flags & F_DRAIN)
+            links = facts["links"]
+            attached_names = {links[i].name if i in links else f"if{i}": hooks for i, hooks in facts["attached"].items()}
+            counters = pinned.if_counters() if pinned is not None and pinned.open("ipmq_ifstats") is not None else {}
+            for family in FAMILIES:
+                on = bool(flags & (F_V4 if family == 4 else F_V6)) and not drain
+                fl = EbpfFamilyLive(family=family, installed=on)
+                if on and pinned is not None:
+                    gen = facts["gen"]
+                    fl.exempt = pinned.trie("exempt", family, gen) if pinned.open(TRIES["exempt"][family]) is not None else ()
+                    fl.attached = attached_names
+                    for name, hooks in sorted(attached_names.items()):
+                        for hook in HOOKS:
+                            for fname, _id in hooks.get(hook, []):
+                                fl.rules.append(f"tc {hook} {name}: bpf da {fname}")
+                    for (index, fam), (packets, nbytes) in sorted(counters.items()):
+                        if fam != family:
+                            continue
+                        name = links[index].name if index in links else f"if{index}"
+                        fl.counters.append(RuleCounter(family, f"tc egress {name}: bpf {PROGRAMS['egress']}", name,
+                                                       packets, nbytes))
+                families[family] = fl
+        finally:
+            if pinned is not None:
+                pinned.close()
+        return Live(self.name, families)
+
+    # -- comparing
+
+    def _desired(self, plan: Plan, links: dict[int, Link]) -> dict:
+        families = self.wanted_families(plan)
+        enabled = [fp for fp in families.values() if fp is not None]
+        ports = translated_ports(enabled[0].to_ports if enabled else (), local_port_range())
+        if enabled and not ports:
+            raise ApplyError("no translated source port left: masquerade-to-ports lies inside the node's "
+                             f"ephemeral range {'-'.join(map(str, local_port_range()))} (ip_local_port_range)")
+        matched = matching_links(plan.interfaces, links) if enabled else {}
+        for fp in enabled:  # both generations live in one trie: each may use half of it
+            for kind in ("exempt", "sources"):
+                name = TRIES[kind][fp.family]
+                room = int(SHAPES["map_entries"].get(name, self.obj().maps[name].max_entries)) // 2
+                if len(getattr(fp, kind)) > room:
+                    raise ApplyError(f"ebpf: {len(getattr(fp, kind))} IPv{fp.family} {kind} prefixes do not fit "
+                                     f"(at most {room}: map_entries.{name} in rules/ebpf.yaml holds two generations)")
+        return {
+            "families": families,
+            "ports": ports,
+            "cfg": cfg_value(families, ports),
+            "matched": matched,
+            "local": {family: sorted({ipaddress.ip_address(a).packed for link in links.values()
+                                      for a in link.addresses if ipaddress.ip_address(a).version == family})
+                      for family in FAMILIES},
+        }
+
+    def _problems(self, plan: Plan, facts: dict, pinned: Pinned | None, desired: dict,
+                  thorough: bool = True) -> list[str]:
+        """What differs from the plan. thorough=False (apply): the tries and port tables
+        are read back only when nothing else differs, since the apply that follows any
+        problem rewrites whatever differs in them anyway."""
+        obj = self.obj()
+        wanted_any = any(fp is not None for fp in desired["families"].values())
+        if pinned is None:
+            return ["not installed"] if wanted_any else (["programs attached but no maps pinned"]
+                                                          if facts["attached"] else [])
+        problems = []
+        for name in obj.maps:
+            if pinned.open(name) is None:
+                problems.append(f"map {pin_name(name)} missing")
+            elif not pinned.compatible(name):
+                problems.append(f"map {pin_name(name)} has another shape")
+        if problems:
+            return problems
+        have, want = CFG.unpack(facts["cfg"]), CFG.unpack(desired["cfg"])
+        if have[:4] != want[:4]:
+            problems.append("config differs")
+        # cfg says what apply wrote; the maps hold what is there now (a hand edit shows)
+        if have[4] != want[4]:
+            problems.append("exempt or source prefixes differ")
+        # the live generation, read back below (when thorough or when nothing else differs)
+        deep = (have[4] == want[4], have[2:4] == want[2:4])
+        prog_ids = {}
+        for hook in PROGRAMS:
+            prog_ids[hook] = programs.prog_pinned(hook, obj)
+            if prog_ids[hook] is None:
+                problems.append(f"program {hook} not loaded")
+        problems += [f"program {hook} uses maps that are no longer pinned"
+                     for hook in programs.programs_on_stale_maps(pinned, obj)]
+        links = facts["links"]
+        for index, link in desired["matched"].items():
+            hooks = facts["attached"].get(index, {})
+            for hook in HOOKS:
+                if hooks.get(hook) != [(filter_name(hook, obj.digest), prog_ids[hook])]:
+                    problems.append(f"{link.name}: {hook} not attached" if not hooks.get(hook)
+                                    else f"{link.name}: {hook} runs another program")
+            if facts["ifaces"].get(index) != link.iface_value(attached=True):
+                problems.append(f"{link.name}: address or type changed")
+        for index in facts["attached"]:
+            if index not in desired["matched"]:
+                value = facts["ifaces"].get(index)
+                if value is None or not IFACE.unpack(value)[2] & IF_DRAIN:
+                    problems.append(f"{links[index].name if index in links else index}: attached but not matched")
+        for index in facts["ifaces"]:
+            if index not in desired["matched"] and index not in facts["attached"]:
+                problems.append(f"stale interface entry {index}")
+        for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
+            if sorted(pinned.keys(name)) != desired["local"][family]:
+                problems.append(f"ipv{family}: node addresses changed")
+        problems += assist.problems(desired["families"], pin_dir(), assist.read_all())
+        if SHAPES["conntrack_keeper"] and shutil.which("nft") and not keeper_present():
+            problems.append(f"nft table inet {KEEPER_TABLE} missing")
+        # drains that are done: reconcile removes what is left of them
+        if drain_tables_present() and not netfilter_snat_tuples():
+            problems.append(f"nft tables {DRAIN_TABLE}: netfilter's connections have ended")
+        draining = [i for i, v in facts["ifaces"].items() if IFACE.unpack(v)[2] & IF_DRAIN]
+        if draining:
+            busy = handover.busy_ifindexes(pinned)
+            for index in draining:
+                if index not in busy:
+                    problems.append(f"{links[index].name if index in links else index}: drained")
+        if any(deep) and (thorough or not problems):
+            problems += generation_problems(pinned, facts["gen"], desired, *deep)
+        return problems
+
+    def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
+        facts, pinned = self._read()
+        try:
+            desired = self._desired(plan, facts["links"])
+            return self._problems(plan, facts, pinned, desired)
+        finally:
+            if pinned is not None:
+                pinned.close()
+
+    # -- the fingerprint (reconcile's quick path)
+
+    def fingerprint(self) -> str | None:
+        """fingerprint.py: a digest of everything drift reads, as the kernel holds it now."""
+        return read_fingerprint()
+
+    # -- changing
+
+    def apply(self, plan: Plan) -> list[str]:
+        ensure_bpffs(pin_dir())
+        ipr = open_ipr()
+        facts, pinned = self._read()
+        try:
+            desired = self._desired(plan, facts["links"])
+            problems = self._problems(plan, facts, pinned, desired, thorough=False)
+            if not problems:
+                handover.reap(pinned, ipr)
+                return []
+            previous = state.read().get("backend")
+            if previous and previous != self.name:
+                add_drain_tables()  # netfilter's translated connections keep working after it goes
+            if SHAPES["conntrack_keeper"] and not keeper_present():
+                add_keeper()
+            if pinned is None:
+                pinned = Pinned(self.obj())
+            try:
+                changes = self._install(plan, facts, pinned, desired, ipr)
+            except (loader.BpfError, OSError) as exc:
+                raise ApplyError(f"ebpf: {exc}") from None
+            handover.reap(pinned, ipr)
+        finally:
+            if pinned is not None:
+                pinned.close()
+            ipr.close()
+        installed = "installed" if not facts["installed"] else "updated (" + ", ".join(problems[:3]) + (
+            ", ..." if len(problems) > 3 else "") + ")"
+        out = []
+        for family, fp in desired["families"].items():
+            if fp is None:
+                continue
+            out.append(f"ipv{family} {installed}: tc on {len(desired['matched'])} interfaces, "
+                       f"{len(fp.exempt)} exempt prefixes")
+        disabled = [f for f, fp in desired["families"].items() if fp is None]
+        if disabled and facts["installed"]:
+            flags = CFG.unpack(facts["cfg"])[0]
+            out += [f"ipv{f} removed (disabled)" for f in disabled if flags & (F_V4 if f == 4 else F_V6)]
+        return out or changes
+
+    def _install(self, plan: Plan, facts: dict, pinned: Pinned, desired: dict, ipr) -> list[str]:
+        obj = self.obj()
+        created = pinned.ensure()
+        if "ipmq_nat_fwd" in created or "ipmq_nat_rev" in created:
+            seed_foreign(pinned)
+        live_gen = pinned.gen()
+        idle = 1 - live_gen
+        notes = trie_notes()
+        # the live generation never had a config: a first install (or maps just created)
+        first = not any(pinned.cfg(live_gen))
+        # 1. the idle generation: read back, only what differs from the plan written
+        # (whatever it holds: the config before the last change, what a killed apply
+        # left half-written, a hand's edits)
+        write_generation(pinned, idle, desired, notes)
+        # 2. node facts: local addresses, the matched interfaces' addresses (flows
+        # translated to an address a link no longer has move to its new one)
+        self._write_node(facts, pinned, desired)
+        # 3. the switch: one write. The old generation is left as it is: the next change
+        # writes there what differs from it. After a first install it gets the config
+        # too (it never held one), so that the next change writes only what it changes;
+        # in the background, while programs load and filters attach.
+        pinned.update("ipmq_ctl", struct.pack("=I", 0), CTL.pack(idle))
+        mirror = Background(write_generation, pinned, live_gen, desired, notes) if first else None
+        try:
+            changes = self._attach_all(plan, facts, pinned, desired, ipr, obj, created)
+        finally:
+            if mirror is not None:
+                mirror.join()
+        if mirror is not None:
+            mirror.result()
+        note_tries(pinned, desired, idle, notes, both=first)
+        return changes
+
+    @staticmethod
+    def _write_node(facts: dict, pinned: Pinned, desired: dict) -> list[str]:
+        node.write_locals(pinned, desired["local"])
+        changed = node.changed_addresses(facts["ifaces"], desired["matched"])
+        node.write_ifaces(pinned, desired["matched"], facts["attached"])
+        local = {a for family in FAMILIES for a in desired["local"][family]}
+        done, forgotten = node.repoint_flows(pinned, changed, local) if pinned.open("ipmq_nat_fwd") is not None else (0, 0)
+        return [f"{done} flows moved to a new address, {forgotten} forgotten"] if done or forgotten else []
+
+    def follow(self, plan: Plan) -> list[str]:
+        """After a link or an address came or went (watch): the node facts written, the
+        programs attached to every matched link and taken off links gone, flows moved
+        off addresses gone; the decision's generations are not touched (the config is
+        the same). Nothing when ebpf is not installed."""
+        if not pin_dir().joinpath("ctl").exists():
+            return []
+        ipr = open_ipr()
+        facts, pinned = self._read()
+        try:
+            if pinned is None or not facts["installed"] or CFG.unpack(facts["cfg"])[0] & F_DRAIN:
+                return []
+            desired = self._desired(plan, facts["links"])
+            pinned.obj = self.obj()
+            created = pinned.ensure()  # every map open: the programs are checked against them all
+            changes = self._write_node(facts, pinned, desired)
+            changes += self._attach_all(plan, facts, pinned, desired, ipr, self.obj(), created)
+            gone = [i for i in facts["ifaces"] if i not in facts["links"]]
+            for index in gone:  # deleted links: their entries (and drains) go with them
+                pinned.delete("ipmq_ifaces", struct.pack("=I", index))
+            return changes + ([f"{len(gone)} deleted links forgotten"] if gone else [])
+        except (loader.BpfError, OSError) as exc:
+            raise ApplyError(f"ebpf: {exc}") from None
+        finally:
+            if pinned is not None:
+                pinned.close()
+            ipr.close()
+
+    def _attach_all(self, plan: Plan, facts: dict, pinned: Pinned, desired: dict, ipr, obj: loader.BpfObject,
+                    created: list[str]) -> list[str]:
+        """Steps 4 and 5 of _install: programs and filters, links no longer matched."""
+        # 4. programs, then the filters
+        fds, reloaded = programs.load(pinned, obj, force=bool(created))  # new maps: programs must use them
+        changes = assist.sync(desired["families"], pin_dir(), force=reloaded)
+        try:
+            # Ingress first: from then on every UDP (or other) flow entering is recorded,
+            # and flows already under way are taken from conntrack, so that no reply
+            # leaving a pod-facing interface is ever mistaken for a new flow.
+            fresh = [i for i in desired["matched"] if "egress" not in facts["attached"].get(i, {})
+                     or not facts["attached"][i]["egress"]]
+            for link in desired["matched"].values():
+                attach(ipr, pinned, link, fds, obj, hooks=("ingress",))
+            if fresh:
+                seed_pass(pinned)
+            for link in desired["matched"].values():
+                attach(ipr, pinned, link, fds, obj, hooks=("egress",))
+                # from now on the tc programs translate its TCP, UDP and echo flows, not ipmq_nf
+                pinned.update("ipmq_ifaces", struct.pack("=I", link.index), link.iface_value(attached=True))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        # 5. links no longer matched: drain (flows keep their decision) or detach
+        stale = [i for i in facts["attached"] if i not in desired["matched"]]
+        stale += [i for i in facts["ifaces"] if i not in desired["matched"] and i not in facts["attached"]]
+        if stale:
+            busy = handover.busy_ifindexes(pinned)
+            for index in set(stale):
+                link = facts["links"].get(index)
+                if link is not None and index in busy and index in facts["attached"]:
+                    pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value(drain=True))
+                else:
+                    detach(ipr, pinned, index)
+        return [f"{len(desired['matched'])} interfaces", *changes]
+
+    def reap(self) -> list[str]:
+        """For callers after a switch away from ebpf: remove the drained datapath once
+        its flows are quiet. Cheap when nothing of ours is installed."""
+        if not pin_dir().joinpath("ctl").exists() and not drain_tables_present():
+            return []
+        ipr = open_ipr()
+        facts, pinned = self._read()
+        try:
+            return handover.reap(pinned, ipr)
+        finally:
+            if pinned is not None:
+                pinned.close()
+            ipr.close()
+
+    def remove(self) -> list[str]:
+        if loader.syscall_number() is None:
+            return []
+        ipr = open_ipr()
+        try:
+            facts, pinned = self._read()
+            try:
+                if not facts["installed"] and not facts["attached"]:
+                    gone = [*assist.remove(), *(["nft tables " + ", ".join(t)] if (t := delete_tables()) else [])]
+                    return gone
+                flags = CFG.unpack(facts["cfg"])[0] if facts["installed"] else 0
+                families = [f"ipv{f}" for f in FAMILIES if flags & (F_V4 if f == 4 else F_V6)] or ["programs"]
+                if pinned is not None and facts["attached"] and not flags & F_DRAIN and self._another_live():
+                    # a switch: another backend masquerades new flows now; ours keep theirs
+                    busy = handover.busy_ifindexes(pinned)
+                    if busy:
+                        handover.enter_drain(pinned)
+                        return [f + " (draining its connections)" for f in families]
+                if pinned is not None:
+                    pinned.close()
+                    pinned = None
+                handover.remove_all(ipr)
+                return families
+            finally:
+                if pinned is not None:
+                    pinned.close()
+        finally:
+            ipr.close()
