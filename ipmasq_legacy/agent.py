@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, backends, config, state
+from . import __version__, backends, config, snat, state
 from . import plan as planmod
 from .backends import engines, tables
 from .config import Config
-from .errors import ApplyError, IpmasqError
+from .errors import ApplyError, ConfigError, IpmasqError
 
 log = logging.getLogger("ipmasq")
 
@@ -74,6 +74,12 @@ def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
     if reason:
         raise ApplyError(f"backend {backend.name} cannot run here: {reason}")
     the_plan = planmod.build(cfg)
+    # egress-masquerade-addresses not on their links: apply refuses before anything changes;
+    # reconcile keeps (or repairs) the rules with the configured address and reports it
+    # (snat.py says why it never falls back)
+    gone = snat.missing(snat.pairs(the_plan))
+    if gone and not only_if_drifted:
+        raise ConfigError("; ".join(gone) + ": add the address to the link, or change the config")
     digest = "".join(f.digest() for f in the_plan.families)
     others = [name for name in live if name != backend.name]
     previous = recorded
@@ -86,7 +92,7 @@ def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
     migrating = bool(previous) and previous != backend.name
     result = SyncResult(backend=backend.name, plan=the_plan)
     if only_if_drifted:
-        result.drift = engines.second_engines(live, backend.name, replaced=recorded)
+        result.drift = engines.second_engines(live, backend.name, replaced=recorded) + gone
         if not migrating:
             result.drift += backend.drift(the_plan)
             if not result.drift:
@@ -109,6 +115,9 @@ def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
     # goes once they have ended.
     result.changes += [f"finished handover: {what}" for what in backends.finish_handovers(backend.name)]
     result.duration = time.monotonic() - started
+    if gone:
+        raise ApplyError("; ".join(gone) + ": packets leaving it are still translated to that address, never "
+                         "the pod's; add the address back, or change the config")
     return result
 
 
@@ -151,6 +160,8 @@ def _unchanged_since_verified(config_path: str | None, options: dict) -> bool:
         return False
     if any(_file_digest(f) != d for f, d in record.get("files", {}).items()):
         return False
+    if snat.missing(record.get("snat", [])):  # an address of the node's is no file's bytes
+        return False
     if record.get("backend") != state.read().get("backend") or record.get("backend") not in backends.NAMES:
         return False
     if backends.handover_pending(record["backend"]):
@@ -178,7 +189,8 @@ def reconcile(config_path: str | None, options: dict, missing_ok: bool | None = 
     if not result.drift and not result.changes and before is not None and result.backend == recorded:
         # The fingerprint was taken before the full read: a change made during it is seen next time.
         state.write_json(VERIFIED, {**_inputs(cfg, config_path, options), "backend": recorded, "kernel": before,
-                                    "config_path": config_path or config.default_config_path()})
+                                    "config_path": config_path or config.default_config_path(),
+                                    "snat": snat.pairs(result.plan)})
     return result
 
 

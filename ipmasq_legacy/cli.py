@@ -283,6 +283,10 @@ def status(config_path, output, **kwargs):
     # every other engine of ours the kernel holds is drift (reconcile removes it)
     drift = backends.engines.second_engines(ours, backend.name)
     drift += backend.drift(the_plan, live) if the_plan is not None else [f"config source unknown: {unknown}"]
+    if the_plan is not None:
+        from . import snat
+
+        drift += snat.missing(snat.pairs(the_plan))
     exempt = planmod.sort_prefixes(p for f in live.families.values() for p in f.exempt)
     patterns = list(the_plan.interfaces) if the_plan is not None else []
     matched = links.matching(the_plan.interfaces) if the_plan is not None else []

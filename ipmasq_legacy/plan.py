@@ -10,8 +10,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from . import prefixes
+from . import prefixes, verdicts
 from .config import Config
+from .errors import ConfigError
+from .links import matches
 from .prefixes import Prefix
 from .ruledata import DEFAULTS
 
@@ -27,11 +29,14 @@ class FamilyPlan:
     exempt: tuple[str, ...]
     random_fully: bool = False
     to_ports: tuple[tuple[int, int], ...] = ()
+    # egress-masquerade-addresses of this family: (interface pattern, address), the most
+    # specific pattern first; packets leaving such an interface are SNATed to the address.
+    snat: tuple[tuple[str, str], ...] = ()
 
     def digest(self) -> str:
         """Stable short digest of the family's plan; names content-addressed objects."""
-        blob = json.dumps([self.family, self.interfaces, self.sources, self.exempt_digest(), self.random_fully,
-                           self.to_ports]).encode()
+        fields = [self.family, self.interfaces, self.sources, self.exempt_digest(), self.random_fully, self.to_ports]
+        blob = json.dumps(fields + ([self.snat] if self.snat else [])).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def exempt_digest(self) -> str:
@@ -44,6 +49,7 @@ class MasqueradeRule:
 
     source: str | None  # a pod CIDR; None: any source
     interface: str | None  # as configured ('eth+'); None: any interface but lo
+    snat: str | None = None  # the address to SNAT to (egress-masquerade-addresses); None: masquerade
     protocol: str | None = None  # 'tcp' or 'udp' when the rule carries a port range
     ports: tuple[int, int] | None = None
     # With several port ranges: take this rule for `share` / 2^31 of the new connections
@@ -56,8 +62,10 @@ PORT_PROTOCOLS = ("tcp", "udp")
 
 
 def masquerade_rules(fp: FamilyPlan) -> list[MasqueradeRule]:
-    """Every source x out-interface; with port ranges, per protocol and range first, the
-    connections spread over the ranges by size, then one rule without ports for the rest."""
+    """Every source x out-interface, the SNAT ones (egress-masquerade-addresses) first, so
+    they decide before the masquerade rule of a wider pattern; with port ranges, per
+    protocol and range first, the connections spread over the ranges by size, then one
+    rule without ports for the rest."""
     variants: list[tuple] = [(None, None, None)]
     if fp.to_ports:
         ranged = []
@@ -68,10 +76,11 @@ def masquerade_rules(fp: FamilyPlan) -> list[MasqueradeRule]:
             ranged.append(((first, last), share))
             remaining -= size
         variants = [(proto, ports, share) for proto in PORT_PROTOCOLS for ports, share in ranged] + variants
+    targets = list(fp.snat) + [(interface, None) for interface in (fp.interfaces or (None,))]
     return [
-        MasqueradeRule(source, interface, proto, ports, share)
+        MasqueradeRule(source, interface, address, proto, ports, share)
         for source in (fp.sources or (None,))
-        for interface in (fp.interfaces or (None,))
+        for interface, address in targets
         for proto, ports, share in variants
     ]
 
@@ -99,6 +108,7 @@ class Plan:
                     "exempt": list(f.exempt),
                     "random_fully": f.random_fully,
                     "to_ports": [f"{a}-{b}" for a, b in f.to_ports],
+                    **({"snat": dict(f.snat)} if f.snat else {}),
                 }
                 for f in self.families
             }
@@ -119,17 +129,58 @@ def sort_prefixes(items) -> list[str]:
 
 
 def _exempt(cfg: Config, family: int) -> list:
+    """The exempt entries of the verdict table: [(where from, [Prefix, ...]), ...]."""
     native = cfg.ipv4_native_routing_cidr if family == 4 else cfg.ipv6_native_routing_cidr
     pods = cfg.ipv4_pod_cidr if family == 4 else cfg.ipv6_pod_cidr
     # Cilium's default: without a native-routing CIDR, the node's pod CIDR is exempt.
-    exempt = list(native or pods)
+    v = f"ipv{family}"
+    groups = [(f"{v}-native-routing-cidr", list(native))] if native else [(f"{v}-pod-cidr", list(pods))]
     agent = cfg.masq_agent
     if cfg.enable_ip_masq_agent and agent is not None:
-        exempt += [n for n in agent.non_masquerade_cidrs if n.version == family]
+        groups.append(("nonMasqueradeCIDRs", [n for n in agent.non_masquerade_cidrs if n.version == family]))
         masq_link_local = agent.masq_link_local if family == 4 else agent.masq_link_local_ipv6
         if not masq_link_local:
-            exempt.append(prefixes.parse(DEFAULTS["link_local"][family]))
-    return exempt
+            groups.append(("masqLinkLocal" + ("IPv6" if family == 6 else ""),
+                           [prefixes.parse(DEFAULTS["link_local"][family])]))
+    if cfg.masquerade_only_cidrs:  # masquerade-only: everything is exempt but what is listed
+        groups.append(("masquerade-only-cidrs", [verdicts.EVERYTHING[family]]))
+    return groups
+
+
+def _resolved_exempt(cfg: Config, family: int) -> tuple[str, ...]:
+    for p in cfg.masquerade_only_cidrs:
+        if p.length == 0:
+            raise ConfigError(f"key 'masquerade-only-cidrs': {p} masquerades every destination; leave the key out "
+                              "for that")
+    masquerade = [("force-masquerade-cidrs", list(cfg.force_masquerade_cidrs)),
+                  ("masquerade-only-cidrs", list(cfg.masquerade_only_cidrs))]
+    return tuple(prefixes.texts(verdicts.resolve(family, _exempt(cfg, family), masquerade)))
+
+
+def _snat(cfg: Config, family: int) -> tuple[tuple[str, str], ...]:
+    """egress-masquerade-addresses of the family, most specific pattern first (an exact
+    name, then longer prefixes), each one inside egress-masquerade-interfaces."""
+    out = []
+    for pattern, address in cfg.egress_masquerade_addresses:
+        if (":" in address) != (family == 6):
+            continue
+        if cfg.egress_masquerade_interfaces:
+            if not any(_covers(i, pattern) for i in cfg.egress_masquerade_interfaces):
+                raise ConfigError(f"key 'egress-masquerade-addresses': {pattern!r} is not among "
+                                  f"egress-masquerade-interfaces ({', '.join(cfg.egress_masquerade_interfaces)}): "
+                                  "nothing leaving it is masqueraded")
+        elif matches(pattern, "lo"):
+            raise ConfigError(f"key 'egress-masquerade-addresses': {pattern!r} matches lo, where nothing is "
+                              "masqueraded; name the interfaces")
+        out.append((pattern, address))
+    return tuple(sorted(out, key=lambda pa: (pa[0].endswith("+"), -len(pa[0]), pa[0])))
+
+
+def _covers(interfaces: str, pattern: str) -> bool:
+    """Every name `pattern` matches is matched by `interfaces` too."""
+    if not interfaces.endswith("+"):
+        return interfaces == pattern
+    return pattern.rstrip("+").startswith(interfaces[:-1]) if pattern.endswith("+") else matches(interfaces, pattern)
 
 
 def build(cfg: Config) -> Plan:
@@ -143,9 +194,10 @@ def build(cfg: Config) -> Plan:
                 family=family,
                 interfaces=tuple(cfg.egress_masquerade_interfaces),
                 sources=normalise(pods),
-                exempt=normalise(_exempt(cfg, family)),
+                exempt=_resolved_exempt(cfg, family),
                 random_fully=cfg.iptables_random_fully,
                 to_ports=tuple(cfg.masquerade_to_ports),
+                snat=_snat(cfg, family),
             )
         )
     return Plan(families=tuple(families))

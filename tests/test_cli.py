@@ -53,7 +53,7 @@ def test_plan_json(tmp_path):
     cfg.write_text("egress-masquerade-interfaces: eth+\nipv4-native-routing-cidr: 10.0.0.0/8\n")
     data = json.loads(run("plan", "--config", str(cfg), "--backend", "iptables-legacy", "-o", "json").stdout)
     assert data["backend"] == "iptables-legacy"
-    assert data["plan"]["families"]["ipv4"]["exempt"] == ["10.0.0.0/8"]
+    assert data["plan"]["families"]["ipv4"]["exempt"] == ["10.0.0.0/8", "224.0.0.0/4"]  # multicast: always
     assert data["plan"]["families"]["ipv4"]["interfaces"] == ["eth+"]
     assert "-A IPMASQ-LEGACY -o eth+ -j MASQUERADE" in data["render"]
 

@@ -77,7 +77,9 @@ def test_seed_003_values_verbatim(tmp_path):
     assert cfg.masq_agent.masq_link_local is True
     # masqLinkLocal: 169.254.0.0/16 is masqueraded (the TKE metadata service needs the node's address);
     # the default ranges stay exempt, as in ip-masq-agent
-    assert exempt(cfg) == sorted(DEFAULT_11, key=lambda c: tuple(int(x) for x in c.split("/")[0].split(".")))
+    # (240.0.0.0/4 merged with multicast, exempt whatever the config: 224.0.0.0/3)
+    assert exempt(cfg) == sorted([c if c != "240.0.0.0/4" else "224.0.0.0/3" for c in DEFAULT_11],
+                                 key=lambda c: tuple(int(x) for x in c.split("/")[0].split(".")))
     assert "169.254.0.0/16" not in exempt(cfg)
     # the chart runs no IPv6 unless ipv6.enabled: nothing of IPv6 is masqueraded
     assert cfg.enable_ipv6_masquerade is False and exempt(cfg, 6) is None
@@ -228,7 +230,7 @@ def test_cilium_config_manifest(tmp_path):
     cfg = config.load(write(tmp_path, json.dumps(manifest), "cilium-config.json"))
     assert cfg.shape == "cilium-config" and cfg.datapath == "ebpf"
     assert cfg.enable_ipv6_masquerade is False and cfg.egress_masquerade_interfaces == ()
-    assert exempt(cfg) == ["10.0.0.0/8", "172.18.0.0/16", "192.168.0.0/17"]
+    assert exempt(cfg) == ["10.0.0.0/8", "172.18.0.0/16", "192.168.0.0/17", "224.0.0.0/4"]
     ignored = [w.text for w in cfg.warnings if w.kind == "ignored-keys"]
     assert len(ignored) == 1 and ignored[0].endswith(
         "4 keys unrelated to masquerading ignored: identity-allocation-mode, cluster-name, routing-mode, debug")

@@ -56,33 +56,13 @@ CONFIGS = {
 
 T = "\t"
 GOLDEN = {
-    "default": """\
-# IPv4: nft -f - (one transaction)
-add table ip ipmasq_legacy
-add chain ip ipmasq_legacy postrouting { type nat hook postrouting priority srcnat + 10; policy accept; }
-add rule ip ipmasq_legacy postrouting iif 0 fib saddr type != local return
-add rule ip ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
-add rule ip ipmasq_legacy postrouting fib daddr type local return
-add rule ip ipmasq_legacy postrouting oifname != "lo" counter masquerade
-add chain ip ipmasq_legacy prerouting { type filter hook prerouting priority dstnat - 10; policy accept; }
-add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
-# IPv6: nft -f - (one transaction)
-add table ip6 ipmasq_legacy
-add chain ip6 ipmasq_legacy postrouting { type nat hook postrouting priority srcnat + 10; policy accept; }
-add rule ip6 ipmasq_legacy postrouting iif 0 fib saddr type != local return
-add rule ip6 ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
-add rule ip6 ipmasq_legacy postrouting fib daddr type local return
-add rule ip6 ipmasq_legacy postrouting oifname != "lo" counter masquerade
-add chain ip6 ipmasq_legacy prerouting { type filter hook prerouting priority dstnat - 10; policy accept; }
-add rule ip6 ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
-""",
-    "interfaces": f"""\
+    "default": f"""\
 # IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
 table ip ipmasq_legacy {{
-{T}set exempt_12240718778febd5 {{
+{T}set exempt_710c021b28c49da6 {{
 {T}{T}type ipv4_addr
 {T}{T}flags interval
-{T}{T}elements = {{ 10.244.0.0/16 }}
+{T}{T}elements = {{ 224.0.0.0/4 }}
 {T}}}
 }}
 # IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
@@ -91,17 +71,65 @@ add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority src
 add rule ip ipmasq_legacy postrouting iif 0 fib saddr type != local return
 add rule ip ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip ipmasq_legacy postrouting fib daddr type local return
-add rule ip ipmasq_legacy postrouting ip daddr @exempt_12240718778febd5 return
-add rule ip ipmasq_legacy postrouting oifname "eth*" ip saddr 10.244.0.0/16 counter masquerade
-add rule ip ipmasq_legacy postrouting oifname "ens3" ip saddr 10.244.0.0/16 counter masquerade
+add rule ip ipmasq_legacy postrouting ip daddr @exempt_710c021b28c49da6 return
+add rule ip ipmasq_legacy postrouting oifname != "lo" counter masquerade
 add chain ip ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
 add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
-# IPv6: nft -f - (one transaction)
+# IPv6: nft -f - (transaction 1 of 2: the exempt set, alone)
+table ip6 ipmasq_legacy {{
+{T}set exempt_8792732c3e3d7381 {{
+{T}{T}type ipv6_addr
+{T}{T}flags interval
+{T}{T}elements = {{ ff00::/8 }}
+{T}}}
+}}
+# IPv6: nft -f - (transaction 2 of 2: the chain that uses it)
 add table ip6 ipmasq_legacy
 add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
 add rule ip6 ipmasq_legacy postrouting iif 0 fib saddr type != local return
 add rule ip6 ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip6 ipmasq_legacy postrouting fib daddr type local return
+add rule ip6 ipmasq_legacy postrouting ip6 daddr @exempt_8792732c3e3d7381 return
+add rule ip6 ipmasq_legacy postrouting oifname != "lo" counter masquerade
+add chain ip6 ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
+add rule ip6 ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
+""",
+    "interfaces": f"""\
+# IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
+table ip ipmasq_legacy {{
+{T}set exempt_27ff7500bf8a232b {{
+{T}{T}type ipv4_addr
+{T}{T}flags interval
+{T}{T}elements = {{ 10.244.0.0/16,
+{T}{T}{T}     224.0.0.0/4 }}
+{T}}}
+}}
+# IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
+add table ip ipmasq_legacy
+add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
+add rule ip ipmasq_legacy postrouting iif 0 fib saddr type != local return
+add rule ip ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
+add rule ip ipmasq_legacy postrouting fib daddr type local return
+add rule ip ipmasq_legacy postrouting ip daddr @exempt_27ff7500bf8a232b return
+add rule ip ipmasq_legacy postrouting oifname "eth*" ip saddr 10.244.0.0/16 counter masquerade
+add rule ip ipmasq_legacy postrouting oifname "ens3" ip saddr 10.244.0.0/16 counter masquerade
+add chain ip ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
+add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
+# IPv6: nft -f - (transaction 1 of 2: the exempt set, alone)
+table ip6 ipmasq_legacy {{
+{T}set exempt_8792732c3e3d7381 {{
+{T}{T}type ipv6_addr
+{T}{T}flags interval
+{T}{T}elements = {{ ff00::/8 }}
+{T}}}
+}}
+# IPv6: nft -f - (transaction 2 of 2: the chain that uses it)
+add table ip6 ipmasq_legacy
+add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority srcnat + 10; policy accept; }}
+add rule ip6 ipmasq_legacy postrouting iif 0 fib saddr type != local return
+add rule ip6 ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
+add rule ip6 ipmasq_legacy postrouting fib daddr type local return
+add rule ip6 ipmasq_legacy postrouting ip6 daddr @exempt_8792732c3e3d7381 return
 add rule ip6 ipmasq_legacy postrouting oifname "eth*" counter masquerade
 add rule ip6 ipmasq_legacy postrouting oifname "ens3" counter masquerade
 add chain ip6 ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
@@ -110,12 +138,13 @@ add rule ip6 ipmasq_legacy prerouting ct state new fib daddr type local ct mark 
     "tke": f"""\
 # IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
 table ip ipmasq_legacy {{
-{T}set exempt_d7681fb8b295bc68 {{
+{T}set exempt_47d5e663daf4b9e4 {{
 {T}{T}type ipv4_addr
 {T}{T}flags interval
 {T}{T}elements = {{ 10.0.0.0/16,
 {T}{T}{T}     172.18.0.0/16,
-{T}{T}{T}     192.168.0.0/17 }}
+{T}{T}{T}     192.168.0.0/17,
+{T}{T}{T}     224.0.0.0/4 }}
 {T}}}
 }}
 # IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
@@ -124,7 +153,7 @@ add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority src
 add rule ip ipmasq_legacy postrouting iif 0 fib saddr type != local return
 add rule ip ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip ipmasq_legacy postrouting fib daddr type local return
-add rule ip ipmasq_legacy postrouting ip daddr @exempt_d7681fb8b295bc68 return
+add rule ip ipmasq_legacy postrouting ip daddr @exempt_47d5e663daf4b9e4 return
 add rule ip ipmasq_legacy postrouting oifname != "lo" counter masquerade
 add chain ip ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
 add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark set ct mark | 0x00200000
@@ -132,10 +161,11 @@ add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark s
     "ports": f"""\
 # IPv4: nft -f - (transaction 1 of 2: the exempt set, alone)
 table ip ipmasq_legacy {{
-{T}set exempt_12240718778febd5 {{
+{T}set exempt_27ff7500bf8a232b {{
 {T}{T}type ipv4_addr
 {T}{T}flags interval
-{T}{T}elements = {{ 10.244.0.0/16 }}
+{T}{T}elements = {{ 10.244.0.0/16,
+{T}{T}{T}     224.0.0.0/4 }}
 {T}}}
 }}
 # IPv4: nft -f - (transaction 2 of 2: the chain that uses it)
@@ -144,7 +174,7 @@ add chain ip ipmasq_legacy postrouting {{ type nat hook postrouting priority src
 add rule ip ipmasq_legacy postrouting iif 0 fib saddr type != local return
 add rule ip ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip ipmasq_legacy postrouting fib daddr type local return
-add rule ip ipmasq_legacy postrouting ip daddr @exempt_12240718778febd5 return
+add rule ip ipmasq_legacy postrouting ip daddr @exempt_27ff7500bf8a232b return
 add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto tcp meta random & 2147483647 < 1007798105 counter masquerade to :1024-29999 fully-random
 add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto tcp counter masquerade to :32768-65535 fully-random
 add rule ip ipmasq_legacy postrouting oifname "eth0" ip saddr 10.244.0.0/16 meta l4proto udp meta random & 2147483647 < 1007798105 counter masquerade to :1024-29999 fully-random
@@ -156,11 +186,12 @@ add rule ip ipmasq_legacy prerouting ct state new fib daddr type local ct mark s
     "ipv6": f"""\
 # IPv6: nft -f - (transaction 1 of 2: the exempt set, alone)
 table ip6 ipmasq_legacy {{
-{T}set exempt_b3d54c9003f03fa3 {{
+{T}set exempt_d20f4b321e111a31 {{
 {T}{T}type ipv6_addr
 {T}{T}flags interval
 {T}{T}elements = {{ ::ffff:0:0/96,
-{T}{T}{T}     fd00::/8 }}
+{T}{T}{T}     fd00::/8,
+{T}{T}{T}     ff00::/8 }}
 {T}}}
 }}
 # IPv6: nft -f - (transaction 2 of 2: the chain that uses it)
@@ -169,7 +200,7 @@ add chain ip6 ipmasq_legacy postrouting {{ type nat hook postrouting priority sr
 add rule ip6 ipmasq_legacy postrouting iif 0 fib saddr type != local return
 add rule ip6 ipmasq_legacy postrouting ct mark & 0x00200000 == 0x00200000 return
 add rule ip6 ipmasq_legacy postrouting fib daddr type local return
-add rule ip6 ipmasq_legacy postrouting ip6 daddr @exempt_b3d54c9003f03fa3 return
+add rule ip6 ipmasq_legacy postrouting ip6 daddr @exempt_d20f4b321e111a31 return
 add rule ip6 ipmasq_legacy postrouting oifname "eth*" ip6 saddr 2001:db8::7 counter masquerade
 add rule ip6 ipmasq_legacy postrouting oifname "eth*" ip6 saddr fd00:10:244::/56 counter masquerade
 add chain ip6 ipmasq_legacy prerouting {{ type filter hook prerouting priority dstnat - 10; policy accept; }}
@@ -207,7 +238,7 @@ def test_registered():
 def test_tke_exempt_is_exactly_the_configmap(tmp_path):
     plan = plan_of(tmp_path, "tke")
     assert [f.family for f in plan.families] == [4]
-    assert plan.families[0].exempt == ("10.0.0.0/16", "172.18.0.0/16", "192.168.0.0/17")
+    assert plan.families[0].exempt == ("10.0.0.0/16", "172.18.0.0/16", "192.168.0.0/17", "224.0.0.0/4")
 
 
 def test_port_shares_come_from_the_plan_in_both_spellings():
@@ -330,7 +361,7 @@ def test_drift_phrases(tmp_path):
     only4 = Plan((fp4,))
     assert backend.drift(only4, Live("nftables", {4: good4, 6: good6})) == ["ipv6: installed but disabled"]
 
-    drifted = nftmod.parse_table(nftmod.render_table(fp4).replace("10.244.0.0/16 }", "10.244.0.0/16, 203.0.113.7 }"), 4)
+    drifted = nftmod.parse_table(nftmod.render_table(fp4).replace("224.0.0.0/4 }", "224.0.0.0/4, 203.0.113.7 }"), 4)
     drifted.rules.pop()
     assert backend.drift(plan, Live("nftables", {4: drifted, 6: good6})) == [
         "ipv4: chain postrouting differs",
@@ -460,10 +491,10 @@ def test_round_trip_every_golden_config(netns):
             assert state["rules"][family] == rules
         if name == "tke":
             assert "ipv6 removed (disabled)" in out
-            assert state["exempt"]["4"] == ["10.0.0.0/16", "172.18.0.0/16", "192.168.0.0/17"]
+            assert state["exempt"]["4"] == ["10.0.0.0/16", "172.18.0.0/16", "192.168.0.0/17", "224.0.0.0/4"]
             assert "ip6 ipmasq_legacy" not in netns.ruleset()
         if name == "ipv6":
-            assert state["exempt"]["6"] == ["::ffff:0:0/96", "fd00::/8"]
+            assert state["exempt"]["6"] == ["::ffff:0:0/96", "fd00::/8", "ff00::/8"]
     assert "removed nftables (ipv6)" in netns.ipmasq("flush")
     assert netns.ruleset() == ""
 

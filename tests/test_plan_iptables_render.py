@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from ipmasq_legacy import config, plan
 from ipmasq_legacy.backends import iptables as ipt
 
+MC4, MC6 = "224.0.0.0/4", "ff00::/8"  # multicast: exempt whatever the config (issue 17)
+
 
 def build(tmp_path, text, agent_text=None):
     cfg_text = textwrap.dedent(text)
@@ -40,13 +42,14 @@ def test_tke_configmap_golden(tmp_path):
     """)
     fp = p.family(4)
     assert p.family(6) is None
-    assert fp.exempt == ("10.0.0.0/16", "172.18.0.0/16", "192.168.0.0/17")
+    assert fp.exempt == ("10.0.0.0/16", "172.18.0.0/16", "192.168.0.0/17", MC4)
     name = ipt.set_name(fp)
     assert ipt.render_set(fp) == textwrap.dedent(f"""\
         create {name} hash:net family inet hashsize 1024 maxelem 65536
         add {name} 10.0.0.0/16
         add {name} 172.18.0.0/16
         add {name} 192.168.0.0/17
+        add {name} 224.0.0.0/4
     """)
     assert ipt.render_restore(fp, bridged=True) == textwrap.dedent(f"""\
         *mangle
@@ -70,14 +73,15 @@ def test_empty_agent_file_gives_11_ranges_plus_link_local(tmp_path):
     p = build(tmp_path, "", agent_text="")
     assert p.family(4).exempt == (
         "10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24",
-        "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "240.0.0.0/4",
+        "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+        "224.0.0.0/3",  # 240.0.0.0/4 and multicast, merged
     )
-    assert p.family(6).exempt == ("fe80::/10",)
+    assert p.family(6).exempt == ("fe80::/10", MC6)
 
 
 def test_masq_link_local_ipv6_drops_fe80(tmp_path):
     p = build(tmp_path, "", agent_text="nonMasqueradeCIDRs: [fd00::/8]\nmasqLinkLocalIPv6: true\n")
-    assert p.family(6).exempt == ("fd00::/8",)
+    assert p.family(6).exempt == ("fd00::/8", MC6)
     assert "169.254.0.0/16" in p.family(4).exempt
 
 
@@ -90,7 +94,7 @@ def test_eth_plus_interfaces_and_native_routing_golden(tmp_path):
         iptables-random-fully: true
     """)
     fp = p.family(4)
-    assert fp.exempt == ("10.0.0.0/8",)  # native routing replaces the pod cidr as exemption
+    assert fp.exempt == ("10.0.0.0/8", MC4)  # native routing replaces the pod cidr as exemption
     assert ipt.chain_rules(fp, bridged=False)[4:] == [
         "-A IPMASQ-LEGACY -s 10.244.0.0/16 -o eth+ -j MASQUERADE --random-fully",
         "-A IPMASQ-LEGACY -s 10.244.0.0/16 -o ens3 -j MASQUERADE --random-fully",
@@ -99,13 +103,13 @@ def test_eth_plus_interfaces_and_native_routing_golden(tmp_path):
 
 def test_pod_cidr_exempt_without_native_routing(tmp_path):
     p = build(tmp_path, "ipv4-pod-cidr: 10.244.0.0/16\nipv6-pod-cidr: fd00:244::/48\n")
-    assert p.family(4).exempt == ("10.244.0.0/16",)
+    assert p.family(4).exempt == ("10.244.0.0/16", MC4)
     assert p.family(6).sources == ("fd00:244::/48",)
 
 
 def test_to_ports_split_by_protocol_and_range_size(tmp_path):
     p = build(tmp_path, "masquerade-to-ports: 1024-29999,32768-65535\nenable-ipv6-masquerade: false\n")
-    rules = ipt.chain_rules(p.family(4), bridged=False)[3:]  # no exempt prefixes: no set rule
+    rules = ipt.chain_rules(p.family(4), bridged=False)[4:]  # after the set rule (multicast)
     assert rules[0] == ("-A IPMASQ-LEGACY ! -o lo -p tcp -m statistic --mode random --probability 0.46929256292"
                         " -j MASQUERADE --to-ports 1024-29999")
     assert rules[1] == "-A IPMASQ-LEGACY ! -o lo -p tcp -j MASQUERADE --to-ports 32768-65535"

@@ -63,16 +63,27 @@ def render_set(fp: FamilyPlan, name: str | None = None) -> str:
 
 
 def masquerade_line(rule: MasqueradeRule, random_fully: bool) -> str:
-    return SHAPES["rules"]["masquerade"].format(
-        source=SHAPES["source"].format(prefix=rule.source) if rule.source else "",
-        out_interface=(SHAPES["out_interface"].format(interface=rule.interface) if rule.interface
-                       else SHAPES["out_interface_any"]),
-        protocol=SHAPES["protocol"].format(protocol=rule.protocol) if rule.protocol else "",
+    """A masquerade rule, or an SNAT rule where the plan names the address
+    (egress-masquerade-addresses)."""
+    shapes = SHAPES
+    pieces = dict(
+        source=shapes["source"].format(prefix=rule.source) if rule.source else "",
+        out_interface=(shapes["out_interface"].format(interface=rule.interface) if rule.interface
+                       else shapes["out_interface_any"]),
+        protocol=shapes["protocol"].format(protocol=rule.protocol) if rule.protocol else "",
         # xt_statistic keeps the probability as a fraction of 2^31 and prints that back
-        port_share=SHAPES["port_share"].format(probability=rule.share / 2**31) if rule.share is not None else "",
-        to_ports=SHAPES["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
-        random_fully=SHAPES["random_fully"] if random_fully else "",
+        port_share=shapes["port_share"].format(probability=rule.share / 2**31) if rule.share is not None else "",
+        random_fully=shapes["random_fully"] if random_fully else "",
     )
+    if rule.snat is None:
+        return shapes["rules"]["masquerade"].format(
+            to_ports=shapes["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
+            **pieces)
+    ported = rule.ports and ":" in rule.snat
+    return shapes["rules"]["snat"].format(
+        address=shapes["snat_address6_ported"].format(address=rule.snat) if ported else rule.snat,
+        ports=shapes["snat_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
+        **pieces)
 
 
 def legacy_tables(family: int) -> set[str]:
@@ -222,7 +233,7 @@ class IptablesBackend(Backend):
                 m = _COUNTER.search(line)
                 rule = _COUNTER.sub("", line)
                 live.rules.append(rule)
-                if m and "-j MASQUERADE" in rule:
+                if m and ("-j MASQUERADE" in rule or "-j SNAT" in rule):
                     live.counters.append(
                         RuleCounter(family, rule, _interface_of(rule), int(m.group(1)), int(m.group(2)))
                     )

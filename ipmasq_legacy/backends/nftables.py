@@ -141,17 +141,26 @@ def interface_of(rule: str) -> str:
 
 
 def masquerade_line(rule: MasqueradeRule, family: int, random_fully: bool) -> str:
+    """A masquerade rule, or an snat rule where the plan names the address."""
     payload = SHAPES["payload"][family]
-    return SHAPES["rules"]["masquerade"].format(
+    pieces = dict(
         out_interface=interface_match(rule.interface) if rule.interface else SHAPES["out_interface_any"],
         source=(SHAPES["source"].format(payload=payload, prefix=_prefix_text(_network(rule.source, family)))
                 if rule.source else ""),
         protocol=SHAPES["protocol"].format(protocol=rule.protocol) if rule.protocol else "",
         # iptables-nft's spelling of `-m statistic --probability p`: p as a fraction of 2^31
         port_share=SHAPES["port_share"].format(threshold=rule.share) if rule.share is not None else "",
-        to_ports=SHAPES["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
         random_fully=SHAPES["random_fully"] if random_fully else "",
     )
+    if rule.snat is None:
+        return SHAPES["rules"]["masquerade"].format(
+            to_ports=SHAPES["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
+            **pieces)
+    address = _ntop(ipaddress.ip_address(rule.snat))  # checked again: nothing else reaches nft input
+    return SHAPES["rules"]["snat"].format(
+        address=SHAPES["snat_address6_ported"].format(address=address) if rule.ports and family == 6 else address,
+        ports=SHAPES["snat_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
+        **pieces)
 
 
 def set_name(fp: FamilyPlan) -> str:
@@ -408,7 +417,7 @@ def parse_table(text: str, family: int) -> NftFamilyLive:
             counter = _COUNTER.search(stmt)
             rule = _COUNTER.sub("counter", stmt)
             live.rules.append(rule)
-            if counter and re.search(r"\bmasquerade\b", rule):
+            if counter and re.search(r"\b(masquerade|snat to)\b", rule):
                 live.counters.append(
                     RuleCounter(family, rule, interface_of(rule), int(counter.group(1)), int(counter.group(2)))
                 )
