@@ -74,6 +74,17 @@ IFA_F_NODAD = 0x02
 
 MAGIC = b"IPMQ1"
 DEFAULT_PORT = 9000
+
+
+def _probe_timeout() -> float:
+    """A probe's wait for its packet: 2 s, times IPMASQ_PROBE_TIMEOUT_SCALE where the
+    machine is slow (tests/vm/guest.sh sets 3 in emulated guests, where a loaded TCG vCPU
+    delayed one TCP handshake past 2 s). Only probes that get nothing wait that long."""
+    try:
+        scale = float(os.environ.get("IPMASQ_PROBE_TIMEOUT_SCALE") or 1)
+    except ValueError:
+        scale = 1.0
+    return 2.0 * (scale if 1 <= scale <= 30 else 1.0)
 # Probe source ports are handed out sequentially from this range (below the
 # kernel's default ephemeral range 32768-60999) so that no probe reuses the
 # 5-tuple of a recent one: every probe is a NEW conntrack entry.
@@ -969,7 +980,7 @@ class TestBed:
         dst: str,
         proto: str = "udp",
         port: int = DEFAULT_PORT,
-        timeout: float = 2.0,
+        timeout: float | None = None,
         pod: int = 0,
         require_reply: bool = True,
     ) -> str | None:
@@ -985,6 +996,7 @@ class TestBed:
         arrived" (returns None)."""
         if self._closed:
             raise TestBedError("bed is closed")
+        timeout = _probe_timeout() if timeout is None else timeout
         if dst in self.DESTINATIONS:
             dst = self.DESTINATIONS[dst].address
         fam = _family_of(dst)
