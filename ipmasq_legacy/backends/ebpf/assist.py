@@ -64,14 +64,23 @@ def chain_rules(fp: FamilyPlan, pins: Path, bridged: bool) -> dict[str, list[str
         nat.append(ASSIST["bridged"])
     nat += [ASSIST["inbound"], ASSIST["local"]]
     for rule in masquerade_rules(dataclasses.replace(fp, sources=())):
-        nat.append(ASSIST["masquerade"].format(
+        pieces = dict(
             out_interface=_out(rule.interface),
             protocol=IPT["protocol"].format(protocol=rule.protocol) if rule.protocol else "",
             port_share=IPT["port_share"].format(probability=rule.share / 2**31) if rule.share is not None else "",
             program=pins / "prog_nf",
-            to_ports=IPT["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
             random_fully=IPT["random_fully"] if fp.random_fully else "",
-        ))
+        )
+        if rule.snat is None:
+            nat.append(ASSIST["masquerade"].format(
+                to_ports=IPT["to_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
+                **pieces))
+        else:  # egress-masquerade-addresses: the same address the tc programs translate to
+            ported = rule.ports and fp.family == 6
+            nat.append(ASSIST["snat"].format(
+                address=IPT["snat_address6_ported"].format(address=rule.snat) if ported else rule.snat,
+                ports=IPT["snat_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
+                **pieces))
     guard = [f"-N {GUARD_CHAIN}"] + [ASSIST["guard"].format(out_interface=_out(i), program=pins / "prog_guard")
                                      for i in (fp.interfaces or (None,))]
     return {IN_CHAIN: [f"-N {IN_CHAIN}", ASSIST["in_mark"]], CHAIN: nat, GUARD_CHAIN: guard}

@@ -34,7 +34,7 @@ from .keeper import (
     keeper_present,
 )
 from .layout import CFG, CTL, F_DRAIN, F_V4, F_V6
-from .links import IF_DRAIN, IFACE, Link, matching_links, read_links
+from .links import IF_DRAIN, IFACE, Link, matching_links, read_links, with_snat
 from .maps import Background, Pinned, trie_notes
 from .names import HOOKS, PROGRAMS, SHAPES, TRIES, filter_name, object_path, pin_dir, pin_name
 from .tc import attach, detach, open_ipr, our_filters
@@ -196,7 +196,7 @@ class EbpfBackend(Backend):
         if enabled and not ports:
             raise ApplyError("no translated source port left: masquerade-to-ports lies inside the node's "
                              f"ephemeral range {'-'.join(map(str, local_port_range()))} (ip_local_port_range)")
-        matched = matching_links(plan.interfaces, links) if enabled else {}
+        matched = with_snat(matching_links(plan.interfaces, links), plan) if enabled else {}
         for fp in enabled:  # both generations live in one trie: each may use half of it
             for kind in ("exempt", "sources"):
                 name = TRIES[kind][fp.family]

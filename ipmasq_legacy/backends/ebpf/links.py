@@ -8,6 +8,7 @@ datapath is attached to the master, never to its ports.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import struct
@@ -117,3 +118,20 @@ def matching_links(patterns, links: dict[int, Link]) -> dict[int, Link]:
     return {i: link for i, link in links.items()
             if (any(matches(p, link.name) for p in patterns) if patterns else link.name != "lo")
             and not is_port(link, links)}
+
+
+def with_snat(matched: dict[int, Link], plan) -> dict[int, Link]:
+    """The matched links, each translating to the address egress-masquerade-addresses gives
+    its name (the plan lists the most specific pattern first; the first match decides, as
+    the netfilter backends' rule order does) instead of its primary one, whether or not
+    the link holds it now: snat.py says why it never falls back."""
+    from ...links import matches
+
+    out = {}
+    for index, link in matched.items():
+        for fp in plan.families:
+            address = next((a for pattern, a in fp.snat if matches(pattern, link.name)), None)
+            if address is not None:
+                link = dataclasses.replace(link, **{"addr4" if fp.family == 4 else "addr6": address})
+        out[index] = link
+    return out
