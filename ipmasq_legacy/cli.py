@@ -7,6 +7,7 @@ Exit codes (spec section 5): 0 success, 1 change not made, 2 bad usage or config
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -15,9 +16,9 @@ import traceback
 
 import click
 
-from . import __version__, backends, config, links, lock, logs, source, state
+from . import __version__, backends, config, inputs, links, lock, logs, source, state
 from . import plan as planmod
-from .errors import ApplyError, IpmasqError
+from .errors import ApplyError, ConfigError, IpmasqError
 
 log = logging.getLogger("ipmasq")
 
@@ -47,6 +48,10 @@ def options_of(kwargs: dict) -> dict:
             options[key] = value
     backend = kwargs.pop("backend", None)
     if backend is not None:
+        # --backend is the command line's name for --datapath: both given, they must agree
+        if options.get("datapath", backend) != backend:
+            raise ConfigError(f"--backend {inputs.show(backend)} contradicts --datapath {inputs.show(options['datapath'])} "
+                              "(both set key 'datapath'): give one")
         options["datapath"] = backend
     return options
 
@@ -62,8 +67,32 @@ def config_options(func):
     return key_options(wrapper)
 
 
+class Seconds(click.ParamType):
+    """A finite, non-negative number of seconds: nan would wait forever, inf too."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        try:
+            return inputs.seconds(value, "")
+        except IpmasqError:
+            self.fail(f"{inputs.show(value)} is not a finite, non-negative number of seconds", param, ctx)
+
+
+class Address(click.ParamType):
+    """An IPv4 or IPv6 address to listen on."""
+
+    name = "address"
+
+    def convert(self, value, param, ctx):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            self.fail(f"{inputs.show(value)} is not an IPv4 or IPv6 address", param, ctx)
+
+
 def lock_option(func):
-    return click.option("--lock-timeout", type=float, default=30.0, show_default=True, metavar="SECONDS",
+    return click.option("--lock-timeout", type=Seconds(), default=30.0, show_default=True, metavar="SECONDS",
                         help="How long to wait for another ipmasq to finish.")(func)
 
 
@@ -103,9 +132,35 @@ def log_options(func):
                         show_default=True)(func)
 
 
+def _metrics_file(ctx, param, value):
+    """Checked before anything changes: its directory must exist and take a new file."""
+    if value is None:
+        return None
+    path = os.path.abspath(value)
+    directory = os.path.dirname(path)
+    where = f"--metrics-file {inputs.show_path(value)}"
+    if inputs.path_kind(path, "--metrics-file") == "dir":
+        raise click.BadParameter(f"{inputs.show_path(value)} is a directory", ctx, param)
+    if inputs.path_kind(directory, where + ": directory") != "dir":
+        raise click.BadParameter(f"directory {inputs.show_path(directory)} does not exist", ctx, param)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"directory {inputs.show_path(directory)} is not writable", ctx, param)
+    return value
+
+
 def metrics_file_option(func):
-    return click.option("--metrics-file", metavar="PATH",
+    return click.option("--metrics-file", metavar="PATH", callback=_metrics_file,
                         help="Write Prometheus metrics here (atomically), for node_exporter's textfile collector.")(func)
+
+
+def _write_metrics(path, collector) -> None:
+    """After a sync: a file that cannot be written now is a warning, not a failed sync."""
+    from . import metrics
+
+    try:
+        metrics.write_file(path, collector)
+    except OSError as exc:
+        log.warning("metrics file %s not written: %s", inputs.show_path(path), exc.strerror or exc)
 
 
 def _synced(lock_timeout, metrics_file, run):
@@ -120,7 +175,7 @@ def _synced(lock_timeout, metrics_file, run):
         return result
     finally:
         if metrics_file:  # the error count and the stale timestamp are news too
-            metrics.write_file(metrics_file, collector)
+            _write_metrics(metrics_file, collector)
 
 
 @cli.command()
@@ -138,6 +193,7 @@ def apply(config_path, lock_timeout, metrics_file, log_format, log_level, take_o
     from . import agent, others
 
     logs.setup(log_format, log_level)
+    inputs.need_net_admin("apply")
     src = source.for_apply(config_path, options_of(kwargs))
     cfg = src.load()
 
@@ -169,6 +225,7 @@ def reconcile(config_path, lock_timeout, metrics_file, log_format, log_level, **
     from . import agent
 
     logs.setup(log_format, log_level)
+    inputs.need_net_admin("reconcile")
     src = source.for_follow(config_path, options_of(kwargs))
     if src.note:
         log.warning("%s", src.note)
@@ -189,6 +246,7 @@ def flush(lock_timeout):
     """Remove everything ipmasq-legacy owns, in every backend."""
     from . import agent
 
+    inputs.need_net_admin("flush")
     with lock.held(lock_timeout):
         removed = agent.flush()
     click.echo("removed " + ", ".join(removed) if removed else "nothing to remove")
@@ -202,7 +260,8 @@ def flush(lock_timeout):
 @key_options
 @lock_option
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics and /healthz on this port.")
-@click.option("--metrics-address", default="0.0.0.0", show_default=True, help="Address for --metrics-port.")
+@click.option("--metrics-address", type=Address(), default="0.0.0.0", show_default=True,
+              help="Address for --metrics-port (IPv4 or IPv6).")
 @metrics_file_option
 @click.option("--flush-on-exit", is_flag=True, help="Remove the rules on SIGTERM instead of leaving them.")
 @log_options
@@ -218,6 +277,7 @@ def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics
     from .watch import Watcher, resync_interval
 
     logs.setup(log_format, log_level)
+    inputs.need_net_admin("watch")
     src = source.for_follow(config_path, options_of(kwargs))  # without --config: what apply installed
     if src.note:
         log.warning("%s", src.note)
@@ -232,14 +292,18 @@ def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics
     server = None
     if metrics_port is not None:
         max_age = max(3 * resync_interval(first), 60.0)
-        server = metrics.Server(metrics_address, metrics_port, collector, max_age)
+        try:  # before anything changes: a port taken or an address not ours is bad usage
+            server = metrics.Server(metrics_address, metrics_port, collector, max_age)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-address {metrics_address} --metrics-port {metrics_port}: cannot listen: "
+                              f"{exc.strerror or exc}") from None
         logging.getLogger("ipmasq").info("metrics on http://%s:%d/metrics", metrics_address, server.port)
 
     def on_sync(result):
         source.record(src, loaded[0] if loaded else None)  # watch applies: what it installed is the record
         collector.observe(result)
         if metrics_file:
-            metrics.write_file(metrics_file, collector)
+            _write_metrics(metrics_file, collector)
 
     try:
         code = Watcher(load, src.path, lock_timeout, flush_on_exit, on_sync).run()
@@ -275,6 +339,7 @@ def status(config_path, output, **kwargs):
     """Backend in use, matched interfaces, exempt prefixes, counters, in sync or drifted.
 
     Without --config, against the config the last apply installed."""
+    inputs.need_net_admin("status", "to read the rules")  # never "none installed" for want of a look
     src, cfg, unknown = _status_source(config_path, options_of(kwargs))
     ours = backends.engines.live_engines()  # asked of the kernel: state.json may be gone
     backend = _installed_backend(cfg, ours) or backends.resolve("auto", probe=False, live=ours)[0]
@@ -349,10 +414,12 @@ def _agent_source(cfg) -> str | None:
 @output_option
 def list_cmd(config_path, output, **kwargs):
     """The exempt prefixes in effect (as `cilium bpf ipmasq list` prints them)."""
+    inputs.need_net_admin("list", "to read the rules")  # never "No entries found." for want of a look
+    options = options_of(kwargs)
     recorded = state.read().get("backend")
     backend = backends.get(recorded) if recorded else _installed_backend(None, backends.engines.live_engines())
     if backend is None:  # nothing of ours live: the backend the config would use
-        cfg = source.for_follow(config_path, options_of(kwargs)).load()
+        cfg = source.for_follow(config_path, options).load()
         backend = _installed_backend(cfg, [])
     live = backend.live()
     exempt = planmod.sort_prefixes(p for f in live.families.values() for p in f.exempt)

@@ -8,15 +8,22 @@ import os
 import time
 
 from . import state
-from .errors import LockTimeout
+from .errors import ConfigError, LockTimeout
 
 
 @contextlib.contextmanager
 def held(timeout: float):
     directory = state.state_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # nothing was changed yet
+        raise ConfigError(f"cannot open the lock {path}: {exc.strerror or exc} (run as root; "
+                          "IPMASQ_STATE_DIR moves the state dir)") from None
+    if not (timeout >= 0 and timeout != float("inf")):  # nan never reaches a deadline
+        os.close(fd)
+        raise ConfigError(f"lock timeout {timeout!r}: not a finite, non-negative number of seconds")
     try:
         deadline = time.monotonic() + timeout
         while True:

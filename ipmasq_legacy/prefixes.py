@@ -20,6 +20,8 @@ from itertools import islice, repeat
 from operator import add, and_, itemgetter, le
 from typing import NamedTuple
 
+from .inputs import show
+
 _V4 = re.compile(r"[0-9.]{7,15}/[0-9]{1,2}")
 _V6 = re.compile(r"[0-9A-Fa-f:.]{2,45}/[0-9]{1,3}")
 _BITS = {4: 32, 6: 128}
@@ -98,7 +100,7 @@ def parse(text: str) -> Prefix:
             host_bits = (1 << (_BITS[family] - length)) - 1
             if value & host_bits:
                 network = Prefix(family, value & ~host_bits, length)
-                raise PrefixError(f"{text!r} has host bits set", suggestion=str(network))
+                raise PrefixError(f"{show(text)} has host bits set", suggestion=str(network))
             return Prefix(family, value, length)
     return _parse_slowly(text)
 
@@ -174,15 +176,16 @@ def _parse_slowly(text: str) -> Prefix:
     """ipaddress's rules for everything else (a bare address, a netmask, an error),
     but no zone index (fe80::1%eth0): a prefix in a rule cannot carry one."""
     if "%" in text:
-        raise PrefixError(f"{text!r} is not a CIDR (a zone index has no place in a prefix)")
+        raise PrefixError(f"{show(text)} is not a CIDR (a zone index has no place in a prefix)")
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
         try:
             loose = ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise PrefixError(f"{text!r} is not a CIDR ({exc})") from None
-        raise PrefixError(f"{text!r} has host bits set", suggestion=str(loose)) from None
+            why = str(exc) if len(str(exc)) <= 120 else "does not appear to be an IPv4 or IPv6 network"
+            raise PrefixError(f"{show(text)} is not a CIDR ({why})") from None
+        raise PrefixError(f"{show(text)} has host bits set", suggestion=str(loose)) from None
     return Prefix(net.version, int(net.network_address), net.prefixlen)
 
 

@@ -9,15 +9,36 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
 
+from .errors import ConfigError
+from .inputs import Missing, read_bytes, show_path
+
 DEFAULT_DIR = "/run/ipmasq-legacy"
 
 
+class StateDirError(ConfigError):
+    """The state dir (or a record in it) cannot be used: nothing was touched."""
+
+
 def state_dir() -> Path:
-    return Path(os.environ.get("IPMASQ_STATE_DIR") or DEFAULT_DIR)
+    """The state dir; something there that is not a directory (IPMASQ_STATE_DIR naming a
+    file, say) is an error, never a reason to act as if nothing were recorded."""
+    env = os.environ.get("IPMASQ_STATE_DIR")
+    path = Path(env or DEFAULT_DIR)
+    where = f"state dir {show_path(path)}" + (" (IPMASQ_STATE_DIR)" if env else "")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path  # made by the first write
+    except (OSError, ValueError) as exc:
+        raise StateDirError(f"{where}: cannot use it: {getattr(exc, 'strerror', None) or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(f"{where}: not a directory")
+    return path
 
 
 def read() -> dict:
@@ -40,11 +61,19 @@ def write(backend: str, fingerprint: str) -> None:
 
 
 def read_json(name: str) -> dict:
+    """A record; {} when there is none (or it is not JSON: it is rewritten). One that is
+    there but cannot be read (not root: the records are 0600) is an error: a command
+    must not report "nothing installed" because it could not look."""
+    path = state_dir() / name
     try:
-        data = json.loads((state_dir() / name).read_text())
+        data = json.loads(read_bytes(path, "state record"))
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except Missing:
         return {}
+    except ValueError:
+        return {}
+    except ConfigError as exc:
+        raise StateDirError(str(exc)) from None
 
 
 def remove(name: str) -> None:

@@ -15,15 +15,24 @@ from ipmasq_legacy.errors import ConfigError
 
 
 def libyaml(text: str):
-    """What the config loader made of a text before the fast path: the document, or the
-    ConfigError message (config._read_yaml as it was, JSON first)."""
+    """What the config loader makes of a text without the fast path: the document, or the
+    ConfigError message (JSON first; libyaml with keys given twice refused)."""
     if text.lstrip().startswith("{"):
         try:
             return "doc", config.json.loads(text)
         except ValueError:
             pass
     try:
-        return "doc", yaml.load(text, Loader=config.SAFE_LOADER)
+        # libyaml, noting keys given twice (an error in this tool's config: issue 14)
+        loader = config.text.Loader(text)
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
+        if loader.duplicates:
+            key, first, second = loader.duplicates[0]
+            return "error", f"f.yaml: key {key!r} is given twice in one mapping (lines {first} and {second}): keep one"
+        return "doc", doc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -31,7 +40,9 @@ def libyaml(text: str):
         return "error", f"f.yaml: not valid YAML{at}: {problem}"
     except RecursionError:
         return "error", "f.yaml: nested too deeply"
-    except Exception as exc:  # what the loader lets through (a date that is not: ValueError)
+    except (ValueError, TypeError, OverflowError) as exc:  # a date that is not (2001-02-30): one line too
+        return "error", f"f.yaml: a value YAML cannot build: {exc}"
+    except Exception as exc:  # what the loader lets through
         return "raises", repr(exc)
 
 

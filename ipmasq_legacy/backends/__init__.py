@@ -52,7 +52,13 @@ def resolve(datapath: str, probe: bool = True, live: list[str] | None = None) ->
         variant, why = detect_variant()
         return IptablesBackend(variant), why
     if datapath == "auto":
-        recorded = state.read().get("backend")
+        try:
+            recorded = state.read().get("backend")
+        except state.StateDirError as exc:
+            if probe:
+                raise
+            # plan needs no root: a record it may not read (0600) is said, not fatal
+            return get("nftables"), f"auto on a node with no rules assumed: {exc}"
         if recorded in NAMES:
             return get(recorded), f"installed (recorded in {state.state_dir() / 'state.json'})"
         if not probe:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..inputs import Missing, read_bytes, show
 from ..ruledata import DEFAULTS
 from .keys import ALIASES, KEYS, UNSUPPORTED
 
@@ -87,7 +88,7 @@ def _flatten(doc: dict, label: str) -> dict[str, Any]:
                 continue
             if not isinstance(value, dict):
                 raise ConfigError(f"key {key!r} in {label}: expected a mapping (as in Cilium's values.yaml), "
-                                  f"got {value!r}")
+                                  f"got {show(value)}")
             for child, child_value in value.items():
                 flat[f"{key}.{child}"] = child_value
         else:
@@ -119,14 +120,14 @@ def helm_layers(doc: dict, label: str) -> tuple[list, list, dict | None]:
     extra = flat.get(HELM_EXTRA)
     if extra is not None:
         if not isinstance(extra, dict):
-            raise ConfigError(f"key {HELM_EXTRA!r} in {label}: expected a mapping of cilium-config keys, got {extra!r}")
+            raise ConfigError(f"key {HELM_EXTRA!r} in {label}: expected a mapping of cilium-config keys, got {show(extra)}")
         extra_entries, extra_ignored = configmap_entries(extra, f"{HELM_EXTRA}.")
         layers.append(extra_entries)
         ignored += extra_ignored
     inline = flat.get(HELM_INLINE_AGENT)
     if inline is not None and not isinstance(inline, dict):
         raise ConfigError(f"key {HELM_INLINE_AGENT!r} in {label}: expected a mapping of ip-masq-agent keys, "
-                          f"got {inline!r}")
+                          f"got {show(inline)}")
     return layers, ignored, (inline or None)
 
 
@@ -140,6 +141,9 @@ def _version_dir(path: Path) -> Path:
     return Path(os.path.realpath(link)) if link.is_dir() else path
 
 
+MAX_KEYS = 10_000  # files in a ConfigMap directory (Kubernetes caps a ConfigMap at 1 MiB)
+
+
 def read_directory(path: Path, label: str) -> dict[str, bytes]:
     """{key: bytes} of a ConfigMap directory; dot-names (the kubelet's `..data`,
     `..2024_...`, editors' files) and subdirectories are not keys."""
@@ -151,12 +155,14 @@ def read_directory(path: Path, label: str) -> dict[str, bytes]:
                 entry = base / name
                 if name.startswith(".") or entry.is_dir():
                     continue
-                data[name] = entry.read_bytes()
+                if len(data) >= MAX_KEYS:
+                    raise ConfigError(f"{label}: more than {MAX_KEYS} files: not a ConfigMap")
+                data[name] = read_bytes(entry, f"{label}: key file")  # regular files only, bounded
             return data
-        except FileNotFoundError:
+        except (FileNotFoundError, Missing):
             continue
         except OSError as exc:
-            raise ConfigError(f"{label}: cannot read: {exc}") from None
+            raise ConfigError(f"{label}: cannot read: {exc.strerror or exc}") from None
     raise ConfigError(f"{label}: its files kept vanishing while read (a ConfigMap update?): try again")
 
 

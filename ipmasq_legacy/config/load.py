@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..inputs import cut, path_kind
 from ..ruledata import DEFAULTS
 from . import cilium, text
 from .keys import Config, apply_layer
@@ -80,7 +81,8 @@ def classify(doc: Any, path: Path) -> Document:
 
 
 def read_document(path: Path, must_exist: bool) -> Document | None:
-    if path.is_dir():
+    kind = path_kind(path, "config file")  # a symlink loop is an error, never "missing"
+    if kind == "dir":
         label = f"cilium-config {path}"
         data = cilium.directory_text(cilium.read_directory(path, label), label)
         if "config.yaml" in data:  # this tool's own ConfigMap, mounted without items:
@@ -92,7 +94,7 @@ def read_document(path: Path, must_exist: bool) -> Document | None:
         if not data:
             document.ignored.append("(none: the directory holds no keys; a ConfigMap not mounted yet?)")
         return document
-    if not path.exists():
+    if kind == "missing":
         if must_exist:
             raise ConfigError(f"config file {path}: no such file")
         return None
@@ -118,7 +120,8 @@ def load(path: str | None = None, options: dict[str, Any] | None = None, missing
         if ignored:
             notes.insert(0, ConfigWarning("ignored-keys", f"{document.label}: {len(ignored)} key"
                                           f"{'s' if len(ignored) > 1 else ''} unrelated to masquerading ignored: "
-                                          f"{', '.join(ignored)}"))
+                                          f"{', '.join(cut(str(k), 80) for k in ignored[:200])}"
+                                          + (f" (+{len(ignored) - 200} more)" if len(ignored) > 200 else "")))
     apply_layer(values, [(key, value, key) for key, value in (options or {}).items()], "on the command line",
                 True, notes)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import prefixes
+from .. import inputs, prefixes
 from ..errors import ConfigError
 from ..ruledata import DEFAULTS
 from . import text
@@ -65,14 +65,23 @@ def load_masq_agent(path_text: str, reader: str = "ip-masq-agent") -> MasqAgentC
     `reader` is who else reads this file on such a node ("cilium" when the config came
     from Cilium's documents): their differences are warned about."""
     path = Path(path_text)
-    if path.is_dir():  # a ConfigMap mounted without `items:` holds the key as a file
+    what = "ip-masq-agent config"
+    # As the agent: only a path that is not there (ENOENT) means the defaults; a symlink
+    # loop, a path through a file, no permission are errors (its os.Stat, then ReadFile).
+    kind = inputs.path_kind(path, what)
+    if kind == "dir":  # a ConfigMap mounted without `items:` holds the key as a file
+        if inputs.path_kind(path / "config", what) == "missing":
+            raise ConfigError(f"{what} {inputs.show_path(path)}: a directory without a 'config' file (a ConfigMap "
+                              "mounted with another key, or the wrong directory?)")
         path = path / "config"
-    if not path.exists():
+    elif kind == "missing":
         return MasqAgentConfig(non_masquerade_cidrs=default_ranges(), source=f"{path} (missing: defaults)")
-    label = f"ip-masq-agent config {path}"
-    raw = text.read_text(path, "ip-masq-agent config")
-    doc = text._parse_text(raw, label)
-    notes = []
+    label = f"{what} {inputs.show_path(path)}"
+    raw = text.read_text(path, what)
+    twice: list[str] = []
+    doc = text._parse_text(raw, label, duplicates=twice)
+    notes = [ConfigWarning("no-effect", f"{label}: {phrase}: the last one counts, as in ip-masq-agent")
+             for phrase in twice]
     # ip-masq-agent hands text starting with '{' to the JSON decoder as it is
     as_json = raw.lstrip().startswith("{")
     if as_json:
@@ -103,11 +112,12 @@ def from_document(doc: Any, label: str, source: str, json_order: bool = False,
             unknown.append(str(key))
             continue
         if field in given:
-            twice.append(f"{given[field][0]!r} and {key!r}")
+            twice.append(f"{_show(given[field][0])} and {_show(key)}")
         given[field] = (key, doc[key])
     if unknown:
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, MASQ_AGENT_KEYS, 1, 0.6))
-                 else repr(k) for k in unknown]
+        hints = [f"{_show(k)} (did you mean {m[0]!r}?)"
+                 if (m := difflib.get_close_matches(k[:100], MASQ_AGENT_KEYS, 1, 0.6)) else _show(k)
+                 for k in unknown[:10]] + ([f"(+{len(unknown) - 10} more)"] if len(unknown) > 10 else [])
         notes.append(ConfigWarning("unknown-key", f"{label}: unknown key{'s' if len(unknown) > 1 else ''} "
                                    f"{', '.join(hints)} ignored, as ip-masq-agent ignores them"))
     if twice:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .. import prefixes
+from .. import inputs, prefixes
 from ..errors import ConfigError
 
 # libyaml's loader when PyYAML has it: ten times faster on long prefix lists.
@@ -21,41 +21,155 @@ SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def read_text(path: Path, what: str) -> str:
-    """The file's text; `what` ("config file") starts the error message."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} {path}: is a directory") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{what} {path}: cannot read: {exc}") from None
+    """The file's text; `what` ("config file") starts the error message. Regular files
+    only, at most inputs.MAX_FILE_BYTES, UTF-8 (inputs.py)."""
+    return inputs.read_text(path, what)
 
 
 def read_yaml(path: Path, what: str) -> Any:
-    return _parse_text(read_text(path, what), f"{what} {path}")
+    return _parse_text(read_text(path, what), f"{what} {inputs.show_path(path)}")
 
 
-def _parse_text(text: str, label: str) -> Any:
+# ------------------------------------------------------------- bounds on what YAML builds
+# An alias is a reference: libyaml and PyYAML build `[&a [1,2], *a, *a]` as one list
+# referenced three times, so a "billion laughs" document loads fast, and then every walk
+# over it (a message quoting the value, a check of each item) takes forever. Documents
+# with aliases are measured first: the nodes their aliases add, counted as often as they
+# are referenced, may be ALIAS_NODES_LIMIT at most (go-yaml, which ip-masq-agent and
+# kubectl use, has a limit of the same kind), and an alias inside what it names is refused.
+
+ALIAS_NODES_LIMIT = 100_000
+NUMBER_CHARS_LIMIT = 100  # an integer of more digits is refused (Python's int() refuses 4,300)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class Loader(SAFE_LOADER):
+    """SAFE_LOADER that notes keys given twice in one mapping (PyYAML keeps the last one
+    silently) and refuses integers too long to be meant."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[tuple[Any, int, int]] = []  # (key, first line, second line)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple, int] = {}
+            for key_node, _value in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                    continue
+                key = (key_node.tag, key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    self.duplicates.append((key_node.value, seen[key], line))
+                else:
+                    seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _construct_int(loader, node):
+    if len(node.value) > NUMBER_CHARS_LIMIT:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"a number of {len(node.value)} characters: too long", node.start_mark)
+    return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+
+
+Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_aliases(root, label: str) -> None:
+    """Refuse a node graph whose aliases expand it by more than ALIAS_NODES_LIMIT nodes,
+    or that holds an alias inside the node it names. Linear in the distinct nodes."""
+    sizes: dict[int, int] = {}  # id(node) -> its node count with aliases expanded
+    entered: set[int] = set()  # on the current path
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            entered.discard(key)
+            continue
+        if key in sizes:
+            continue
+        if key in entered:
+            raise ConfigError(f"{label}: a YAML alias inside the node it names (recursive): refused")
+        entered.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node))
+    if sizes[id(root)] - len(sizes) > ALIAS_NODES_LIMIT:
+        raise ConfigError(f"{label}: YAML aliases expand the document by more than {ALIAS_NODES_LIMIT} nodes "
+                          "(an alias bomb?): refused")
+
+
+def _yaml_load(text: str, label: str) -> tuple[Any, list]:
+    """yaml.load(text, Loader=SAFE_LOADER), bounded; (document, keys given twice)."""
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        if "*" in text:  # an alias needs one
+            _check_aliases(node, label)
+        return loader.construct_document(node), loader.duplicates
+    finally:
+        loader.dispose()
+
+
+def _json_load(text: str) -> tuple[Any, list]:
+    duplicates: list[tuple[Any, int, int]] = []
+
+    def pairs(items):
+        doc = dict(items)
+        if len(doc) != len(items):
+            seen: set = set()
+            duplicates.extend((k, 0, 0) for k, _ in items if k in seen or seen.add(k))
+        return doc
+
+    return json.loads(text, object_pairs_hook=pairs), duplicates
+
+
+def _parse_text(text: str, label: str, duplicates: list | None = None) -> Any:
     """The document in `text`, exactly as `yaml.load(text, Loader=SAFE_LOADER)` has it;
-    `label` ("config file /etc/...") starts the error message."""
+    `label` ("config file /etc/...") starts the error message. A key given twice in one
+    mapping is an error, unless `duplicates` is a list: then a phrase for each is added to
+    it (the last one counts, as in PyYAML, go-yaml and Go's JSON decoder)."""
+    doc, twice = _parse(text, label)
+    for key, first, second in twice:
+        where = f" (lines {first} and {second})" if first else ""
+        if duplicates is None:
+            raise ConfigError(f"{label}: key {inputs.show(key)} is given twice in one mapping{where}: keep one")
+        duplicates.append(f"key {inputs.show(key)} is given twice{where}")
+    return doc
+
+
+def _parse(text: str, label: str) -> tuple[Any, list]:
     if text.lstrip().startswith("{"):
         try:  # JSON is YAML, and json parses a 100,000-prefix list fifty times faster
-            return json.loads(text)
-        except ValueError:
-            pass  # YAML flow style that is not JSON
+            return _json_load(text)
+        except (ValueError, RecursionError):
+            pass  # YAML flow style that is not JSON (or a number json will not take: YAML says why)
     try:
         doc = _yaml_fast(text)
         if doc is not None:
-            return doc
-        return yaml.load(text, Loader=SAFE_LOADER)
+            return doc, []
+        return _yaml_load(text, label)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"{label}: not valid YAML{at}: {problem}") from None
+        raise ConfigError(f"{label}: not valid YAML{at}: {inputs.cut(str(problem))}") from None
     except RecursionError:
         raise ConfigError(f"{label}: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a date that is not (2001-02-30)
+        raise ConfigError(f"{label}: a value YAML cannot build: {inputs.cut(str(exc))}") from None
 
 
 # ------------------------------------------------------------- the YAML fast path
@@ -139,7 +253,7 @@ def _yaml_fast(text: str, min_items: int | None = None) -> Any:
     if rest.startswith(("---", "...")) or "\n---" in rest or "\n..." in rest:
         return None
     try:
-        loader = SAFE_LOADER(rest)
+        loader = Loader(rest)
         try:
             root = loader.get_single_node()
             if not isinstance(root, yaml.MappingNode) or root.flow_style:
@@ -154,6 +268,8 @@ def _yaml_fast(text: str, min_items: int | None = None) -> Any:
             if len(found) != len(placeholders):
                 return None
             doc = loader.construct_document(root)
+            if loader.duplicates:
+                return None  # libyaml's path says which
         finally:
             loader.dispose()
     except Exception:  # a YAMLError, a RecursionError, a date that is not (2001-02-30): ValueError

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from .. import prefixes
 from ..errors import ConfigError
+from ..inputs import show
 from ..prefixes import Prefix
 
 DATAPATHS = ("auto", "iptables", "iptables-legacy", "iptables-nft", "nftables", "ebpf")
@@ -36,8 +37,9 @@ WARNING_KINDS = (
 
 
 def _show(value: Any) -> str:
-    """A value as it appears in an error: quoted, control characters escaped."""
-    return repr(value)
+    """A value as it appears in an error: quoted, control characters escaped, at most
+    inputs.SHOW_LIMIT characters however large the value is."""
+    return show(value)
 
 
 # Go's strconv.ParseBool (what Cilium reads its string values with) takes 1/t/true and
