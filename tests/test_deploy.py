@@ -683,8 +683,11 @@ def containerfile_problems(text: str, path: str = "<Containerfile>") -> tuple[li
         p.append(f"{path}: must start with FROM")
         return p, invocations
     final = instructions[stages[-1]:]
-    if "debian:bookworm-slim" not in final[0][2]:
-        p.append(f"{path}: the final stage should be based on debian:bookworm-slim, is {final[0][2]!r}")
+    # FROM ${BASE}: the default of an ARG before the first FROM
+    args_before = dict(re.match(r"(\w+)(?:=(\S*))?", a).groups("") for _, ins, a in instructions[:stages[0]])
+    base = re.sub(r"\$\{?(\w+)\}?", lambda m: args_before.get(m.group(1), m.group(0)), final[0][2])
+    if "debian:bookworm-slim" not in base:
+        p.append(f"{path}: the final stage should be based on debian:bookworm-slim, is {base!r}")
     entrypoint, cmd, env_path, copied_from, venvs = None, None, "", [], []
     for number, instr, args in instructions:
         where = f"{path}:{number}"
