@@ -27,18 +27,19 @@ them once those flows have gone quiet, `flush` at once.
 
 The package's modules: names.py (where things are, what they are called), layout.py
 (masq.c's structs), encode.py (pure: plan -> map contents, trie diffs), maps.py (pinned
-maps), generations.py (the two generations), programs.py, tc.py, links.py and node.py
-(the node's links and addresses), keeper.py (our nft tables), conntrack.py, handover.py
-(drain and reap), assist.py (the netfilter assist), fingerprint.py, bpffs.py, and
-backend.py (the verbs). The names below are the package's interface to the rest of
-ipmasq_legacy, its tests and bench/.
+maps), generations.py (the two generations), facts.py (the typed state between the
+verbs), programs.py, tc.py, links.py and node.py (the node's links and addresses),
+keeper.py (our nft tables), conntrack.py, handover.py (drain and reap), assist.py (the
+netfilter assist), fingerprint.py, bpffs.py, and backend.py (the verbs). The names below
+are the package's interface to the rest of ipmasq_legacy, its tests and bench/.
 """
 
 from __future__ import annotations
 
 from . import keeper, links
-from .backend import EbpfBackend, EbpfFamilyLive
+from .backend import EbpfBackend
 from .encode import lpm_key, lpm_key_list, lpm_keys, port_spans, translated_ports, trie_diff, tries_digest
+from .facts import EbpfDesired, EbpfFacts, EbpfFamilyLive, EbpfLive
 from .keeper import DRAIN_TABLE, DRAIN_TABLES, KEEPER_TABLE, KEEPER_TABLES, drain_tables_present, keeper_present
 from .layout import CFG, F_DRAIN, F_RANDOM, LPM, NAT_KEY, NAT_VAL
 from .links import IFACE, read_links
@@ -46,9 +47,9 @@ from .maps import Pinned, stats
 from .names import KNOWN_MAPS, PORTS, SHAPES, TRIE_FAMILY, TRIES, object_path, pin_dir
 
 __all__ = [
-    "CFG", "DRAIN_TABLE", "DRAIN_TABLES", "EbpfBackend", "EbpfFamilyLive", "F_DRAIN", "F_RANDOM", "IFACE",
-    "KEEPER_TABLE", "KEEPER_TABLES", "KNOWN_MAPS", "LPM", "NAT_KEY", "NAT_VAL", "PORTS", "Pinned", "SHAPES",
-    "TRIES", "TRIE_FAMILY", "drain_tables_present", "keeper", "keeper_present", "links", "lpm_key", "lpm_key_list",
-    "lpm_keys", "object_path", "pin_dir", "port_spans", "read_links", "stats", "translated_ports", "trie_diff",
-    "tries_digest",
+    "CFG", "DRAIN_TABLE", "DRAIN_TABLES", "EbpfBackend", "EbpfDesired", "EbpfFacts", "EbpfFamilyLive", "EbpfLive",
+    "F_DRAIN", "F_RANDOM", "IFACE", "KEEPER_TABLE", "KEEPER_TABLES", "KNOWN_MAPS", "LPM", "NAT_KEY", "NAT_VAL", "PORTS",
+    "Pinned", "SHAPES", "TRIES", "TRIE_FAMILY", "drain_tables_present", "keeper", "keeper_present", "links", "lpm_key",
+    "lpm_key_list", "lpm_keys", "object_path", "pin_dir", "port_spans", "read_links", "stats", "translated_ports",
+    "trie_diff", "tries_digest",
 ]

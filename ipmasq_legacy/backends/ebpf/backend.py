@@ -10,7 +10,6 @@ import os
 import shutil
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ... import netlink, state
 from ...bpf import loader
@@ -21,7 +20,8 @@ from ..base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
 from . import assist, handover, node, programs
 from .bpffs import bpffs_reason, ensure_bpffs
 from .conntrack import netfilter_snat_tuples, seed_foreign, seed_pass
-from .encode import cfg_value, local_port_range, lpm_key, port_spans, translated_ports
+from .encode import cfg_value, local_port_range, lpm_key, port_spans, seek_keys, translated_ports
+from .facts import EbpfDesired, EbpfFacts, EbpfFamilyLive, EbpfLive
 from .fingerprint import fingerprint as read_fingerprint
 from .generations import generation_problems, note_tries, write_generation
 from .keeper import (
@@ -33,16 +33,11 @@ from .keeper import (
     drain_tables_present,
     keeper_present,
 )
-from .layout import CFG, CTL, F_DRAIN, F_V4, F_V6
+from .layout import CFG, CTL, F_V4, F_V6
 from .links import IF_DRAIN, IFACE, Link, matching_links, read_links, with_snat
 from .maps import Background, Pinned, trie_notes
 from .names import HOOKS, PROGRAMS, SHAPES, TRIES, filter_name, object_path, pin_dir, pin_name
 from .tc import attach, detach, open_ipr, our_filters
-
-
-@dataclass
-class EbpfFamilyLive(FamilyLive):
-    attached: dict[str, dict[str, str]] = field(default_factory=dict)  # link -> hook -> filter name
 
 
 class EbpfBackend(Backend):
@@ -126,70 +121,76 @@ class EbpfBackend(Backend):
 
     # -- reading
 
-    def _read(self) -> tuple[dict, Pinned | None]:
-        """(facts, pinned-or-None). Facts: gen, cfg, tries, attached filters, iface map.
-        Over ..netlink and bpf(2): no pyroute2."""
-        facts: dict = {"attached": {}, "ifaces": {}, "installed": False}
-        links = read_links()
-        facts["links"] = links
+    def _read(self) -> tuple[EbpfFacts, Pinned | None]:
+        """(facts, pinned-or-None): the links, our filters on them, and what the pinned
+        maps say (the live generation, its cfg, the iface entries). Over ..netlink and
+        bpf(2): no pyroute2."""
+        facts = EbpfFacts(read_links())
         with netlink.Netlink(NETLINK_ROUTE) as nl:
-            for index in links:
+            for index in facts.links:
                 f = our_filters(index, nl)
                 if any(f.values()):
-                    facts["attached"][index] = {h: [(x["name"], x["id"]) for x in v] for h, v in f.items()}
-        pinned = None
-        if pin_dir().joinpath("ctl").exists():
-            try:
-                pinned = Pinned(self.obj())
-            except ApplyError:
-                pinned = Pinned(None)
-            if pinned.open("ipmq_ctl") is None:
-                pinned.close()
-                pinned = None
+                    facts.attached[index] = {h: [(x.name, x.prog_id) for x in v] for h, v in f.items()}
+        pinned = self._pinned()
         if pinned is not None:
-            facts["installed"] = True
-            gen = pinned.gen()
-            facts["gen"] = gen
-            facts["cfg"] = pinned.cfg(gen)
+            facts.installed = True
+            facts.gen = pinned.gen()
+            facts.cfg = pinned.cfg(facts.gen)
             if pinned.open("ipmq_ifaces") is not None:
-                facts["ifaces"] = {struct.unpack("=I", k)[0]: v for k, v in pinned.items("ipmq_ifaces")}
+                facts.ifaces = {struct.unpack("=I", k)[0]: v for k, v in pinned.items("ipmq_ifaces")}
         return facts, pinned
 
-    def live(self) -> Live:
-        facts, pinned = self._read()
-        families = {}
+    def _pinned(self) -> Pinned | None:
+        """The pinned maps, None when nothing is pinned."""
+        if not pin_dir().joinpath("ctl").exists():
+            return None
         try:
-            flags = CFG.unpack(facts["cfg"])[0] if facts.get("installed") else 0
-            drain = bool(flags & F_DRAIN)
-            links = facts["links"]
-            attached_names = {links[i].name if i in links else f"if{i}": hooks for i, hooks in facts["attached"].items()}
+            pinned = Pinned(self.obj())
+        except ApplyError:
+            pinned = Pinned(None)
+        if pinned.open("ipmq_ctl") is None:
+            pinned.close()
+            return None
+        return pinned
+
+    def live(self) -> EbpfLive:
+        facts, pinned = self._read()
+        families: dict[int, FamilyLive] = {}
+        try:
+            links = facts.links
+            attached_names = {links[i].name if i in links else f"if{i}": hooks for i, hooks in facts.attached.items()}
             counters = pinned.if_counters() if pinned is not None and pinned.open("ipmq_ifstats") is not None else {}
+            notes = trie_notes() if pinned is not None else {}
             for family in FAMILIES:
-                on = bool(flags & (F_V4 if family == 4 else F_V6)) and not drain
+                on = bool(facts.flags & (F_V4 if family == 4 else F_V6)) and not facts.draining
                 fl = EbpfFamilyLive(family=family, installed=on)
                 if on and pinned is not None:
-                    gen = facts["gen"]
-                    fl.exempt = pinned.trie("exempt", family, gen) if pinned.open(TRIES["exempt"][family]) is not None else ()
+                    name = TRIES["exempt"][family]
+                    if pinned.open(name) is not None:
+                        # kept for drift, which compares the same generation
+                        held = pinned.generation(name, facts.gen, seek_keys(name, facts.gen, notes))
+                        facts.generations[name] = held
+                        fl.exempt = pinned.trie("exempt", family, facts.gen, held)
                     fl.attached = attached_names
-                    for name, hooks in sorted(attached_names.items()):
+                    for link_name, hooks in sorted(attached_names.items()):
                         for hook in HOOKS:
                             for fname, _id in hooks.get(hook, []):
-                                fl.rules.append(f"tc {hook} {name}: bpf da {fname}")
+                                fl.rules.append(f"tc {hook} {link_name}: bpf da {fname}")
                     for (index, fam), (packets, nbytes) in sorted(counters.items()):
                         if fam != family:
                             continue
-                        name = links[index].name if index in links else f"if{index}"
-                        fl.counters.append(RuleCounter(family, f"tc egress {name}: bpf {PROGRAMS['egress']}", name,
-                                                       packets, nbytes))
+                        link_name = links[index].name if index in links else f"if{index}"
+                        fl.counters.append(RuleCounter(family, f"tc egress {link_name}: bpf {PROGRAMS['egress']}",
+                                                       link_name, packets, nbytes))
                 families[family] = fl
         finally:
             if pinned is not None:
                 pinned.close()
-        return Live(self.name, families)
+        return EbpfLive(self.name, families, facts=facts)
 
     # -- comparing
 
-    def _desired(self, plan: Plan, links: dict[int, Link]) -> dict:
+    def _desired(self, plan: Plan, links: dict[int, Link]) -> EbpfDesired:
         families = self.wanted_families(plan)
         enabled = [fp for fp in families.values() if fp is not None]
         ports = translated_ports(enabled[0].to_ports if enabled else (), local_port_range())
@@ -204,26 +205,21 @@ class EbpfBackend(Backend):
                 if len(getattr(fp, kind)) > room:
                     raise ApplyError(f"ebpf: {len(getattr(fp, kind))} IPv{fp.family} {kind} prefixes do not fit "
                                      f"(at most {room}: map_entries.{name} in rules/ebpf.yaml holds two generations)")
-        return {
-            "families": families,
-            "ports": ports,
-            "cfg": cfg_value(families, ports),
-            "matched": matched,
-            "local": {family: sorted({ipaddress.ip_address(a).packed for link in links.values()
-                                      for a in link.addresses if ipaddress.ip_address(a).version == family})
-                      for family in FAMILIES},
-        }
+        local = {family: sorted({ipaddress.ip_address(a).packed for link in links.values()
+                                 for a in link.addresses if ipaddress.ip_address(a).version == family})
+                 for family in FAMILIES}
+        return EbpfDesired(families, ports, cfg_value(families, ports), matched, local)
 
-    def _problems(self, plan: Plan, facts: dict, pinned: Pinned | None, desired: dict,
+    def _problems(self, facts: EbpfFacts, pinned: Pinned | None, desired: EbpfDesired,
                   thorough: bool = True) -> list[str]:
         """What differs from the plan. thorough=False (apply): the tries and port tables
         are read back only when nothing else differs, since the apply that follows any
         problem rewrites whatever differs in them anyway."""
         obj = self.obj()
-        wanted_any = any(fp is not None for fp in desired["families"].values())
+        wanted_any = any(fp is not None for fp in desired.families.values())
         if pinned is None:
             return ["not installed"] if wanted_any else (["programs attached but no maps pinned"]
-                                                          if facts["attached"] else [])
+                                                          if facts.attached else [])
         problems = []
         for name in obj.maps:
             if pinned.open(name) is None:
@@ -232,7 +228,7 @@ class EbpfBackend(Backend):
                 problems.append(f"map {pin_name(name)} has another shape")
         if problems:
             return problems
-        have, want = CFG.unpack(facts["cfg"]), CFG.unpack(desired["cfg"])
+        have, want = CFG.unpack(facts.cfg), CFG.unpack(desired.cfg)
         if have[:4] != want[:4]:
             problems.append("config differs")
         # cfg says what apply wrote; the maps hold what is there now (a hand edit shows)
@@ -247,47 +243,59 @@ class EbpfBackend(Backend):
                 problems.append(f"program {hook} not loaded")
         problems += [f"program {hook} uses maps that are no longer pinned"
                      for hook in programs.programs_on_stale_maps(pinned, obj)]
-        links = facts["links"]
-        for index, link in desired["matched"].items():
-            hooks = facts["attached"].get(index, {})
+        links = facts.links
+        for index, link in desired.matched.items():
+            hooks = facts.attached.get(index, {})
             for hook in HOOKS:
                 if hooks.get(hook) != [(filter_name(hook, obj.digest), prog_ids[hook])]:
                     problems.append(f"{link.name}: {hook} not attached" if not hooks.get(hook)
                                     else f"{link.name}: {hook} runs another program")
-            if facts["ifaces"].get(index) != link.iface_value(attached=True):
+            if facts.ifaces.get(index) != link.iface_value(attached=True):
                 problems.append(f"{link.name}: address or type changed")
-        for index in facts["attached"]:
-            if index not in desired["matched"]:
-                value = facts["ifaces"].get(index)
+        for index in facts.attached:
+            if index not in desired.matched:
+                value = facts.ifaces.get(index)
                 if value is None or not IFACE.unpack(value)[2] & IF_DRAIN:
                     problems.append(f"{links[index].name if index in links else index}: attached but not matched")
-        for index in facts["ifaces"]:
-            if index not in desired["matched"] and index not in facts["attached"]:
+        for index in facts.ifaces:
+            if index not in desired.matched and index not in facts.attached:
                 problems.append(f"stale interface entry {index}")
         for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
-            if sorted(pinned.keys(name)) != desired["local"][family]:
+            if sorted(pinned.keys(name)) != desired.local[family]:
                 problems.append(f"ipv{family}: node addresses changed")
-        problems += assist.problems(desired["families"], pin_dir(), assist.read_all())
+        problems += assist.problems(desired.families, pin_dir(), assist.read_all())
         if SHAPES["conntrack_keeper"] and shutil.which("nft") and not keeper_present():
             problems.append(f"nft table inet {KEEPER_TABLE} missing")
         # drains that are done: reconcile removes what is left of them
         if drain_tables_present() and not netfilter_snat_tuples():
             problems.append(f"nft tables {DRAIN_TABLE}: netfilter's connections have ended")
-        draining = [i for i, v in facts["ifaces"].items() if IFACE.unpack(v)[2] & IF_DRAIN]
+        draining = [i for i, v in facts.ifaces.items() if IFACE.unpack(v)[2] & IF_DRAIN]
         if draining:
             busy = handover.busy_ifindexes(pinned)
             for index in draining:
                 if index not in busy:
                     problems.append(f"{links[index].name if index in links else index}: drained")
         if any(deep) and (thorough or not problems):
-            problems += generation_problems(pinned, facts["gen"], desired, *deep)
+            problems += generation_problems(pinned, facts.gen, desired, *deep, known=facts.generations)
         return problems
 
     def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
-        facts, pinned = self._read()
+        """`live`, when live() gave it, is not read again: its facts (links, filters, the
+        live generation, the exempt tries it read); the maps are opened again for what
+        only drift reads."""
+        facts = live.facts if isinstance(live, EbpfLive) else None
+        pinned = None
         try:
-            desired = self._desired(plan, facts["links"])
-            return self._problems(plan, facts, pinned, desired)
+            if facts is not None:
+                pinned = self._pinned()
+                if (pinned is not None) != facts.installed:  # installed or removed since
+                    facts = None
+            if facts is None:
+                if pinned is not None:
+                    pinned.close()
+                facts, pinned = self._read()
+            desired = self._desired(plan, facts.links)
+            return self._problems(facts, pinned, desired)
         finally:
             if pinned is not None:
                 pinned.close()
@@ -305,8 +313,8 @@ class EbpfBackend(Backend):
         ipr = open_ipr()
         facts, pinned = self._read()
         try:
-            desired = self._desired(plan, facts["links"])
-            problems = self._problems(plan, facts, pinned, desired, thorough=False)
+            desired = self._desired(plan, facts.links)
+            problems = self._problems(facts, pinned, desired, thorough=False)
             if not problems:
                 handover.reap(pinned, ipr)
                 return []
@@ -318,7 +326,7 @@ class EbpfBackend(Backend):
             if pinned is None:
                 pinned = Pinned(self.obj())
             try:
-                changes = self._install(plan, facts, pinned, desired, ipr)
+                changes = self._install(facts, pinned, desired, ipr)
             except (loader.BpfError, OSError) as exc:
                 raise ApplyError(f"ebpf: {exc}") from None
             handover.reap(pinned, ipr)
@@ -326,21 +334,20 @@ class EbpfBackend(Backend):
             if pinned is not None:
                 pinned.close()
             ipr.close()
-        installed = "installed" if not facts["installed"] else "updated (" + ", ".join(problems[:3]) + (
+        installed = "installed" if not facts.installed else "updated (" + ", ".join(problems[:3]) + (
             ", ..." if len(problems) > 3 else "") + ")"
         out = []
-        for family, fp in desired["families"].items():
+        for family, fp in desired.families.items():
             if fp is None:
                 continue
-            out.append(f"ipv{family} {installed}: tc on {len(desired['matched'])} interfaces, "
+            out.append(f"ipv{family} {installed}: tc on {len(desired.matched)} interfaces, "
                        f"{len(fp.exempt)} exempt prefixes")
-        disabled = [f for f, fp in desired["families"].items() if fp is None]
-        if disabled and facts["installed"]:
-            flags = CFG.unpack(facts["cfg"])[0]
-            out += [f"ipv{f} removed (disabled)" for f in disabled if flags & (F_V4 if f == 4 else F_V6)]
+        disabled = [f for f, fp in desired.families.items() if fp is None]
+        if disabled and facts.installed:
+            out += [f"ipv{f} removed (disabled)" for f in disabled if facts.flags & (F_V4 if f == 4 else F_V6)]
         return out or changes
 
-    def _install(self, plan: Plan, facts: dict, pinned: Pinned, desired: dict, ipr) -> list[str]:
+    def _install(self, facts: EbpfFacts, pinned: Pinned, desired: EbpfDesired, ipr) -> list[str]:
         obj = self.obj()
         created = pinned.ensure()
         if "ipmq_nat_fwd" in created or "ipmq_nat_rev" in created:
@@ -364,7 +371,7 @@ class EbpfBackend(Backend):
         pinned.update("ipmq_ctl", struct.pack("=I", 0), CTL.pack(idle))
         mirror = Background(write_generation, pinned, live_gen, desired, notes) if first else None
         try:
-            changes = self._attach_all(plan, facts, pinned, desired, ipr, obj, created)
+            changes = self._attach_all(facts, pinned, desired, ipr, obj, created)
         finally:
             if mirror is not None:
                 mirror.join()
@@ -374,11 +381,11 @@ class EbpfBackend(Backend):
         return changes
 
     @staticmethod
-    def _write_node(facts: dict, pinned: Pinned, desired: dict) -> list[str]:
-        node.write_locals(pinned, desired["local"])
-        changed = node.changed_addresses(facts["ifaces"], desired["matched"])
-        node.write_ifaces(pinned, desired["matched"], facts["attached"])
-        local = {a for family in FAMILIES for a in desired["local"][family]}
+    def _write_node(facts: EbpfFacts, pinned: Pinned, desired: EbpfDesired) -> list[str]:
+        node.write_locals(pinned, desired.local)
+        changed = node.changed_addresses(facts.ifaces, desired.matched)
+        node.write_ifaces(pinned, desired.matched, facts.attached)
+        local = {a for family in FAMILIES for a in desired.local[family]}
         done, forgotten = node.repoint_flows(pinned, changed, local) if pinned.open("ipmq_nat_fwd") is not None else (0, 0)
         return [f"{done} flows moved to a new address, {forgotten} forgotten"] if done or forgotten else []
 
@@ -392,14 +399,14 @@ class EbpfBackend(Backend):
         ipr = open_ipr()
         facts, pinned = self._read()
         try:
-            if pinned is None or not facts["installed"] or CFG.unpack(facts["cfg"])[0] & F_DRAIN:
+            if pinned is None or not facts.installed or facts.draining:
                 return []
-            desired = self._desired(plan, facts["links"])
+            desired = self._desired(plan, facts.links)
             pinned.obj = self.obj()
             created = pinned.ensure()  # every map open: the programs are checked against them all
             changes = self._write_node(facts, pinned, desired)
-            changes += self._attach_all(plan, facts, pinned, desired, ipr, self.obj(), created)
-            gone = [i for i in facts["ifaces"] if i not in facts["links"]]
+            changes += self._attach_all(facts, pinned, desired, ipr, self.obj(), created)
+            gone = [i for i in facts.ifaces if i not in facts.links]
             for index in gone:  # deleted links: their entries (and drains) go with them
                 pinned.delete("ipmq_ifaces", struct.pack("=I", index))
             return changes + ([f"{len(gone)} deleted links forgotten"] if gone else [])
@@ -410,23 +417,23 @@ class EbpfBackend(Backend):
                 pinned.close()
             ipr.close()
 
-    def _attach_all(self, plan: Plan, facts: dict, pinned: Pinned, desired: dict, ipr, obj: loader.BpfObject,
+    def _attach_all(self, facts: EbpfFacts, pinned: Pinned, desired: EbpfDesired, ipr, obj: loader.BpfObject,
                     created: list[str]) -> list[str]:
         """Steps 4 and 5 of _install: programs and filters, links no longer matched."""
         # 4. programs, then the filters
         fds, reloaded = programs.load(pinned, obj, force=bool(created))  # new maps: programs must use them
-        changes = assist.sync(desired["families"], pin_dir(), force=reloaded)
+        changes = assist.sync(desired.families, pin_dir(), force=reloaded)
         try:
             # Ingress first: from then on every UDP (or other) flow entering is recorded,
             # and flows already under way are taken from conntrack, so that no reply
             # leaving a pod-facing interface is ever mistaken for a new flow.
-            fresh = [i for i in desired["matched"] if "egress" not in facts["attached"].get(i, {})
-                     or not facts["attached"][i]["egress"]]
-            for link in desired["matched"].values():
+            fresh = [i for i in desired.matched if "egress" not in facts.attached.get(i, {})
+                     or not facts.attached[i]["egress"]]
+            for link in desired.matched.values():
                 attach(ipr, pinned, link, fds, obj, hooks=("ingress",))
             if fresh:
                 seed_pass(pinned)
-            for link in desired["matched"].values():
+            for link in desired.matched.values():
                 attach(ipr, pinned, link, fds, obj, hooks=("egress",))
                 # from now on the tc programs translate its TCP, UDP and echo flows, not ipmq_nf
                 pinned.update("ipmq_ifaces", struct.pack("=I", link.index), link.iface_value(attached=True))
@@ -434,17 +441,17 @@ class EbpfBackend(Backend):
             for fd in fds.values():
                 os.close(fd)
         # 5. links no longer matched: drain (flows keep their decision) or detach
-        stale = [i for i in facts["attached"] if i not in desired["matched"]]
-        stale += [i for i in facts["ifaces"] if i not in desired["matched"] and i not in facts["attached"]]
+        stale = [i for i in facts.attached if i not in desired.matched]
+        stale += [i for i in facts.ifaces if i not in desired.matched and i not in facts.attached]
         if stale:
             busy = handover.busy_ifindexes(pinned)
             for index in set(stale):
-                link = facts["links"].get(index)
-                if link is not None and index in busy and index in facts["attached"]:
-                    pinned.update("ipmq_ifaces", struct.pack("=I", index), link.iface_value(drain=True))
+                still = facts.links.get(index)  # None: the link is gone
+                if still is not None and index in busy and index in facts.attached:
+                    pinned.update("ipmq_ifaces", struct.pack("=I", index), still.iface_value(drain=True))
                 else:
                     detach(ipr, pinned, index)
-        return [f"{len(desired['matched'])} interfaces", *changes]
+        return [f"{len(desired.matched)} interfaces", *changes]
 
     def reap(self) -> list[str]:
         """For callers after a switch away from ebpf: remove the drained datapath once
@@ -452,7 +459,7 @@ class EbpfBackend(Backend):
         if not pin_dir().joinpath("ctl").exists() and not drain_tables_present():
             return []
         ipr = open_ipr()
-        facts, pinned = self._read()
+        pinned = self._pinned()
         try:
             return handover.reap(pinned, ipr)
         finally:
@@ -467,12 +474,11 @@ class EbpfBackend(Backend):
         try:
             facts, pinned = self._read()
             try:
-                if not facts["installed"] and not facts["attached"]:
+                if not facts.installed and not facts.attached:
                     gone = [*assist.remove(), *(["nft tables " + ", ".join(t)] if (t := delete_tables()) else [])]
                     return gone
-                flags = CFG.unpack(facts["cfg"])[0] if facts["installed"] else 0
-                families = [f"ipv{f}" for f in FAMILIES if flags & (F_V4 if f == 4 else F_V6)] or ["programs"]
-                if pinned is not None and facts["attached"] and not flags & F_DRAIN and self._another_live():
+                families = [f"ipv{f}" for f in FAMILIES if facts.flags & (F_V4 if f == 4 else F_V6)] or ["programs"]
+                if pinned is not None and facts.attached and not facts.draining and self._another_live():
                     # a switch: another backend masquerades new flows now; ours keep theirs
                     busy = handover.busy_ifindexes(pinned)
                     if busy:

@@ -66,8 +66,8 @@ def forget_conntrack(flows) -> int:
     taking them for established connections without NAT (our conntrack keeper made
     conntrack track them untranslated). Returns how many went."""
     try:
-        from pyroute2 import Conntrack
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+        from pyroute2 import Conntrack  # type: ignore[import-untyped]
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple  # type: ignore[import-untyped]
     except ImportError:
         return 0
     flows = list(flows)

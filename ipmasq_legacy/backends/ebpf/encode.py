@@ -50,7 +50,7 @@ def translated_ports(to_ports, ephemeral: tuple[int, int]) -> list[int]:
 
 
 def port_spans(ports: list[int]) -> list[tuple[int, int]]:
-    spans = []
+    spans: list[tuple[int, int]] = []
     for p in ports:
         if spans and spans[-1][1] == p - 1:
             spans[-1] = (spans[-1][0], p)

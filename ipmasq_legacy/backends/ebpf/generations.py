@@ -6,31 +6,38 @@ from __future__ import annotations
 
 import array
 import struct
+from typing import TYPE_CHECKING
 
 from ... import state
 from ...plan import FamilyPlan
 from ..base import FAMILIES
 from .encode import lpm_key_list, noted_count, port_tables, seek_keys, trie_diff
 from .layout import LPM
-from .maps import Background, Pinned, trie_notes
+from .maps import Background, Generation, Pinned, trie_notes
 from .names import PORTS, TRIE_NOTES, TRIE_VALUE, TRIES, pin_dir, pin_name
 
+if TYPE_CHECKING:
+    from .facts import EbpfDesired
 
-def generation_problems(pinned: Pinned, gen: int, desired: dict, tries: bool, ports: bool) -> list[str]:
+
+def generation_problems(pinned: Pinned, gen: int, desired: EbpfDesired, tries: bool, ports: bool,
+                        known: dict[str, Generation] | None = None) -> list[str]:
     """One generation against the plan: each trie key for key (values too; read
-    alone, Pinned.generation), the port tables entry for entry."""
-    wanted = wanted_tries(desired["families"]) if tries else []
-    port_thread, held = read_back(pinned, gen, wanted, trie_notes(), ports)
+    alone, Pinned.generation), the port tables entry for entry. `known`: tries of
+    generation `gen` read already (live()), compared as they were read."""
+    known = known or {}
+    wanted = wanted_tries(desired.families) if tries else []
+    port_thread, held = read_back(pinned, gen, [w for w in wanted if w[0] not in known], trie_notes(), ports)
     try:
         wants = {name: lpm_key_list(family, gen, prefixes) for name, _kind, family, prefixes in wanted}
-        tables = port_tables(desired["ports"]) if ports else ()
+        tables = port_tables(desired.ports) if ports else ()
     finally:
         for thread in (port_thread, *held.values()):
             if thread is not None:
                 thread.join()
     out = []
     for name, kind, family, _prefixes in wanted:
-        have, wrong, covering = held[name].result()
+        have, wrong, covering = known[name] if name in known else held[name].result()
         if any(trie_diff(wants[name], have, LPM[family].size)) or wrong or covering:
             out.append(f"ipv{family}: {kind} prefixes in map {pin_name(name)} differ")
     if port_thread is not None:
@@ -60,16 +67,16 @@ def read_back(pinned: Pinned, gen: int, wanted, notes: dict, ports: bool = True)
     return port_thread, held
 
 
-def write_generation(pinned: Pinned, gen: int, desired: dict, notes: dict) -> None:
+def write_generation(pinned: Pinned, gen: int, desired: EbpfDesired, notes: dict) -> None:
     """Make generation `gen` (never the live one) what `desired` plans, reading back
     what it holds (read_back) and writing only what differs: the port tables, the
     four tries (batch deletes, then batch inserts), then its cfg, last since it
     names what the tries hold."""
-    wanted = wanted_tries(desired["families"])
+    wanted = wanted_tries(desired.families)
     ports, held = read_back(pinned, gen, wanted, notes)
     try:
         wants = {name: lpm_key_list(family, gen, prefixes) for name, _kind, family, prefixes in wanted}
-        tables = port_tables(desired["ports"])
+        tables = port_tables(desired.ports)
     finally:
         for thread in (ports, *held.values()):
             thread.join()
@@ -78,9 +85,9 @@ def write_generation(pinned: Pinned, gen: int, desired: dict, notes: dict) -> No
             lo = next(i for i in range(PORTS) if have[i] != want[i])
             hi = next(i for i in range(PORTS - 1, -1, -1) if have[i] != want[i])
             pinned.update_array(name, gen * PORTS + lo, want[lo:hi + 1])
-    for name, want in wants.items():
-        sync_trie(pinned, name, want, held[name].result())
-    pinned.update("ipmq_cfg", struct.pack("=I", gen), desired["cfg"])
+    for name, keys in wants.items():
+        sync_trie(pinned, name, keys, held[name].result())
+    pinned.update("ipmq_cfg", struct.pack("=I", gen), desired.cfg)
 
 
 def read_ports(pinned: Pinned, gen: int) -> list[array.array]:
@@ -88,7 +95,7 @@ def read_ports(pinned: Pinned, gen: int) -> list[array.array]:
             for name in ("ipmq_ports", "ipmq_portidx")]
 
 
-def sync_trie(pinned: Pinned, name: str, want: list[bytes], held) -> tuple[int, int]:
+def sync_trie(pinned: Pinned, name: str, want: list[bytes], held: Generation) -> tuple[int, int]:
     """One generation of a trie made to hold exactly `want` (its keys, distinct,
     TRIE_VALUE each), given what it `held` (Pinned.generation): what should not be
     there deleted first (it may take the room of what comes), then what is missing
@@ -103,12 +110,12 @@ def sync_trie(pinned: Pinned, name: str, want: list[bytes], held) -> tuple[int, 
     return len(missing), len(extra)
 
 
-def note_tries(pinned: Pinned, desired: dict, gen: int, notes: dict, both: bool) -> None:
+def note_tries(pinned: Pinned, desired: EbpfDesired, gen: int, notes: dict, both: bool) -> None:
     """Note for the next reads of the tries (trie_notes) where generation 0 ends and
     how large each generation is, now that `gen` (and, with `both`, the other one
     too) holds `desired`."""
     out = {}
-    for name, _kind, _family, prefixes in wanted_tries(desired["families"]):
+    for name, _kind, _family, prefixes in wanted_tries(desired.families):
         count = [noted_count(name, 0, notes), noted_count(name, 1, notes)]
         for g in (0, 1) if both else (gen,):
             count[g] = len(prefixes)

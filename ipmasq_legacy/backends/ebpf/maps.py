@@ -10,6 +10,7 @@ import os
 import struct
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 from ... import state
 from ...bpf import loader
@@ -17,6 +18,14 @@ from ...errors import ApplyError
 from .encode import lpm_prefix, seek_keys
 from .layout import CFG, CTL, STATS
 from .names import SHAPES, TRIE_NOTES, TRIE_VALUE, TRIES, pin_dir, pin_name
+
+
+class Generation(NamedTuple):
+    """One generation of a trie as the kernel holds it (Pinned.generation)."""
+
+    raw: bytes  # its keys end to end, in the kernel's order
+    wrong: list[bytes]  # those whose value is not TRIE_VALUE
+    covering: list[bytes]  # keys of shorter prefixes that hold its generation byte
 
 
 class Pinned:
@@ -49,6 +58,7 @@ class Pinned:
         return self.path("ipmq_ctl").exists()
 
     def wanted(self, name: str) -> loader.MapDef:
+        assert self.obj is not None, "the shapes come from an object"
         d = self.obj.maps[name]
         size = SHAPES["map_entries"].get(name)
         return loader.MapDef(d.name, d.type, d.key_size, d.value_size, int(size) if size else d.max_entries, d.flags)
@@ -83,6 +93,7 @@ class Pinned:
 
     def ensure(self) -> list[str]:
         """Create (and pin) the maps that are missing or of another shape; reuse the rest."""
+        assert self.obj is not None, "the shapes come from an object"
         self.dir.mkdir(parents=True, exist_ok=True)
         created = []
         for name in self.obj.maps:
@@ -147,13 +158,15 @@ class Pinned:
     def cfg(self, gen: int) -> bytes:
         return self.lookup("ipmq_cfg", struct.pack("=I", gen)) or bytes(CFG.size)
 
-    def trie(self, kind: str, family: int, gen: int | None = None) -> tuple[str, ...]:
-        """Prefixes of one generation of a trie, sorted (None: all generations)."""
+    def trie(self, kind: str, family: int, gen: int | None = None, held: Generation | None = None
+             ) -> tuple[str, ...]:
+        """Prefixes of one generation of a trie, sorted (None: all generations); `held`:
+        that generation as generation() read it already."""
         name = TRIES[kind][family]
         if gen is None:
             keys = self.keys(name)
         else:
-            raw = self.generation(name, gen, seek_keys(name, gen, trie_notes()))[0]
+            raw = (held or self.generation(name, gen, seek_keys(name, gen, trie_notes()))).raw
             size = self.defs[name].key_size
             keys = [raw[i:i + size] for i in range(0, len(raw), size)]
         out = []
@@ -163,8 +176,7 @@ class Pinned:
                 out.append(ipaddress.ip_network(prefix))
         return tuple(str(n) for n in sorted(out))
 
-    def generation(self, name: str, gen: int, seek=(), expect: int | None = None
-                   ) -> tuple[bytes, list[bytes], list[bytes]]:
+    def generation(self, name: str, gen: int, seek=(), expect: int | None = None) -> Generation:
         """One generation of a trie as the kernel holds it, read alone (loader.lpm_run:
         the keys whose generation byte is `gen`, from the first of `seek` the trie holds):
         (its keys end to end, in the kernel's order; those whose value is not
@@ -179,7 +191,7 @@ class Pinned:
         if values != TRIE_VALUE * n:
             wrong = [raw[i * key_size:(i + 1) * key_size] for i in range(n)
                      if values[i * value_size:(i + 1) * value_size] != TRIE_VALUE]
-        return raw, wrong, self.sys.lpm_covering(fd, key_size, value_size, gen)[1]
+        return Generation(raw, wrong, self.sys.lpm_covering(fd, key_size, value_size, gen)[1])
 
     def stats(self) -> dict[str, int]:
         totals = {}

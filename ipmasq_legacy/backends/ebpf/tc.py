@@ -40,7 +40,7 @@ class _LazyIPRoute:
 
     def __getattr__(self, name):
         if self._ipr is None:
-            from pyroute2 import IPRoute
+            from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
             self._ipr = IPRoute()
         return getattr(self._ipr, name)
@@ -65,7 +65,7 @@ class TcFilter(NamedTuple):
 
     @property
     def ours(self) -> bool:
-        return self.kind == "bpf" and bool(self.name) and self.name.startswith(FILTER + "/")
+        return self.kind == "bpf" and self.name is not None and self.name.startswith(FILTER + "/")
 
 
 def tc_filters(nl, index: int, hook: str) -> list[TcFilter]:
@@ -85,16 +85,12 @@ def tc_filters(nl, index: int, hook: str) -> list[TcFilter]:
     return out
 
 
-def our_filters(index: int, nl=None) -> dict[str, list[dict]]:
-    """Our bpf filters on each hook of a link: [{prio, handle, name, id}]."""
+def our_filters(index: int, nl=None) -> dict[str, list[TcFilter]]:
+    """Our bpf filters on each hook of a link."""
     if nl is None:
         with netlink.Netlink(NETLINK_ROUTE) as own:
             return our_filters(index, own)
-    out: dict[str, list[dict]] = {h: [] for h in HOOKS}
-    for hook in HOOKS:
-        out[hook] = [{"prio": f.prio, "handle": f.handle, "name": f.name, "id": f.prog_id}
-                     for f in tc_filters(nl, index, hook) if f.ours]
-    return out
+    return {hook: [f for f in tc_filters(nl, index, hook) if f.ours] for hook in HOOKS}
 
 
 def dump_qdiscs(nl) -> list[tuple[int, str | None, int, int]]:
@@ -120,7 +116,7 @@ def other_filters(index: int) -> int:
 def attach(ipr, pinned: Pinned, link: Link, fds: dict[str, int], obj: loader.BpfObject,
             hooks=HOOKS) -> None:
     if not has_clsact(link.index):
-        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
         try:
             ipr.tc("add", "clsact", link.index)
@@ -132,12 +128,12 @@ def attach(ipr, pinned: Pinned, link: Link, fds: dict[str, int], obj: loader.Bpf
     for hook in hooks:
         want = filter_name(hook, obj.digest)
         ours = current[hook]
-        if [(f["name"], f["id"]) for f in ours] == [(want, pinned.sys.prog_info(fds[hook])["id"])]:
+        if [(f.name, f.prog_id) for f in ours] == [(want, pinned.sys.prog_info(fds[hook])["id"])]:
             continue
-        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
         # replace in place (one netlink message: the old program or the new one, never none)
-        cmd = "replace-filter" if any(f["prio"] == SHAPES["tc_priority"] for f in ours) else "add-filter"
+        cmd = "replace-filter" if any(f.prio == SHAPES["tc_priority"] for f in ours) else "add-filter"
         try:
             ipr.tc(cmd, "bpf", index=link.index, handle=SHAPES["tc_handle"], parent=PARENT[hook],
                    prio=SHAPES["tc_priority"], fd=fds[hook], name=want, direct_action=True,
@@ -145,15 +141,15 @@ def attach(ipr, pinned: Pinned, link: Link, fds: dict[str, int], obj: loader.Bpf
         except NetlinkError as exc:
             raise ApplyError(f"ebpf: cannot attach to {link.name} {hook}: {exc}") from None
         for f in ours:  # filters of ours at another priority (a changed rules/ebpf.yaml)
-            if f["prio"] != SHAPES["tc_priority"]:
+            if f.prio != SHAPES["tc_priority"]:
                 del_filter(ipr, link.index, hook, f)
 
 
-def del_filter(ipr, index: int, hook: str, f: dict) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
+def del_filter(ipr, index: int, hook: str, f: TcFilter) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
     try:
-        ipr.tc("del-filter", "bpf", index=index, handle=f["handle"], parent=PARENT[hook], prio=f["prio"],
+        ipr.tc("del-filter", "bpf", index=index, handle=f.handle, parent=PARENT[hook], prio=f.prio,
                protocol=0x0003)
     except NetlinkError as exc:
         if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
@@ -164,6 +160,7 @@ def detach(ipr, pinned: Pinned | None, index: int) -> bool:
     """Our filters off one link, its interface entry gone, and the clsact qdisc too
     when we added it and nobody else uses it."""
     found = False
+    current: dict[str, list[TcFilter]]
     try:
         current = our_filters(index)
     except OSError:
@@ -180,7 +177,7 @@ def detach(ipr, pinned: Pinned | None, index: int) -> bool:
         if owned:
             try:
                 if has_clsact(index) and other_filters(index) == 0:
-                    from pyroute2.netlink.exceptions import NetlinkError
+                    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
                     try:
                         ipr.tc("del", "clsact", index)
