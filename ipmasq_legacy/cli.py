@@ -228,6 +228,7 @@ def reconcile(config_path, lock_timeout, metrics_file, log_format, log_level, **
     inputs.need_net_admin("reconcile")
     src = source.for_follow(config_path, options_of(kwargs))
     if src.note:
+        src.load()  # a bad config is the one line, not this note and then it (only here: cron's run has no note)
         log.warning("%s", src.note)
     result = _synced(lock_timeout, metrics_file,
                      lambda: agent.reconcile(src.path, src.options, missing_ok=src.missing_ok))
@@ -279,8 +280,6 @@ def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics
     logs.setup(log_format, log_level)
     inputs.need_net_admin("watch")
     src = source.for_follow(config_path, options_of(kwargs))  # without --config: what apply installed
-    if src.note:
-        log.warning("%s", src.note)
     loaded = []
 
     def load():
@@ -288,6 +287,8 @@ def watch(ctx, config_path, lock_timeout, metrics_port, metrics_address, metrics
         return loaded[0]
 
     first = load()  # bad config at start: exit 2 before anything runs
+    if src.note:
+        log.warning("%s", src.note)
     collector = metrics.Collector()
     server = None
     if metrics_port is not None:

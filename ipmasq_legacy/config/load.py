@@ -21,9 +21,9 @@ from ..errors import ConfigError
 from ..inputs import cut, path_kind
 from ..ruledata import DEFAULTS
 from . import cilium, text
-from .keys import Config, apply_layer
+from .keys import CLI_ALIASES, Config, apply_layer
 from .masqagent import from_document, load_masq_agent
-from .values import ConfigWarning
+from .values import ConfigWarning, parse_bool
 
 SHAPES = {"ipmasq-legacy": "this tool's file", "helm-values": "Cilium Helm values",
           "cilium-config": "cilium-config ConfigMap", "defaults": "all defaults"}
@@ -122,8 +122,15 @@ def load(path: str | None = None, options: dict[str, Any] | None = None, missing
                                           f"{'s' if len(ignored) > 1 else ''} unrelated to masquerading ignored: "
                                           f"{', '.join(cut(str(k), 80) for k in ignored[:200])}"
                                           + (f" (+{len(ignored) - 200} more)" if len(ignored) > 200 else "")))
-    apply_layer(values, [(key, value, key) for key, value in (options or {}).items()], "on the command line",
-                True, notes)
+    file_datapath = values.get("datapath")
+    options = options or {}
+    apply_layer(values, [(key, value, key) for key, value in options.items()], "on the command line", True, notes)
+    # An option beats the file, whatever it is spelled as: --bpf-masquerade false says
+    # "not ebpf" but names no backend, so over a file that says ebpf it is an error.
+    off = [key for key in CLI_ALIASES if key in options and not parse_bool(options[key], key)]
+    if off and "datapath" not in options and file_datapath == "ebpf":
+        raise ConfigError(f"key {off[0]!r} on the command line: false, but the config file {cut(str(file_path))} "
+                          "says datapath ebpf: give --backend NAME")
 
     shape = document.shape if document is not None else "defaults"
     inline = document.inline_agent if document is not None else None
