@@ -572,7 +572,7 @@ def counted_apply(node: Node, path: str) -> dict:
 
 
 # 100.64.0.0/10 (the bed's cgnat destination) exempt in A only, 198.20.0.0/24 (its
-# public destination) in B only; 10.0.0.0/8 and 192.0.2.0/24 in both
+# public destination) in B only; 10.0.0.0/8 and 192.0.2.0/24 in both, and multicast (224.0.0.0/4) always
 AGENT_A = "nonMasqueradeCIDRs: [10.0.0.0/8, 100.64.0.0/10, 192.0.2.0/24]\nmasqLinkLocal: true\n"
 AGENT_B = "nonMasqueradeCIDRs: [10.0.0.0/8, 192.0.2.0/24, 198.20.0.0/24]\nmasqLinkLocal: true\n"
 
@@ -595,7 +595,7 @@ def test_a_change_writes_only_what_differs(node):
     path_b = node.write_config({}, agent=AGENT_B, name="b.yaml")
     node.ipmasq("apply", "--config", path_a, "--backend", "ebpf", check=True)
     state = generations(node, path_a)
-    assert state["plans"][path_a] == {"exact": True, "cfg": True, "exempt4": 3, "idle": True}  # both generations
+    assert state["plans"][path_a] == {"exact": True, "cfg": True, "exempt4": 4, "idle": True}  # both generations
     exempt4 = state["tries"]["ipmq_exempt4"]
     assert_traffic(bed, {"cgnat", "tke10"})
 
@@ -604,7 +604,7 @@ def test_a_change_writes_only_what_differs(node):
     assert not writes["pyroute2"]
     after = generations(node, path_b, path_a)
     assert after["gen"] != state["gen"]
-    assert after["plans"][path_b] == {"exact": True, "cfg": True, "exempt4": 3, "idle": False}
+    assert after["plans"][path_b] == {"exact": True, "cfg": True, "exempt4": 4, "idle": False}
     assert after["plans"][path_a]["idle"]
     assert after["tries"]["ipmq_exempt4"][str(state["gen"])] == exempt4[str(state["gen"])]  # the old one, untouched
     assert "State: in sync" in node.ipmasq("status", "--config", path_b, check=True).stdout
@@ -644,7 +644,7 @@ def test_stale_idle_generation_is_rewritten(node):
                          f"    p.update('ipmq_cfg', struct.pack('=I', {idle}), bytes(ebpf.CFG.size))\n")
     stale = generations(node, path_a)
     assert stale["plans"][path_a]["exact"]  # the live generation: untouched
-    assert len(stale["tries"]["ipmq_exempt4"][str(idle)]) == 4
+    assert len(stale["tries"]["ipmq_exempt4"][str(idle)]) == 5  # A's three, multicast, the hand's one
     assert_traffic(bed, {"cgnat", "tke10"})
 
     writes = counted_apply(node, path_b)
@@ -652,7 +652,7 @@ def test_stale_idle_generation_is_rewritten(node):
     # 203.0.113.0/24 and 10.99.0.0/16 gone
     assert (writes["trie_put"], writes["trie_deleted"], writes["ports"]) == (2, 3, 2), writes
     after = generations(node, path_b)
-    assert after["gen"] == idle and after["plans"][path_b] == {"exact": True, "cfg": True, "exempt4": 3, "idle": False}
+    assert after["gen"] == idle and after["plans"][path_b] == {"exact": True, "cfg": True, "exempt4": 4, "idle": False}
     assert after["ports"][idle::2] == stale["ports"][1 - idle::2]  # the port tables of the plan
     assert "State: in sync" in node.ipmasq("status", "--config", path_b, check=True).stdout
     assert_traffic(bed, {"public", "tke10"})

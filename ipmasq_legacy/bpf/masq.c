@@ -379,11 +379,16 @@ struct pkt {
 	__be16 dport;
 };
 
-static __always_inline void stat_inc(__u32 slot)
+static __always_inline void stat_add(__u32 slot, __u64 n)
 {
 	__u64 *v = bpf_map_lookup_elem(&ipmq_stats, &slot);
 	if (v)
-		*v += 1;
+		*v += n;
+}
+
+static __always_inline void stat_inc(__u32 slot)
+{
+	stat_add(slot, 1);
 }
 
 
@@ -766,38 +771,48 @@ static __always_inline __be16 claim_port(const struct cfg *cfg, __u32 gen, const
 		if (ix)
 			kept = *ix;
 	}
-	__u32 start = bpf_get_prandom_u32() % total;
 	__u32 retries = cfg->retries;
-	int scan = total <= retries; /* a small range: try every port once */
-	__be16 found = 0;
-	for (__u32 i = 0; i < MAX_RETRIES; i++) {
-		/* Opaque to clang: without it clang 11 folds the two exits into one `i != min(retries, 64)`
-		 * test, whose bound the 5.10 verifier cannot see ("sequence of 8193 jumps is too complex"). */
-		asm volatile("" : "+r"(retries));
+	if (retries > MAX_RETRIES)
+		retries = MAX_RETRIES;
+	/* One try for the original port, then the loop: its body has no branch but its
+	 * exits, so each verifier walks 64 short iterations whatever the clang (a body that
+	 * chose between the kept, scanned and random index cost 6.18's verifier 190k
+	 * instructions, and clang 11 merged the exits into a test 5.10 could not bound). */
+	__u32 first = 0;
+	if (kept && retries) {
+		__u32 k = base + ((kept - 1) & (PORTS - 1));
+		__u32 *pp = bpf_map_lookup_elem(&ipmq_ports, &k);
+		if (pp) {
+			__be16 port = bpf_htons((__u16)*pp);
+			rkey.dport = port;
+			if (is_icmp)
+				rkey.sport = port;
+			if (bpf_map_update_elem(&ipmq_nat_rev, &rkey, rval, BPF_NOEXIST) == 0)
+				return port;
+			stat_inc(S_RETRIES);
+		}
+		first = 1;
+	}
+	__u32 start = bpf_get_prandom_u32() % total;
+	__u32 scan = total <= retries; /* a small range: try every port once */
+	for (__u32 i = first; i < MAX_RETRIES; i++) {
+		asm volatile("" : "+r"(retries)); /* keep the bound `i < 64` the verifier sees */
 		if (i >= retries)
 			break;
-		__u32 idx;
-		if (i == 0 && kept)
-			idx = kept - 1;
-		else if (scan)
-			idx = (start + i) % total;
-		else
-			idx = bpf_get_prandom_u32() % total;
+		/* scan: start + i; else a random index (computed either way: no branch) */
+		__u32 idx = (scan * (start + i) + (1 - scan) * bpf_get_prandom_u32()) % total;
 		__u32 k = base + (idx & (PORTS - 1));
 		__u32 *pp = bpf_map_lookup_elem(&ipmq_ports, &k);
 		if (!pp)
 			break;
 		__be16 port = bpf_htons((__u16)*pp);
 		rkey.dport = port;
-		if (is_icmp)
-			rkey.sport = port;
-		if (bpf_map_update_elem(&ipmq_nat_rev, &rkey, rval, BPF_NOEXIST) == 0) {
-			found = port;
-			break;
-		}
+		rkey.sport = is_icmp ? port : rkey.sport;
+		if (bpf_map_update_elem(&ipmq_nat_rev, &rkey, rval, BPF_NOEXIST) == 0)
+			return port;
 		stat_inc(S_RETRIES);
 	}
-	return found;
+	return 0;
 }
 
 /* ---------------------------------------------------------------- ICMP errors */
