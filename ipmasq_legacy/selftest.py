@@ -8,6 +8,7 @@ the source address seen outside against the expectation written out per case.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from . import backends
+from .errors import ConfigError
 from .testbed import TestBed
 
 TKE_AGENT = "nonMasqueradeCIDRs: [10.0.0.0/16, 172.18.0.0/16, 192.168.0.0/17]\nmasqLinkLocal: true\n"
@@ -86,7 +88,20 @@ def _run_case(bed: TestBed, env: dict, workdir: Path, backend: str, case: Case) 
     return Row(backend, case.name, len(probes) - len(wrong), len(probes), "; ".join(wrong[:3]))
 
 
+def bed_reason() -> str | None:
+    """Why no test bed can be built here (None: it can). Its namespaces' sysctls are written
+    through /proc/sys, which a container's runtime mounts read-only by default."""
+    if os.access("/proc/sys/net/ipv4/ip_forward", os.W_OK):
+        return None
+    return ("selftest: /proc/sys is read-only here, and the test bed sets sysctls in namespaces of its own "
+            "(in a container: podman run --security-opt unmask=/proc/sys, docker run --security-opt "
+            "systempaths=unconfined; the agent itself does not need it)")
+
+
 def run(names: list[str], ipv6: bool = True) -> list[Row]:
+    reason = bed_reason()
+    if reason:
+        raise ConfigError(reason)
     rows = []
     runnable = []
     for name in names:
