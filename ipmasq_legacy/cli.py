@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -91,6 +92,25 @@ class Address(click.ParamType):
             self.fail(f"{inputs.show(value)} is not an IPv4 or IPv6 address", param, ctx)
 
 
+class Port(click.ParamType):
+    """0-65535 (click's IntRange would hand 5,000 digits to int(), which refuses them with a ValueError)."""
+
+    name = "port"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535):
+            self.fail(f"{inputs.show(value)} is not a port (0-65535)", param, ctx)
+        return int(text)
+
+
+def bounded_message(exc: click.ClickException) -> str:
+    """click's message for a usage error, with every quoted value cut to ~80 characters."""
+    text = re.sub(r"'([^'\n]{80,})'|\"([^\"\n]{80,})\"",
+                  lambda m: inputs.show((m.group(1) or m.group(2))[:77] + "..."), exc.format_message())
+    return inputs.cut(text, 400)
+
+
 def lock_option(func):
     return click.option("--lock-timeout", type=Seconds(), default=30.0, show_default=True, metavar="SECONDS",
                         help="How long to wait for another ipmasq to finish.")(func)
@@ -138,10 +158,13 @@ def _metrics_file(ctx, param, value):
         return None
     path = os.path.abspath(value)
     directory = os.path.dirname(path)
-    where = f"--metrics-file {inputs.show_path(value)}"
-    if inputs.path_kind(path, "--metrics-file") == "dir":
+    try:
+        kind, dir_kind = inputs.path_kind(path, "path"), inputs.path_kind(directory, "directory")
+    except IpmasqError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+    if kind == "dir":
         raise click.BadParameter(f"{inputs.show_path(value)} is a directory", ctx, param)
-    if inputs.path_kind(directory, where + ": directory") != "dir":
+    if dir_kind != "dir":
         raise click.BadParameter(f"directory {inputs.show_path(directory)} does not exist", ctx, param)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise click.BadParameter(f"directory {inputs.show_path(directory)} is not writable", ctx, param)
@@ -260,7 +283,7 @@ def flush(lock_timeout):
 @cli.command()
 @key_options
 @lock_option
-@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics and /healthz on this port.")
+@click.option("--metrics-port", type=Port(), help="Serve /metrics and /healthz on this port.")
 @click.option("--metrics-address", type=Address(), default="0.0.0.0", show_default=True,
               help="Address for --metrics-port (IPv4 or IPv6).")
 @metrics_file_option
@@ -473,7 +496,7 @@ def main() -> None:
         click.echo("ipmasq: aborted", err=True)
         sys.exit(1)
     except click.ClickException as exc:
-        click.echo(f"ipmasq: {exc.format_message()}", err=True)
+        click.echo(f"ipmasq: {bounded_message(exc)}", err=True)
         sys.exit(2)
     except IpmasqError as exc:
         click.echo(f"ipmasq: {exc}", err=True)
