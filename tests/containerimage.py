@@ -172,6 +172,7 @@ class Builder:
         self.log = log
         self.netns = f"ipmq-{os.getpid()}x{secrets.token_hex(3)}-image"
         self.slirp: subprocess.Popen | None = None
+        self.exit_w: int | None = None
         self.sb: Sandbox | None = None
         self.mounted: list[str] = []
         try:
@@ -184,11 +185,16 @@ class Builder:
         subprocess.run(["ip", "netns", "add", self.netns], check=True, capture_output=True)
         subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True, capture_output=True)
         # tap0 in the private namespace (10.0.2.100/24, gateway 10.0.2.2, DNS 10.0.2.3);
-        # the host's loopback is not reachable through it
-        self.slirp = subprocess.Popen(
-            ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
-             "--netns-type=path", f"/run/netns/{self.netns}", "tap0"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # the host's loopback is not reachable through it. It exits when this process's
+        # end of the exit pipe closes: also when this process is killed.
+        exit_r, self.exit_w = os.pipe()
+        try:
+            self.slirp = subprocess.Popen(
+                ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback", f"--exit-fd={exit_r}",
+                 "--netns-type=path", f"/run/netns/{self.netns}", "tap0"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, pass_fds=(exit_r,))
+        finally:
+            os.close(exit_r)
 
         def up() -> bool:
             out = subprocess.run(["ip", "-n", self.netns, "-4", "route", "show", "default"],
@@ -260,9 +266,15 @@ class Builder:
                 self.sb.close()  # every process of the sandbox (podman, conmon, containers), its mounts
             except AssertionError as exc:
                 errors.append(str(exc))
-        if self.slirp is not None and self.slirp.poll() is None:
-            self.slirp.kill()
-            self.slirp.wait()
+        if self.exit_w is not None:
+            os.close(self.exit_w)
+            self.exit_w = None
+        if self.slirp is not None:
+            try:
+                self.slirp.wait(5)
+            except subprocess.TimeoutExpired:
+                self.slirp.kill()
+                self.slirp.wait()
         if self.netns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
             subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         if errors:
