@@ -128,6 +128,7 @@ def _emit_json(data) -> None:
 @click.version_option(__version__, prog_name="ipmasq")
 def cli():
     """Masquerade (source NAT) of pod and container traffic leaving this node."""
+    inputs.check_environment()
 
 
 @cli.command("plan")

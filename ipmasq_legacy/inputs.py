@@ -171,3 +171,10 @@ def seconds(value: Any, what: str) -> float:
     if not math.isfinite(number) or number < 0:
         raise ConfigError(f"{what}: {show(value)} is not a finite, non-negative number of seconds")
     return number
+
+
+def check_environment() -> None:
+    """The environment's numbers, before any command changes anything."""
+    raw = os.environ.get("IPMASQ_BPF_DRAIN_IDLE")
+    if raw:
+        seconds(raw, "IPMASQ_BPF_DRAIN_IDLE")

@@ -411,3 +411,15 @@ def test_watch_keeps_applying_after_a_fifo_replaced_the_config(node, tmp_path):
         assert "Traceback" not in log and "internal error" not in log, log
     finally:
         agent.close()
+
+
+# ---------------------------------------------------------------- the environment
+
+
+@pytest.mark.parametrize("value", ["garbage", "nan", "-1", "inf", "9" * 5000])
+@pytest.mark.parametrize("command", [("plan",), ("status",), ("flush",)])
+def test_bpf_drain_idle_from_the_environment_is_checked_first(state, command, value):
+    """IPMASQ_BPF_DRAIN_IDLE (the ebpf handover's idle limit) is read mid-apply: a bad one
+    is refused before any command starts, in one bounded line, whoever runs it."""
+    line = one_line(run(*command, env={**state, "IPMASQ_BPF_DRAIN_IDLE": value}), 2, "IPMASQ_BPF_DRAIN_IDLE: ")
+    assert len(line) < 200 and "number of seconds" in line, line

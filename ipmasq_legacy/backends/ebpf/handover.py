@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 
-from ... import state
+from ... import inputs, state
 from . import assist
 from .conntrack import forget_conntrack, netfilter_snat_tuples
 from .encode import noted_count, seek_keys
@@ -45,7 +45,7 @@ def busy_ifindexes(pinned: Pinned) -> set[int]:
     IPMASQ_BPF_DRAIN_IDLE=SECONDS overrides all three, for tests and impatient operators)."""
     idle = dict(SHAPES["drain_idle"])
     if os.environ.get("IPMASQ_BPF_DRAIN_IDLE"):
-        idle = dict.fromkeys(idle, float(os.environ["IPMASQ_BPF_DRAIN_IDLE"]))
+        idle = dict.fromkeys(idle, inputs.seconds(os.environ["IPMASQ_BPF_DRAIN_IDLE"], "IPMASQ_BPF_DRAIN_IDLE"))
     now = time.monotonic_ns()
     busy = set()
     for key, value in pinned.items("ipmq_nat_fwd"):
