@@ -107,7 +107,7 @@ def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
     result.changes = backend.apply(the_plan)
     # Migration: the new backend is live before the old one, and every other engine of
     # ours the kernel holds, is removed.
-    for name in ([previous] if migrating else []) + [n for n in others if n != previous]:
+    for name in ([previous] if previous and migrating else []) + [n for n in others if n != previous]:
         removed = backends.get(name).remove()
         result.changes.append(f"removed {name} ({', '.join(removed) or 'nothing left'})")
     state.write(backend.name, digest)
@@ -190,7 +190,7 @@ def reconcile(config_path: str | None, options: dict, missing_ok: bool | None = 
         # The fingerprint was taken before the full read: a change made during it is seen next time.
         state.write_json(VERIFIED, {**_inputs(cfg, config_path, options), "backend": recorded, "kernel": before,
                                     "config_path": config_path or config.default_config_path(),
-                                    "snat": snat.pairs(result.plan)})
+                                    "snat": snat.pairs(result.plan) if result.plan is not None else []})
     return result
 
 

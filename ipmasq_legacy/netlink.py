@@ -62,7 +62,7 @@ class Netlink:
         self.seq += 1
         flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else 0)
         self.sock.send(NLMSG.pack(NLMSG.size + len(body), msg_type, flags, self.seq, 0) + body)
-        out = []
+        out: list = []
         while True:
             data = self.sock.recv(1 << 16)  # a dump's messages come at most 32 KiB at a time
             offset = 0
@@ -113,7 +113,7 @@ def nft_tables(wanted) -> dict[tuple[str, str], dict[int, bytes] | None]:
     request per table, answered by that table alone. (`nft list tables` fetches the
     whole ruleset, every set element included: 0.7 s beside a 100,000-element set.)
     OSError when nf_tables cannot be asked at all."""
-    out = {}
+    out: dict = {}
     with Netlink(NETLINK_NETFILTER) as nl:
         for family, name in wanted:
             body = _nfgenmsg(NFPROTO[family]) + nla(NFTA_TABLE_NAME, name.encode() + b"\0")

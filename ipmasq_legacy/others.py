@@ -83,11 +83,11 @@ def find() -> list[Found]:
             tables = netlink.nft_table_names()
         except OSError:
             tables = []
-        for family, name in tables:
+        for nft_family, name in tables:
             if name.startswith("ipmasq_legacy") or name in IPTABLES_NFT_TABLES:  # ours; iptables-nft's: above
                 continue
-            listing = run(["nft", "list", "table", family, name], check=False).stdout
-            found += [Found(name, f"nft table {family} {name}", line.strip())
+            listing = run(["nft", "list", "table", nft_family, name], check=False).stdout
+            found += [Found(name, f"nft table {nft_family} {name}", line.strip())
                       for line in listing.splitlines() if "masquerade" in line]
     return sorted(set(found), key=lambda f: (f.manager, f.where, f.what))
 

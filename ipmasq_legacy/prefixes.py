@@ -14,6 +14,7 @@ import ipaddress
 import re
 import socket
 import struct
+from collections.abc import Sequence
 import sys
 from bisect import bisect_left
 from itertools import islice, repeat
@@ -143,11 +144,12 @@ def parse_batch(texts: list, version: int) -> list[Prefix] | None:
         packed = list(map(socket.inet_pton, repeat(_AF[version]), islice(fields, 0, None, 2)))
     except (OSError, ValueError):
         return None
+    values: Sequence[int]
     if version == 4:
         values = struct.unpack(f"!{n}I", b"".join(packed))
     else:
-        values = list(map(int.from_bytes, packed, repeat("big")))
-    if any(map(and_, values, map(_HOST_BITS[version].__getitem__, lengths))):
+        values = [int.from_bytes(b, "big") for b in packed]
+    if any(map(and_, values, map(_HOST_BITS[version].__getitem__, lengths))):  # type: ignore[arg-type]
         return None
     # A Prefix, unlike a plain tuple of numbers, stays on the GC's lists: making 100,000
     # of them would run the collector some 140 times (a third of the time here).

@@ -12,6 +12,7 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ConfigError
@@ -132,7 +133,7 @@ def read_history() -> dict:
     return read_json("history.json")
 
 
-def record_sync(ok: bool, repairs: list[str] = ()) -> dict:
+def record_sync(ok: bool, repairs: Sequence[str] = ()) -> dict:
     history = read_history()
     history.setdefault("repairs", {})
     history.setdefault("errors", 0)

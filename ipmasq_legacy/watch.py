@@ -39,13 +39,13 @@ def resync_interval(cfg: Config) -> float:
     return parse_duration(DEFAULTS["resync_interval"], "resync_interval")
 
 
-def watched_files(config_path: str | None, cfg: Config) -> list[Path]:
+def watched_files(config_path: str | None, cfg: Config | None) -> list[Path]:
     """The files whose change means a re-apply; their directories are watched. A config
     directory (a cilium-config ConfigMap mounted whole) is given as DIR/..data: the
     kubelet's swap of that link is an update, and any other file in DIR is a key."""
     path = Path(config_path) if config_path else Path(os.environ.get("IPMASQ_CONFIG") or DEFAULTS["config_path"])
     files = [path / "..data" if path.is_dir() else path]
-    if cfg.enable_ip_masq_agent and not cfg.ip_masq_agent_inline:
+    if cfg is not None and cfg.enable_ip_masq_agent and not cfg.ip_masq_agent_inline:
         agent_path = Path(cfg.ip_masq_agent_config_path)
         files.append(agent_path / "config" if agent_path.is_dir() else agent_path)
     return files

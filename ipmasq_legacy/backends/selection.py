@@ -126,7 +126,7 @@ def choose_auto(available, live: Sequence[str] = ()) -> tuple[str, str]:
     except LookupError:
         if not live:
             raise
-        name, why = None, "no backend can run here"
+        name, why = "", "no backend can run here"
     if not live:
         return name, why
     keep = name if name in live else live[0]

@@ -243,7 +243,7 @@ class Sys:
         return self.call_found(MAP_DELETE_ELEM, self._elem(fd, k, None), "map delete")
 
     def keys(self, fd: int, key_size: int) -> list[bytes]:
-        out = []
+        out: list[bytes] = []
         cur = None
         nxt = ctypes.create_string_buffer(key_size)
         while True:
@@ -325,7 +325,7 @@ class Sys:
     def lpm_start(self, fd: int, key_size: int, first: int, seek) -> bytes | None:
         """The first key of `seek` that the trie holds and that comes before every key
         starting with the byte `first` (lpm_rank -1), or None: where lpm_run may start."""
-        leftmost = b""
+        leftmost: bytes | None = b""
         for key in seek:
             if len(key) != key_size or lpm_rank(key, first) >= 0:
                 continue
@@ -649,7 +649,7 @@ def _btf_maps(btf: bytes) -> dict[str, MapDef]:
     def name(off):
         return strings[off: strings.index(b"\0", off)].decode()
 
-    types = [None]  # id 0 is void
+    types: list = [None]  # id 0 is void
     pos, end = hdr_len + type_off, hdr_len + type_off + type_len
     while pos < end:
         name_off, info, size_type = struct.unpack_from("<III", btf, pos)

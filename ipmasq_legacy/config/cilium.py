@@ -150,7 +150,7 @@ def read_directory(path: Path, label: str) -> dict[str, bytes]:
     for _attempt in range(3):  # the version read may be removed by the kubelet under us
         base = _version_dir(path)
         try:
-            data = {}
+            data: dict[str, bytes] = {}
             for name in sorted(os.listdir(base)):
                 entry = base / name
                 if name.startswith(".") or entry.is_dir():

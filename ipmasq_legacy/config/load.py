@@ -139,14 +139,15 @@ def load(path: str | None = None, options: dict[str, Any] | None = None, missing
     if cfg.enable_ip_masq_agent:
         # who else reads this file on such a node: their differences are warned about
         reader = "cilium" if shape in ("helm-values", "cilium-config") else "ip-masq-agent"
+        label = document.label if document is not None else str(file_path)  # inline and cilium: from a document
         if inline is not None:
-            where = f"{cilium.HELM_INLINE_AGENT} in {document.label}"
+            where = f"{cilium.HELM_INLINE_AGENT} in {label}"
             agent = from_document(inline, where, f"{file_path} {cilium.HELM_INLINE_AGENT}", reader=reader)
         else:
             agent = load_masq_agent(cfg.ip_masq_agent_config_path, reader=reader)
         notes += agent.warnings
         if reader == "cilium" and cfg.datapath != "ebpf":
-            notes.append(ConfigWarning("cilium-difference", f"{document.label}: enable-ip-masq-agent without BPF "
+            notes.append(ConfigWarning("cilium-difference", f"{label}: enable-ip-masq-agent without BPF "
                                        "masquerading, which Cilium refuses: here the ip-masq-agent ranges apply in "
                                        f"the {cfg.datapath} datapath"))
         cfg = dataclasses.replace(cfg, masq_agent=agent)

@@ -133,8 +133,9 @@ def from_document(doc: Any, label: str, source: str, json_order: bool = False,
             values["non_masquerade_cidrs"] = v.parse_networks(value or [], where)
             limit = given.get("cidrLimit", (None, None))[1]
             limit = AGENT_CIDR_LIMIT if limit is None else limit
-            if reader == "ip-masq-agent" and isinstance(limit, (int, float)) and len(value or []) > limit:
-                notes.append(ConfigWarning("agent-difference", f"{where}: {len(value)} entries, more than cidrLimit "
+            count = len(value) if isinstance(value, list) else 0
+            if reader == "ip-masq-agent" and isinstance(limit, (int, float)) and count > limit:
+                notes.append(ConfigWarning("agent-difference", f"{where}: {count} entries, more than cidrLimit "
                                            f"{limit}: applied here; ip-masq-agent refuses the file"))
             v6 = [str(p) for p in values["non_masquerade_cidrs"] if p.version == 6]
             if v6 and reader == "ip-masq-agent":

@@ -43,7 +43,7 @@ NUMBER_CHARS_LIMIT = 100  # an integer of more digits is refused (Python's int()
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class Loader(SAFE_LOADER):
+class Loader(SAFE_LOADER):  # type: ignore[valid-type,misc]  # CSafeLoader or SafeLoader
     """SAFE_LOADER that notes keys given twice in one mapping (PyYAML keeps the last one
     silently) and refuses integers too long to be meant."""
 
@@ -214,6 +214,12 @@ def _fast_body(indent: str) -> tuple[re.Pattern, re.Pattern]:
     return _FAST_BODY[indent]
 
 
+def _match_end(pattern: re.Pattern, text: str, pos: int) -> int:
+    m = pattern.match(text, pos)  # the body patterns match the empty string too
+    assert m is not None
+    return m.end()
+
+
 def _yaml_fast(text: str, min_items: int | None = None) -> Any:
     """`yaml.load(text, Loader=SAFE_LOADER)` with the long prefix lists cut out and read
     without libyaml; None when that does not apply (then libyaml reads the text whole)."""
@@ -228,8 +234,8 @@ def _yaml_fast(text: str, min_items: int | None = None) -> Any:
         indent = m.group(3)
         start = m.end()  # the line after `key:`
         plain, lines = _fast_body(indent)
-        plain_end = plain.match(text, start).end()
-        pos = end = lines.match(text, plain_end).end()  # no `key:` line in between
+        plain_end = _match_end(plain, text, start)
+        pos = end = _match_end(lines, text, plain_end)  # no `key:` line in between
         if end < len(text) and not ("!" <= text[end] <= "~" and text[end] not in "-#"):
             continue  # what follows might belong to the list: leave it to libyaml
         lead = indent + "- "

@@ -223,8 +223,8 @@ def parse_duration(value: Any, where: str) -> float:
     """A positive duration: a Go duration string (60s, 1m30s, 500ms, 1h), or seconds as a number."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
-    elif isinstance(value, str) and parse_go_duration(value.strip()) is not None:
-        seconds = parse_go_duration(value.strip())
+    elif isinstance(value, str) and (parsed := parse_go_duration(value.strip())) is not None:
+        seconds = parsed
     else:
         raise ConfigError(f"{where}: {_show(value)} is not a duration like 60s or 1m30s")
     if seconds <= 0:
