@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,16 @@ class Invocation:
     argv: list  # what follows `ipmasq`
 
 
+def _here(arg: str, before: str) -> str:
+    """--metrics-file's directory must exist where the command runs (a node with
+    node_exporter), which this machine is not: the file, in a directory that exists."""
+    if before == "--metrics-file":
+        return os.path.join(tempfile.gettempdir(), os.path.basename(arg))
+    if arg.startswith("--metrics-file="):
+        return "--metrics-file=" + os.path.join(tempfile.gettempdir(), os.path.basename(arg.split("=", 1)[1]))
+    return arg
+
+
 def parse_invocation(argv: list) -> tuple[dict | None, list[str]]:
     """(click's parsed params, problems) for `ipmasq ARGV`. Parsing runs no command."""
     shown = "ipmasq " + shlex.join(argv)
@@ -66,7 +77,7 @@ def parse_invocation(argv: list) -> tuple[dict | None, list[str]]:
         group_opts = {o for p in cli.params for o in p.opts} | {"--help", "-h"}
         bad = [a for a in argv if a not in group_opts]
         return None, ([f"`{shown}`: {bad[0]!r} is not an option of `ipmasq` itself"] if bad else [])
-    name, args = argv[0], list(argv[1:])
+    name, args = argv[0], [_here(a, argv[i]) for i, a in enumerate(argv[1:])]
     command = cli.commands.get(name)
     if command is None:
         return None, [f"`{shown}`: no subcommand {name!r} (known: {', '.join(sorted(cli.commands))})"]
