@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ipmasq_legacy import plan, prefixes, verdicts
+from ipmasq_legacy import prefixes, verdicts
 
 from . import measure
 
