@@ -81,6 +81,7 @@ def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
     if gone and not only_if_drifted:
         raise ConfigError("; ".join(gone) + ": add the address to the link, or change the config")
     digest = "".join(f.digest() for f in the_plan.families)
+    exempt = {family: len(fp.exempt) if fp else 0 for family, fp in backend.wanted_families(the_plan).items()}
     others = [name for name in live if name != backend.name]
     previous = recorded
     if previous is None and others:
@@ -97,7 +98,7 @@ def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
             result.drift += backend.drift(the_plan)
             if not result.drift:
                 if recorded != backend.name:
-                    state.write(backend.name, digest)  # the record was lost; the kernel said what is there
+                    state.write(backend.name, digest, exempt)  # the record was lost; the kernel said what is there
                 result.duration = time.monotonic() - started
                 return result
         for phrase in result.drift:
@@ -110,7 +111,7 @@ def _sync(cfg: Config, only_if_drifted: bool) -> SyncResult:
     for name in ([previous] if previous and migrating else []) + [n for n in others if n != previous]:
         removed = backends.get(name).remove()
         result.changes.append(f"removed {name} ({', '.join(removed) or 'nothing left'})")
-    state.write(backend.name, digest)
+    state.write(backend.name, digest, exempt)
     # An earlier backend kept alive for its own connections (ebpf draining after a switch)
     # goes once they have ended.
     result.changes += [f"finished handover: {what}" for what in backends.finish_handovers(backend.name)]

@@ -1,20 +1,16 @@
 """Prometheus metrics, with the official client: a textfile for node_exporter (cron)
 or an HTTP endpoint with /metrics and /healthz (watch).
 
-Packet and byte counts are read from the backend's own rule counters when scraped.
+Packet and byte counts are read from the backend's own rule counters when scraped
+(Backend.counters: our masquerade rules' counters alone, never the exempt set's
+members); the exempt prefix count is the one the last sync recorded (state.json).
+The client and the HTTP server are imported when first used, not with this module.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import backends, state
 
@@ -34,6 +30,8 @@ class Collector:
         self.last_success = time.time()
 
     def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         history = state.read_history()
         recorded = state.read().get("backend")
         ts = GaugeMetricFamily("ipmasq_last_sync_success_timestamp_seconds",
@@ -69,7 +67,7 @@ class Collector:
         if not recorded:
             return
         try:
-            live = backends.get(recorded).live()
+            counters = backends.get(recorded).counters()
         except Exception as exc:  # a scrape must not die with the backend
             log.warning("metrics: cannot read %s counters: %s", recorded, exc)
             return
@@ -78,20 +76,25 @@ class Collector:
                                       labels=["interface", "family"])
         nbytes = CounterMetricFamily("ipmasq_masqueraded_bytes", "Bytes of masqueraded packets",
                                      labels=["interface", "family"])
+        # as the last sync recorded them (a record written before counts were kept: none)
+        exempt = state.read().get("exempt")
+        if isinstance(exempt, dict):
+            for family in backends.base.FAMILIES:
+                prefixes.add_metric([f"ipv{family}"], int(exempt.get(str(family), 0)))
         totals: dict = {}
-        for fam in live.families.values():
-            prefixes.add_metric([f"ipv{fam.family}"], len(fam.exempt))
-            for c in fam.counters:
-                key = (c.interface or "any", f"ipv{c.family}")
-                p, b = totals.get(key, (0, 0))
-                totals[key] = (p + c.packets, b + c.bytes)
+        for c in counters:
+            key = (c.interface or "any", f"ipv{c.family}")
+            p, b = totals.get(key, (0, 0))
+            totals[key] = (p + c.packets, b + c.bytes)
         for key, (p, b) in sorted(totals.items()):
             packets.add_metric(list(key), p)
             nbytes.add_metric(list(key), b)
         yield from (prefixes, packets, nbytes)
 
 
-def registry_with(collector: Collector) -> CollectorRegistry:
+def registry_with(collector: Collector):
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     return registry
@@ -99,15 +102,9 @@ def registry_with(collector: Collector) -> CollectorRegistry:
 
 def write_file(path: str, collector: Collector) -> None:
     """Atomic (temp file + rename), as node_exporter's textfile collector needs."""
+    from prometheus_client import write_to_textfile
+
     write_to_textfile(path, registry_with(collector))
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
 
 
 class Server:
@@ -115,6 +112,19 @@ class Server:
     `max_age` (its own, not another process's: a cron reconcile must not keep it green)."""
 
     def __init__(self, address: str, port: int, collector: Collector, max_age: float):
+        import socket
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from prometheus_client import generate_latest
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        class _Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+        class _Server6(_Server):
+            address_family = socket.AF_INET6
+
         registry = registry_with(collector)
 
         class Handler(BaseHTTPRequestHandler):

@@ -139,3 +139,68 @@ def nft_table_names() -> list[tuple[str, str]]:
             if name is not None:
                 out.append((names.get(msg[0], str(msg[0])), name))
     return out
+
+
+NFT_MSG_GETRULE = (NFNL_SUBSYS_NFTABLES << 8) | 7
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_EXPRESSIONS = 1, 2, 3, 4
+NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
+
+
+def nested(data: bytes) -> list[bytes]:
+    """The payloads of a nested attribute list, in order (NFTA_LIST_ELEM repeated)."""
+    out, offset = [], 0
+    while offset + 4 <= len(data):
+        length = struct.unpack_from("=H", data, offset)[0]
+        if length < 4:
+            break
+        out.append(data[offset + 4:offset + length])
+        offset += (length + 3) & ~3
+    return out
+
+
+def nft_rules(family: str, table: str, chain: str) -> list[list[tuple[str, dict[int, bytes]]]] | None:
+    """The rules of one nf_tables chain, in order, each as its expressions [(name, the
+    expression's attributes)]: one NFT_MSG_GETRULE dump scoped to the table and chain.
+    Rules reference sets by name only: no set's elements are fetched (`nft list chain`
+    fetches every element of every set in the table first: 0.6-1 s and 130 MB beside a
+    100,000-element set). None when there is no such table or chain; OSError when
+    nf_tables cannot be asked."""
+    want_table, want_chain = table.encode(), chain.encode()
+    body = (_nfgenmsg(NFPROTO[family]) + nla(NFTA_RULE_TABLE, want_table + b"\0")
+            + nla(NFTA_RULE_CHAIN, want_chain + b"\0"))
+    try:
+        with Netlink(NETLINK_NETFILTER) as nl:
+            replies = nl.request(NFT_MSG_GETRULE, body, dump=True)
+            if not replies and not _chain_exists(nl, family, table, chain):
+                return None
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    rules = []
+    for _kind, msg in replies:
+        rule = attrs(msg, 4)
+        # an older kernel may ignore the dump's filter: keep only this table's chain
+        if text(rule.get(NFTA_RULE_TABLE)) != table or text(rule.get(NFTA_RULE_CHAIN)) != chain:
+            continue
+        exprs = []
+        for elem in nested(rule.get(NFTA_RULE_EXPRESSIONS, b"")):
+            expr = attrs(elem)
+            exprs.append((text(expr.get(NFTA_EXPR_NAME)) or "", attrs(expr.get(NFTA_EXPR_DATA, b""))))
+        rules.append(exprs)
+    return rules
+
+
+NFT_MSG_GETCHAIN = (NFNL_SUBSYS_NFTABLES << 8) | 4
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME = 1, 3
+
+
+def _chain_exists(nl: Netlink, family: str, table: str, chain: str) -> bool:
+    body = (_nfgenmsg(NFPROTO[family]) + nla(NFTA_CHAIN_TABLE, table.encode() + b"\0")
+            + nla(NFTA_CHAIN_NAME, chain.encode() + b"\0"))
+    try:
+        return bool(nl.request(NFT_MSG_GETCHAIN, body))
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise

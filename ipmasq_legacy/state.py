@@ -56,9 +56,13 @@ def write_json(name: str, data: dict) -> None:
     os.replace(tmp, directory / name)
 
 
-def write(backend: str, fingerprint: str) -> None:
-    """Record the backend and the digest of the plan it holds."""
-    write_json("state.json", {"backend": backend, "fingerprint": fingerprint, "applied_at": time.time()})
+def write(backend: str, fingerprint: str, exempt: dict[int, int] | None = None) -> None:
+    """Record the backend and the digest of the plan it holds; `exempt`: how many exempt
+    prefixes per family it installed (the metrics' gauge reads it, not the sets)."""
+    record: dict = {"backend": backend, "fingerprint": fingerprint, "applied_at": time.time()}
+    if exempt is not None:
+        record["exempt"] = {str(family): count for family, count in exempt.items()}
+    write_json("state.json", record)
 
 
 def read_json(name: str) -> dict:

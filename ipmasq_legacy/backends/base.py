@@ -86,6 +86,13 @@ class Backend:
         """Remove everything this backend owns; returns what was removed."""
         raise NotImplementedError
 
+    def counters(self, plan: Plan | None = None) -> list[RuleCounter]:
+        """The packet counters of our masquerade rules, and nothing else: what a metrics
+        scrape and status read (never the exempt set's members, which live() lists).
+        `plan`: one the caller knows is installed (its rules' texts may name the
+        counters). This default reads everything; backends override it cheaply."""
+        return [c for f in self.live().families.values() for c in f.counters]
+
     def follow(self, plan: Plan) -> list[str]:
         """After a link or an address came or went (watch): bring what depends on the
         node's links up to date. Netfilter decides at packet time: nothing to do."""

@@ -229,14 +229,7 @@ class IptablesBackend(Backend):
         chain = run([ipt, "-w", "-t", "nat", "-v", "-S", CHAIN], check=False)
         live.chain_exists = chain.returncode == 0
         if live.chain_exists:
-            for line in chain.stdout.splitlines():
-                m = _COUNTER.search(line)
-                rule = _COUNTER.sub("", line)
-                live.rules.append(rule)
-                if m and ("-j MASQUERADE" in rule or "-j SNAT" in rule):
-                    live.counters.append(
-                        RuleCounter(family, rule, _interface_of(rule), int(m.group(1)), int(m.group(2)))
-                    )
+            live.rules, live.counters = _chain_rules_counted(family, chain.stdout)
         live.installed = live.chain_exists or bool(live.jumps or live.in_jumps or live.in_rules)
         live.set_name = next(
             (m.group(1) for ln in live.rules if (m := re.search(r"--match-set (\S+) dst", ln))), None
@@ -275,6 +268,17 @@ class IptablesBackend(Backend):
     def live(self) -> Live:
         all_sets = run(["ipset", "list", "-n"], check=False).stdout.split()
         return Live(self.name, {f: self._read_family(f, all_sets) for f in FAMILIES})
+
+    def counters(self, plan: Plan | None = None) -> list[RuleCounter]:
+        """Our chain's masquerade and snat counters: `-v -S` of our chain per family (an
+        ipset's members are never listed)."""
+        out: list[RuleCounter] = []
+        for family in FAMILIES:
+            if self._nat_table_exists(family):
+                chain = run([self.tool(family), "-w", "-t", "nat", "-v", "-S", CHAIN], check=False)
+                if chain.returncode == 0:
+                    out += _chain_rules_counted(family, chain.stdout)[1]
+        return out
 
     # -- comparing
 
@@ -365,6 +369,19 @@ class IptablesBackend(Backend):
             return []
         current = self.live()
         return [f"ipv{f}" for f in FAMILIES if self._remove_family(f, current.families[f])]
+
+
+def _chain_rules_counted(family: int, text: str) -> tuple[list[str], list[RuleCounter]]:
+    """Our chain as `-v -S` prints it: its rules (counters taken out) and the counters
+    of its masquerade and snat rules."""
+    rules, counters = [], []
+    for line in text.splitlines():
+        m = _COUNTER.search(line)
+        rule = _COUNTER.sub("", line)
+        rules.append(rule)
+        if m and ("-j MASQUERADE" in rule or "-j SNAT" in rule):
+            counters.append(RuleCounter(family, rule, _interface_of(rule), int(m.group(1)), int(m.group(2))))
+    return rules, counters
 
 
 def _as_prefixes(members: list[str], family: int) -> tuple[str, ...]:

@@ -427,6 +427,35 @@ def parse_table(text: str, family: int) -> NftFamilyLive:
     return live
 
 
+_COUNTER_RULE = re.compile(r"\bcounter\b.*\b(masquerade|snat to)\b")
+NFT_META_OIFNAME, NFT_CMP_EQ, NFT_CMP_NEQ, IFNAMSIZ = 7, 0, 1, 16
+
+
+def _rule_counter(exprs: list[tuple[str, dict[int, bytes]]]) -> tuple[str, int, int] | None:
+    """(interface as interface_of spells it, packets, bytes) of a rule with a counter and
+    a masquerade or snat, from its netlink expressions; None for any other rule."""
+    names = [name for name, _ in exprs]
+    if "counter" not in names or not ({"masq", "nat"} & set(names)):
+        return None
+    data = dict(exprs)["counter"]
+    nbytes, packets = (int.from_bytes(data.get(k, b"")[:8] or b"\0", "big") for k in (1, 2))
+    interface = "+"  # no oifname match: any interface
+    for i, (name, attrs) in enumerate(exprs[:-1]):
+        if name == "meta" and int.from_bytes(attrs.get(2, b""), "big") == NFT_META_OIFNAME \
+                and exprs[i + 1][0] == "cmp":
+            cmp = exprs[i + 1][1]
+            op = int.from_bytes(cmp.get(2, b""), "big")
+            value = netlink.attrs(cmp.get(3, b"")).get(1, b"")
+            # an exact name is compared with its padding, a prefix (`eth*`) without it
+            stem, prefix = value.rstrip(b"\0").decode(errors="replace"), len(value) < IFNAMSIZ
+            if op == NFT_CMP_NEQ:  # as nft prints it (interface_of keeps a negated pattern so)
+                interface = "" if stem == "lo" and not prefix else "!" + stem.replace("*", "\\*") + "*" * prefix
+            elif op == NFT_CMP_EQ:
+                interface = stem + "+" * prefix
+            break
+    return interface, packets, nbytes
+
+
 def _first_error(err: str, rc: int) -> str:
     m = _ERROR.search(err)
     if m:
@@ -738,6 +767,30 @@ class NftablesBackend(Backend):
 
     def live(self) -> Live:
         return Live(self.name, {f: self._read_family(f) for f in FAMILIES})
+
+    def counters(self, plan: Plan | None = None) -> list[RuleCounter]:
+        """The counters of our chain's masquerade and snat rules, read over netlink (one
+        rule dump per family, scoped to our chain; no set's elements, no nft, no
+        libnftables). A rule's text is the plan's (`plan`: the one the caller knows is
+        installed) or the one apply recorded, matched by position."""
+        record = state.read_json(self.RECORD).get("families", {}) if plan is None else {}
+        out = []
+        for family in FAMILIES:
+            try:
+                rules = netlink.nft_rules(SHAPES["family"][family], TABLE, CHAIN)
+            except OSError:
+                rules = None
+            if not rules:
+                continue
+            found = [c for c in map(_rule_counter, rules) if c is not None]
+            fp = plan.family(family) if plan is not None else None
+            texts = chain_rules(fp) if fp is not None else record.get(str(family), {}).get("rules", [])
+            texts = [t for t in texts if _COUNTER_RULE.search(t)]
+            if len(texts) != len(found):
+                texts = [""] * len(found)
+            out += [RuleCounter(family, text, interface, packets, nbytes)
+                    for text, (interface, packets, nbytes) in zip(texts, found)]
+        return out
 
     # -- comparing
 

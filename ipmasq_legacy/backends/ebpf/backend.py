@@ -33,7 +33,7 @@ from .keeper import (
     drain_tables_present,
     keeper_present,
 )
-from .layout import CFG, CTL, F_V4, F_V6
+from .layout import CFG, CTL, F_DRAIN, F_V4, F_V6
 from .links import IF_DRAIN, IFACE, Link, matching_links, read_links, with_snat
 from .maps import Background, Pinned, trie_notes
 from .names import HOOKS, PROGRAMS, SHAPES, TRIES, filter_name, object_path, pin_dir, pin_name
@@ -187,6 +187,28 @@ class EbpfBackend(Backend):
             if pinned is not None:
                 pinned.close()
         return EbpfLive(self.name, families, facts=facts)
+
+    def counters(self, plan: Plan | None = None) -> list[RuleCounter]:
+        """The per-interface statistics map only (no trie, no filter listing)."""
+        pinned = self._pinned()
+        if pinned is None:
+            return []
+        try:
+            flags = CFG.unpack(pinned.cfg(pinned.gen()))[0]
+            if pinned.open("ipmq_ifstats") is None or not (counts := pinned.if_counters()):
+                return []
+            links = read_links()
+        finally:
+            pinned.close()
+        on = {family for family, bit in ((4, F_V4), (6, F_V6)) if flags & bit and not flags & F_DRAIN}
+        out = []
+        for (index, family), (packets, nbytes) in sorted(counts.items()):
+            if family not in on:  # as live(): a family off, or a datapath draining, counts nothing
+                continue
+            link_name = links[index].name if index in links else f"if{index}"
+            out.append(RuleCounter(family, f"tc egress {link_name}: bpf {PROGRAMS['egress']}", link_name, packets,
+                                   nbytes))
+        return out
 
     # -- comparing
 
