@@ -23,6 +23,8 @@ ipmasq_legacy` is listed, flushed or touched. The shapes are in rules/nftables.y
 from __future__ import annotations
 
 import ctypes
+import errno
+import hashlib
 import ipaddress
 import os
 import re
@@ -36,12 +38,16 @@ from pathlib import Path
 from .. import __version__, netlink, prefixes, ruledata, state
 from ..errors import ApplyError, ConfigError
 from ..plan import FamilyPlan, MasqueradeRule, Plan, masquerade_rules
+from . import nftsets
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
 
 SHAPES = ruledata.load("nftables")
 TABLE = SHAPES["table"]
-SET = SHAPES["set"]["name"]  # the stem of our sets' names: exempt_<digest>
-_OUR_SET = re.compile(rf"{SET}(?:_[0-9a-f]{{16}})?")  # bare `exempt`: an earlier version's
+SET = SHAPES["set"]["name"]  # the stem of our sets' names
+# The two exempt sets of a family (nftsets.py: one live, the other patched and switched to).
+SLOTS = (f"{SET}_a", f"{SET}_b")
+# ours: the two slots; exempt_<digest> and bare `exempt` are earlier versions' (deleted)
+_OUR_SET = re.compile(rf"{SET}(?:_[0-9a-f]{{16}}|_a|_b)?")
 CHAIN = SHAPES["chain"]["name"]
 CHAIN_HEADER = SHAPES["chain"]["header"]
 IN_CHAIN = SHAPES["inbound_chain"]["name"]
@@ -163,18 +169,23 @@ def masquerade_line(rule: MasqueradeRule, family: int, random_fully: bool) -> st
         **pieces)
 
 
-def set_name(fp: FamilyPlan) -> str:
-    """The exempt set's name for this plan: `exempt_` and a digest of its members, so a
-    set's name says what it holds and a new list is a new set (see the module's doc)."""
-    return f"{SET}_{fp.exempt_digest()[:16]}"
+def set_name(fp: FamilyPlan, slot: str | None = None) -> str:
+    """The exempt set the rules look up: `slot` (one of SLOTS), the first by default (what
+    a new install uses)."""
+    return slot or SLOTS[0]
 
 
-def chain_rules(fp: FamilyPlan) -> list[str]:
-    """Our chain's rules, as `nft list table` prints them (counters left out)."""
+def other_slot(slot: str | None) -> str:
+    return SLOTS[1] if slot == SLOTS[0] else SLOTS[0]
+
+
+def chain_rules(fp: FamilyPlan, slot: str | None = None) -> list[str]:
+    """Our chain's rules, as `nft list table` prints them (counters left out), looking up
+    the exempt set `slot` (default: the first)."""
     rules = SHAPES["rules"]
     lines = [rules["bridged"], rules["inbound"], rules["local"]]
     if fp.exempt:
-        lines.append(rules["exempt"].format(payload=SHAPES["payload"][fp.family], set=set_name(fp)))
+        lines.append(rules["exempt"].format(payload=SHAPES["payload"][fp.family], set=set_name(fp, slot)))
     return lines + [masquerade_line(r, fp.family, fp.random_fully) for r in masquerade_rules(fp)]
 
 
@@ -197,21 +208,31 @@ def member_texts(fp: FamilyPlan) -> list[str]:
     return [_member_text(p, fp.family) for p in members]  # raises, naming the bad one
 
 
-def render_set(fp: FamilyPlan) -> str:
-    """Transaction 1: the exempt set alone, in a table block (which adds the table when
-    it is missing and leaves everything else in it alone)."""
-    lines = [f"table {table_ref(fp.family)} {{", f"\tset {set_name(fp)} {{"]
-    lines += [f"\t\t{line}" for line in set_declaration(fp.family)]
-    lines.append("\t\telements = { " + ",\n\t\t\t     ".join(member_texts(fp)) + " }")
-    lines += ["\t}", "}"]
+def render_set(fp: FamilyPlan, slots=SLOTS[:1]) -> str:
+    """The exempt sets `slots` filled, in a table block (which adds the table when it is
+    missing and leaves everything else in it alone): what apply writes over netlink
+    (nftsets.py), in nft's syntax."""
+    lines = [f"table {table_ref(fp.family)} {{"]
+    for slot in slots:
+        lines += [f"\tset {slot} {{", *(f"\t\t{line}" for line in set_declaration(fp.family))]
+        lines.append("\t\telements = { " + ",\n\t\t\t     ".join(member_texts(fp)) + " }")
+        lines.append("\t}")
+    lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def render_declare(family: int, slots) -> str:
+    """The sets `slots`, empty (apply fills them over netlink before any rule uses them)."""
+    ref = table_ref(family)
+    decl = "; ".join(set_declaration(family))
+    return f"add table {ref}\n" + "".join(f"add set {ref} {slot} {{ {decl}; }}\n" for slot in slots)
 
 
 def render_table(fp: FamilyPlan) -> str:
     """The whole table of one family, laid out as `nft list table` prints it."""
     lines = [f"table {table_ref(fp.family)} {{"]
     if fp.exempt:
-        lines += render_set(fp).splitlines()[1:-1]
+        lines += render_set(fp, SLOTS).splitlines()[1:-1]
         lines.append("")
     lines += [f"\tchain {IN_CHAIN} {{", f"\t\t{IN_HEADER}", *(f"\t\t{rule}" for rule in IN_RULES), "\t}", ""]
     lines.append(f"\tchain {CHAIN} {{")
@@ -230,10 +251,10 @@ def render_replace(fp: FamilyPlan) -> str:
     return f"add table {ref}\ndelete table {ref}\n" + render_table(fp)
 
 
-def render_rules(fp: FamilyPlan, live: NftFamilyLive | None = None) -> str:
-    """Transaction 2 against what is live (None: nothing): the chain and its rules, the
-    set's elements patched in place when a set of the right name holds the wrong ones
-    (someone edited it), then every object nothing uses any more deleted."""
+def render_rules(fp: FamilyPlan, live: NftFamilyLive | None = None, slot: str | None = None) -> str:
+    """The switch, against what is live (None: nothing): the chain and its rules (looking
+    up set `slot`, filled already), then every object that is not ours any more deleted
+    (sets of earlier versions; both slots when nothing is exempt)."""
     ref = table_ref(fp.family)
     chain = f"{ref} {CHAIN}"
     lines = [f"add table {ref}"]
@@ -245,7 +266,7 @@ def render_rules(fp: FamilyPlan, live: NftFamilyLive | None = None) -> str:
         lines.append(f"add chain {chain} {{ {CHAIN_HEADER} }}")
     else:
         lines.append(f"flush chain {chain}")
-    lines += [f"add rule {chain} {rule}" for rule in chain_rules(fp)]
+    lines += [f"add rule {chain} {rule}" for rule in chain_rules(fp, slot)]
     # the chain marking connections to the node: rewritten only when it differs
     in_chain = f"{ref} {IN_CHAIN}"
     if live is None or live.in_header != IN_HEADER or live.in_rules != IN_RULES:
@@ -253,16 +274,9 @@ def render_rules(fp: FamilyPlan, live: NftFamilyLive | None = None) -> str:
             lines += [f"flush chain {in_chain}", f"delete chain {in_chain}"]
         lines.append(f"add chain {in_chain} {{ {IN_HEADER} }}")
         lines += [f"add rule {in_chain} {rule}" for rule in IN_RULES]
-    wanted = set_name(fp) if fp.exempt else None
-    if live is not None and wanted in live.sets and not _same_prefixes(live.sets[wanted].members, fp.exempt):
-        planned = set(member_texts(fp))
-        current = {str(prefixes.parse(p)) for p in live.sets[wanted].members}
-        if current - planned:
-            lines.append(f"delete element {ref} {wanted} {{ " + ", ".join(sorted(current - planned)) + " }")
-        if planned - current:
-            lines.append(f"add element {ref} {wanted} {{ " + ", ".join(sorted(planned - current)) + " }")
     if live is not None:
-        lines += [f"delete set {ref} {name}" for name in sorted(live.sets) if name != wanted]
+        keep = SLOTS if fp.exempt else ()
+        lines += [f"delete set {ref} {name}" for name in sorted(live.sets) if name not in keep]
         lines += [f"delete {kind} {ref} {name}" for kind, name in live.foreign]
     return "\n".join(lines) + "\n"
 
@@ -279,7 +293,7 @@ class NftSet:
     declaration: list[str] = field(default_factory=list)
     members: tuple[str, ...] = ()
     # A set known from our own record (NftablesBackend._recorded) rather than read: its
-    # members are those its name says, as the set was loaded whole and never patched.
+    # members are the ones apply wrote last, as nf_tables' generation has not moved since.
     recorded: bool = False
 
 
@@ -746,9 +760,10 @@ class NftablesBackend(Backend):
         parts = []
         for fp in plan.families:
             if fp.exempt:
-                parts.append(f"# IPv{fp.family}: nft -f - (transaction 1 of 2: the exempt set, alone)")
-                parts.append(render_set(fp).rstrip("\n"))
-                parts.append(f"# IPv{fp.family}: nft -f - (transaction 2 of 2: the chain that uses it)")
+                parts.append(f"# IPv{fp.family}: the exempt sets, declared (nft -f -) and filled (netlink), "
+                             "before any rule uses them")
+                parts.append(render_set(fp, SLOTS).rstrip("\n"))
+                parts.append(f"# IPv{fp.family}: nft -f - (one transaction: the chain that uses {SLOTS[0]})")
             else:
                 parts.append(f"# IPv{fp.family}: nft -f - (one transaction)")
             parts.append(render_rules(fp).rstrip("\n"))
@@ -807,20 +822,21 @@ class NftablesBackend(Backend):
         else:
             if live.chain_header != CHAIN_HEADER:
                 problems.append(f"chain {CHAIN} hook differs")
-            if live.rules != chain_rules(fp):
+            if live.rules != chain_rules(fp, _live_slot(live)):
                 problems.append(f"chain {CHAIN} differs")
         if live.in_header != IN_HEADER or live.in_rules != IN_RULES:
             problems.append(f"chain {IN_CHAIN} " + ("missing" if live.in_header is None else "differs"))
-        wanted = set_name(fp) if fp.exempt else None
-        if wanted is not None:
-            nset = live.sets.get(wanted)
-            if nset is None:
-                problems.append("exempt set missing")
-            elif nset.declaration != set_declaration(fp.family):
-                problems.append("exempt set declaration differs")
-            elif not nset.recorded and not _same_prefixes(nset.members, fp.exempt):
-                problems.append("exempt set members differ")
-        stale = [name for name in live.sets if name != wanted]
+        if fp.exempt:
+            used = _live_slot(live)
+            for name, what in ((used, "exempt set"), (other_slot(used), f"idle exempt set {other_slot(used)}")):
+                nset = live.sets.get(name)
+                if nset is None:
+                    problems.append(f"{what} missing")
+                elif nset.declaration != set_declaration(fp.family):
+                    problems.append(f"{what} declaration differs")
+                elif not _same_prefixes(nset.members, fp.exempt):
+                    problems.append(f"{what} members differ")
+        stale = [name for name in live.sets if name not in (SLOTS if fp.exempt else ())]
         if stale:
             problems.append(f"{len(stale)} stale sets")
         return problems
@@ -864,38 +880,87 @@ class NftablesBackend(Backend):
             return False
         raise ApplyError(f"{runner.name}: delete table {table_ref(family)} failed: {_first_error(err, rc)}")
 
-    def _apply_family(self, fp: FamilyPlan, live: NftFamilyLive) -> None:
+    def _apply_family(self, fp: FamilyPlan, live: NftFamilyLive, genid: int | None) -> str | None:
+        """Old or new at every moment (nftsets.py): the idle slot patched to the plan and
+        committed, then the rules switched to it in one checked transaction, then the
+        other slot patched too. `genid`: the generation `live` was true at (None: unknown);
+        a set patch is refused by the kernel when anything committed since."""
         if live.read_error:
             raise ApplyError(f"cannot read table {table_ref(fp.family)}: {live.read_error}")
-        wanted = set_name(fp) if fp.exempt else None
-        odd_set = wanted in live.sets and live.sets[wanted].declaration != set_declaration(fp.family)
-        if live.attributes or odd_set:
+        odd = [n for n in SLOTS if n in live.sets and live.sets[n].declaration != set_declaration(fp.family)]
+        if live.attributes or odd:
             # Table attributes (dormant, ...) or a set of our name re-declared by someone:
             # nothing to patch in place; the last resort (render_replace) it is.
             self._run(fp.family, render_replace(fp), "the table")
-            return
-        if wanted is not None and wanted not in live.sets:
-            self._run(fp.family, render_set(fp), "the exempt set", check=False)
+            return SLOTS[0]
         current = live if live.installed else None
+        used = _live_slot(live) if fp.exempt else None
+        target = used
+        if fp.exempt:
+            wanted = member_texts(fp)
+            missing = [n for n in SLOTS if n not in live.sets]
+            if missing:
+                self._run(fp.family, render_declare(fp.family, missing), "the exempt sets", check=False)
+                genid = None if genid is None else genid + 1
+            contents = {n: (live.sets[n].members if n in live.sets else ()) for n in SLOTS}
+            if used not in live.sets or not _same_prefixes(contents[used], fp.exempt):
+                target = other_slot(used)
+            genid = self._patch(fp.family, target, contents[target], wanted, genid)
         try:
-            self._run(fp.family, render_rules(fp, current), "the rules")
+            self._run(fp.family, render_rules(fp, current, target), "the rules")
         except ApplyError:
             if current is None or not current.foreign:
                 raise
             self._run(fp.family, render_replace(fp), "the table")  # a foreign object nft would not delete
+            return SLOTS[0]
+        if fp.exempt:
+            genid = None if genid is None else genid + 1
+            idle = other_slot(target)
+            self._patch(fp.family, idle, live.sets[idle].members if idle in live.sets else (), wanted, genid)
+        return target
+
+    def _patch(self, family: int, name: str, members, wanted: list[str], genid: int | None) -> int | None:
+        """Set `name`, holding `members`, made to hold `wanted` in one netlink transaction;
+        the generation after it (None: unknown)."""
+        have = set(members)
+        if len(have) != len(members) or not _plain(members, family):
+            add, delete, flush = wanted, (), True  # spelled oddly: rewritten whole
+        else:
+            want = set(wanted)
+            add, delete, flush = [p for p in wanted if p not in have], [p for p in members if p not in want], False
+        if not (add or delete or flush):
+            return genid
+        try:
+            nftsets.patch(family, TABLE, name, add=add, delete=delete, flush=flush, genid=genid)
+        except OSError as exc:
+            if exc.errno == errno.ERESTART:
+                raise _Moved() from None
+            why = "conflicting intervals" if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) else exc.strerror
+            raise ApplyError(f"netlink: patch of set {name} of table {table_ref(family)} failed: {why}") from None
+        self._commits += 1
+        return None if genid is None else genid + 1
 
     def apply(self, plan: Plan) -> list[str]:
         self._size_hint(plan)
+        try:
+            return self._apply(plan, trust_record=True)
+        except _Moved:  # someone committed since our record: read, and do it again
+            return self._apply(plan, trust_record=False)
+
+    def _apply(self, plan: Plan, trust_record: bool) -> list[str]:
         changes = []
         self._commits = 0
         generation = netlink.nft_generation()
-        current = self._recorded(generation)
+        current = self._recorded(generation) if trust_record else None
         if current is None:
             current = self.live()
             if netlink.nft_generation() != generation:
                 generation = None  # someone committed while we read: nothing to record
+        start = generation
+        slots = {}
         for family, fp in self.wanted_families(plan).items():
             live = current.families[family]
+            slots[family] = _live_slot(live)
             problems = self.family_drift(fp, live)
             if not problems:
                 continue
@@ -903,10 +968,10 @@ class NftablesBackend(Backend):
                 if self._delete_table(family):
                     changes.append(f"ipv{family} removed (disabled)")
                 continue
-            self._apply_family(fp, live)
+            slots[family] = self._apply_family(fp, live, None if start is None else start + self._commits)
             what = "installed" if not live.installed else "updated (" + ", ".join(problems) + ")"
             changes.append(f"ipv{family} {what}: {len(chain_rules(fp))} rules, {len(fp.exempt)} exempt prefixes")
-        self._record(plan, generation)
+        self._record(plan, generation, slots)
         return changes
 
     # -- our record of what we wrote
@@ -930,19 +995,28 @@ class NftablesBackend(Backend):
             if fam is None:
                 families[family] = NftFamilyLive(family=family, installed=False)
                 continue
-            sets = {fam["set"]: NftSet(set_declaration(family), recorded=True)} if fam.get("set") else {}
+            sets = {}
+            if fam.get("set"):
+                members = _read_members(family, fam.get("members"))
+                if members is None:
+                    return None
+                # both slots hold the list: apply records only after it patched the idle one too
+                sets = {name: NftSet(set_declaration(family), members, recorded=True) for name in SLOTS}
             families[family] = NftFamilyLive(family=family, installed=True, chain_header=CHAIN_HEADER,
                                              rules=list(fam["rules"]), sets=sets, in_header=IN_HEADER,
                                              in_rules=list(IN_RULES))
         return Live(self.name, families)
 
-    def _record(self, plan: Plan | None, generation: int | None) -> None:
+    def _record(self, plan: Plan | None, generation: int | None, slots: dict[int, str | None] | None = None) -> None:
         now = netlink.nft_generation()
         if plan is None or generation is None or now is None or (now - generation) % 2**32 != self._commits:
             state.remove(self.RECORD)
             return
-        families = {str(fp.family): {"set": set_name(fp) if fp.exempt else None, "rules": chain_rules(fp)}
-                    for fp in plan.families}
+        families = {}
+        for fp in plan.families:
+            slot = (slots or {}).get(fp.family) or SLOTS[0]
+            families[str(fp.family)] = {"set": slot if fp.exempt else None, "rules": chain_rules(fp, slot),
+                                        "members": _write_members(fp) if fp.exempt else None}
         state.write_json(self.RECORD, {"generation": now, "netns": _netns_id(), "version": __version__,
                                        "families": families})
 
@@ -951,7 +1025,57 @@ class NftablesBackend(Backend):
             return []
         removed = [f"ipv{f}" for f in FAMILIES if self._delete_table(f)]
         state.remove(self.RECORD)
+        for family in FAMILIES:
+            state.remove(_members_file(family))
         return removed
+
+
+class _Moved(ApplyError):
+    """nf_tables' generation moved under a set patch (someone committed): read again."""
+
+    def __init__(self):
+        super().__init__("the nf_tables ruleset changed during the apply")
+
+
+def _live_slot(live: NftFamilyLive) -> str:
+    """The slot our chain looks up (the first when it looks up none of them)."""
+    used = live.exempt_set
+    return used if used in SLOTS else SLOTS[0]
+
+
+_PLAIN = {4: re.compile(r"[0-9./]*"), 6: re.compile(r"[0-9a-f:./]*")}
+
+
+def _plain(members, family: int) -> bool:
+    """Every member a prefix spelled plainly (what a set read back or recorded holds), so
+    a diff of texts is a diff of prefixes (an odd spelling only rewrites the set whole)."""
+    return bool(_PLAIN[family].fullmatch("".join(members))) and all("/" in m for m in members)
+
+
+def _members_file(family: int) -> str:
+    return f"nftables-exempt{family}.txt"
+
+
+def _write_members(fp: FamilyPlan) -> str:
+    """The exempt list both slots hold, kept beside the record (100,000 prefixes: 1.5 MB,
+    a few ms); its digest goes into the record, which names it."""
+    text = "\n".join(member_texts(fp))
+    path = state.state_dir() / _members_file(fp.family)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _read_members(family: int, digest: str | None) -> tuple[str, ...] | None:
+    """The list _write_members kept, if it is the one the record names."""
+    try:
+        text = (state.state_dir() / _members_file(family)).read_text()
+    except OSError:
+        return None
+    if digest is None or hashlib.sha256(text.encode()).hexdigest() != digest:
+        return None
+    return tuple(text.split("\n")) if text else ()
 
 
 def _netns_id() -> str:
