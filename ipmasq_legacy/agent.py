@@ -153,7 +153,10 @@ def _inputs(cfg: Config, config_path: str | None, options: dict) -> dict:
     return {"version": __version__, "options": options, "files": {f: _file_digest(f) for f in files}}
 
 
-def _unchanged_since_verified(config_path: str | None, options: dict) -> bool:
+def unchanged_since_verified(config_path: str | None, options: dict, live: list[str] | None = None) -> bool:
+    """The quick path's test (reconcile's, and status's): the inputs and the kernel state
+    are what the last reconcile that found everything in sync saw. `live`: the engines
+    of ours the kernel holds, when the caller asked already."""
     record = state.read_json(VERIFIED)
     if not record or record.get("version") != __version__ or record.get("options") != options:
         return False
@@ -172,14 +175,14 @@ def _unchanged_since_verified(config_path: str | None, options: dict) -> bool:
         return False
     # A backend's fingerprint sees only its own objects: a second engine added since (an
     # ebpf filter beside nftables, a legacy chain beside iptables-nft) is asked for apart.
-    return set(engines.live_engines()) <= {record["backend"]}
+    return set(engines.live_engines() if live is None else live) <= {record["backend"]}
 
 
 def reconcile(config_path: str | None, options: dict, missing_ok: bool | None = None) -> SyncResult | None:
     """Repair drift; None when the inputs and the kernel state are unchanged since the
     last reconcile that found everything in sync (nothing was parsed or read in full).
     `config_path` and `options` are the source to repair toward (source.for_follow)."""
-    if _unchanged_since_verified(config_path, options):
+    if unchanged_since_verified(config_path, options):
         log.debug("in sync: config files and kernel state unchanged since the last verified reconcile")
         state.record_sync(ok=True)
         return None
