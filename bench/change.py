@@ -38,7 +38,9 @@ def run(names: list[str], prefixes: int, rounds: int) -> dict:
     samples: dict[str, list[float]] = {n: [] for n in names}
     rss: dict[str, list[float]] = {n: [] for n in names}
     bare: list[float] = []
+    plan: list[float] = []
     cold: dict[str, float] = {}
+    machine = measure.machine_info()
     with tempfile.TemporaryDirectory(prefix="ipmasq-change-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         measure.warm_bytecode(measure.cli_env(workdir))
@@ -66,10 +68,16 @@ def run(names: list[str], prefixes: int, rounds: int) -> dict:
             b = measure.run_measured(["ip", "netns", "exec", node.bed.node, measure.PYTHON, "-I", "-c", "pass"],
                                      env=node.env)
             bare.append(b.wall)
+            # what every backend's change pays before its backend does anything: Python,
+            # the CLI's imports, the config and the plan (`plan` touches no kernel state)
+            pl = measure.run_measured(node.argv("plan", "--config", node.config(prefixes, extra=True),
+                                                "--backend", names[0]), env=node.env)
+            plan.append(pl.wall)
             _log(f"round {i + 1}/{rounds}: " + "; ".join(
-                f"{n} {samples[n][-2]:.3f}/{samples[n][-1]:.3f} s" for n in names) + f"; python -c pass {b.wall:.3f} s")
+                f"{n} {samples[n][-2]:.3f}/{samples[n][-1]:.3f} s" for n in names)
+                + f"; plan {pl.wall:.3f} s; python -c pass {b.wall:.3f} s")
     return {"backends": names, "prefixes": prefixes, "rounds": rounds, "cold": cold, "samples": samples,
-            "rss_mb": rss, "bare_python": bare, "machine": measure.machine_info(),
+            "rss_mb": rss, "bare_python": bare, "plan": plan, "machine": machine,
             "load_average_end": os.getloadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
@@ -83,6 +91,9 @@ def report(res: dict) -> str:
         s = res["samples"][name]
         lines.append(f"| {name} | {res['cold'][name]:.2f} s | {statistics.median(s):.3f} s ({min(s):.3f}-{max(s):.3f}) "
                      f"| {max(res['rss_mb'][name]):.0f} |")
+    pl = res["plan"]
+    lines.append(f"| `ipmasq plan` of the same config (no kernel) | | {statistics.median(pl):.3f} s "
+                 f"({min(pl):.3f}-{max(pl):.3f}) | |")
     b = res["bare_python"]
     lines.append(f"| python3 -I -c pass | | {statistics.median(b):.3f} s ({min(b):.3f}-{max(b):.3f}) | |")
     return "\n".join(lines)

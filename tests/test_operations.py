@@ -47,7 +47,7 @@ IPTABLES_DRIFTS = {
     "stale set left by a crash": "ipset create ipmasq4-0123456789ab hash:net",
 }
 # our exempt set's name is a digest of its members: look it up
-NFT_SET = "$(nft list table ip ipmasq_legacy | grep -o 'exempt_[0-9a-f]*' | head -1)"
+NFT_SET = "$(nft list table ip ipmasq_legacy | grep -o '@exempt_[0-9a-f]*' | head -1 | tr -d @)"  # the one the rules use
 NFT_DRIFTS = {
     "table deleted": "nft delete table ip ipmasq_legacy",
     "rule deleted": "nft delete rule ip ipmasq_legacy postrouting handle "

@@ -1,23 +1,30 @@
-"""nftables backend: one table of our own per family, changed in at most two transactions.
+"""nftables backend: one table of our own per family, changed old-or-new.
 
-Per family (through libnftables when it loads, else the `nft` binary):
+Per family: two exempt interval sets, `exempt_a` and `exempt_b`; the chain looks up one
+of them. A change of the exempt list (nftsets.py writes the elements over netlink):
 
-1. the exempt interval set, named by its content (`exempt_<digest>`), created alone in a
-   transaction of its own, when no set of that content is there yet;
-2. one checked transaction for everything else: the `postrouting` nat base chain and its
-   rules (which now use the set of step 1), elements patched in place, and the sets and
-   objects nothing uses any more, deleted.
+1. the idle set is patched with the difference, in a transaction of its own;
+2. one checked nft transaction for everything else: the `postrouting` nat base chain and
+   its rules (now looking up the set of step 1), and the objects that are not ours any
+   more (earlier versions' sets) deleted;
+3. the other set, idle now, is patched with the same difference.
 
-Why two: the kernel builds an interval set's lookup structure when the transaction that
-filled it commits, after the new rules have become visible. A set created in the same
-transaction as the rules that use it is, for those few microseconds, a set with nothing
-in it: a new flow to an exempt destination is masqueraded (measured: 70-86 of 720,000
-flows over 400 such transactions; none in 940,000 flows when the set comes first). A set
-that already exists keeps answering with its committed elements throughout.
+A kill leaves the rules on the old set (before 2) or the new one (after), each whole (a
+patch is one transaction); the idle set may then hold either list, which no rule sees,
+and the next apply or reconcile reads it back and patches it. Which list both sets hold is recorded after a successful
+apply; it is trusted while nf_tables' generation has not moved, and each patch carries
+that generation, so the kernel refuses it when anything committed since.
 
-A kill between the two leaves a set nothing references (harmless; the next apply or
-reconcile deletes it). Nothing outside `table ip ipmasq_legacy` and `table ip6
-ipmasq_legacy` is listed, flushed or touched. The shapes are in rules/nftables.yaml.
+Why a set is never filled in the transaction that makes the rules use it: the kernel
+builds an interval set's lookup structure when the transaction that filled it commits,
+after the new rules have become visible. A set created in the same transaction as the
+rules that use it is, for those few microseconds, a set with nothing in it: a new flow
+to an exempt destination is masqueraded (measured: 70-86 of 720,000 flows over 400 such
+transactions; none in 940,000 flows when the set comes first). A set that already exists
+keeps answering with its committed elements throughout.
+
+Nothing outside `table ip ipmasq_legacy` and `table ip6 ipmasq_legacy` is listed, flushed
+or touched. The shapes are in rules/nftables.yaml.
 """
 
 from __future__ import annotations
@@ -894,7 +901,7 @@ class NftablesBackend(Backend):
             self._run(fp.family, render_replace(fp), "the table")
             return SLOTS[0]
         current = live if live.installed else None
-        used = _live_slot(live) if fp.exempt else None
+        used = live.exempt_set if live.exempt_set in SLOTS else None  # None: a new install uses the first
         target = used
         if fp.exempt:
             wanted = member_texts(fp)

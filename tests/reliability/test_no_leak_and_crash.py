@@ -112,17 +112,33 @@ def snapshot(node: Node) -> str:
     return before_nft + "## nft\n" + _unused_nft_sets_dropped(nft) + "## ipset\n" + "\n".join(kept)
 
 
+_NFT_SET = r"exempt_(?:[0-9a-f]{16}|[ab])"  # an earlier version's content-named sets; the two slots
+
+
 def _unused_nft_sets_dropped(nft_text: str) -> str:
+    """Our nft tables with the sets no rule uses left out (the idle slot, or a set a kill
+    left), and the slot the rules use named `exempt_live`: which of the two slots holds a
+    config depends on the history, what it holds does not."""
     out = []
     for block in re.split(r"(?m)^(?=table )", nft_text):
         if block.startswith(("table ip ipmasq_legacy {", "table ip6 ipmasq_legacy {")):
-            used = set(re.findall(r"@(exempt_[0-9a-f]{16})\b", block))
-            block = re.sub(r"(?ms)^\tset (exempt_[0-9a-f]{16}) \{\n.*?^\t\}\n\n?",
+            used = set(re.findall(rf"@({_NFT_SET})\b", block))
+            block = re.sub(rf"(?ms)^\tset ({_NFT_SET}) \{{\n.*?^\t\}}\n\n?",
                            lambda m, used=used: m.group(0) if m.group(1) in used else "", block)
+            block = re.sub(r"\bexempt_[ab]\b", "exempt_live", block)
             if re.fullmatch(r"table \S+ ipmasq_legacy \{\n\}\n*", block):
                 continue  # a table that held only such a set
         out.append(block)
     return "".join(out)
+
+
+def _slots_agree(nft_text: str) -> bool:
+    """After a converged apply or reconcile the idle slot holds what the live one holds."""
+    for block in re.split(r"(?m)^(?=table )", nft_text):
+        sets = dict(re.findall(r"(?ms)^\tset (exempt_[ab]) \{\n(.*?)^\t\}", block))
+        if len(set(sets.values())) > 1:
+            return False
+    return True
 
 
 def family_view(snapshot_text: str, family: int) -> str:
@@ -178,6 +194,12 @@ def test_sigkill_leaves_old_or_new_and_reconcile_converges(node, backend):
                 difflib.unified_diff(new.splitlines(), now.splitlines(), "new", "live", lineterm="", n=1))
             outcomes["new" if now == new else "old"] += 1
         node.ipmasq("reconcile", "--config", target, "--backend", backend, check=True)
-        assert node.rulesets() == states[target], f"kill {i}: reconcile did not converge"
+        converged = node.rulesets()
+        if backend == "nftables":  # two slots per family, whichever is live
+            assert snapshot(node) == states[target] and _slots_agree(converged), f"kill {i}: reconcile did not converge"
+            assert len(re.findall(r"(?m)^\tset ", converged)) == 2 * converged.count("daddr @exempt_"), \
+                f"kill {i}: a set left behind after reconcile"
+        else:
+            assert converged == states[target], f"kill {i}: reconcile did not converge"
         current = target
     publish(f"crash_{backend}", {"kills": kills, **outcomes})
