@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import measure, report
+from . import measure, report, targets
 
 DEFAULT_OUT = measure.REPO / "bench" / "results"
 
@@ -67,6 +67,8 @@ def run(s: measure.Settings, names: list[str], skipped: dict[str, str], log) -> 
                 for name in names:
                     results["backends"][name] = attempt(f"backend {name}", measure.backend_suite, name, s, workdir,
                                                         log, floor)
+                results["targets"] = attempt("issue 15 targets: small configs against the bare commands; "
+                                             "scrapes and status at scale", targets.run, names, s.quick, log, workdir)
                 end = attempt("the floor again (drift of the machine over the run)",
                               measure.floor_suite, s, log, floor_bed, floor)
                 if "floor" in end:
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(report.render(results))
+    if "small" in results.get("targets", {}):
+        print("\n" + targets.render(results["targets"]))
     report.write_json(results, out / "results.json")
     plotted = report.plot(results, out / "bench.png")
     print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'bench.png'}" if plotted else
