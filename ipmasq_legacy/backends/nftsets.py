@@ -66,9 +66,22 @@ def _element_heads(family: int) -> tuple[bytes, bytes, bytes]:
 _HEADS = {f: _element_heads(f) for f in BITS}
 
 
+_LAST: list = []  # [members, family, elements]: a whole list is written into both slots
+
+
 def elements(family: int, members) -> list[bytes]:
     """The set elements of prefixes ("10.0.0.0/8", ...; already checked by the plan), each
-    as the bytes of one NFTA_LIST_ELEM attribute."""
+    as the bytes of one NFTA_LIST_ELEM attribute. The same list object twice in a row (a
+    new install fills both slots with it) is encoded once."""
+    if _LAST and _LAST[0] is members and _LAST[1] == family:
+        return _LAST[2]
+    out = _encode(family, members)
+    if len(out) > 1000:
+        _LAST[:] = [members, family, out]
+    return out
+
+
+def _encode(family: int, members) -> list[bytes]:
     start, end, opened = _HEADS[family]
     bits, size = BITS[family], BITS[family] // 8
     top = 1 << bits
