@@ -24,7 +24,7 @@ from ..netlink import NETLINK_NETFILTER, NETLINK_ROUTE
 from .base import FAMILIES
 from .iptables import CHAIN as IPTABLES_CHAIN
 from .iptables import legacy_tables
-from .nftables import TABLE as NFT_TABLE
+from .nftrender import TABLE as NFT_TABLE
 
 # The ebpf datapath's netfilter assist chain belongs to ebpf, never to the iptables backends.
 ASSIST_CHAIN = ruledata.load("ebpf").get("assist", {}).get("chain", "IPMASQ-EBPF")

@@ -106,7 +106,7 @@ def probe_nftables() -> str | None:
     loaded through the driver apply would use (nftables.probe_table: the libnftables
     binding, itself run first in a child, or `nft -f -`); without the right to make a
     namespace (no CAP_SYS_ADMIN), it is only checked, which commits nothing."""
-    from .nftables import probe_table
+    from .nftdriver import probe_table
 
     return probe_table(NFT_PROBE)
 
