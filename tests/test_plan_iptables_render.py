@@ -117,12 +117,34 @@ def test_to_ports_split_by_protocol_and_range_size(tmp_path):
     assert rules[-1] == "-A IPMASQ-LEGACY ! -o lo -j MASQUERADE"
 
 
-def test_set_name_follows_content_only(tmp_path):
+def test_two_slots_per_family_and_a_content_name_for_the_fallback(tmp_path):
     a = build(tmp_path, "ipv4-native-routing-cidr: 10.0.0.0/8\n").family(4)
     b = build(tmp_path, "ipv4-native-routing-cidr: 10.0.0.0/8\negress-masquerade-interfaces: eth0\n").family(4)
     c = build(tmp_path, "ipv4-native-routing-cidr: 10.0.0.0/9\n").family(4)
-    assert ipt.set_name(a) == ipt.set_name(b) != ipt.set_name(c)
-    assert len(ipt.set_name(a)) <= 31  # ipset's name limit
+    assert ipt.set_name(a) == ipt.set_name(c) == "ipmasq4-a"
+    assert ipt.set_name(a, "ipmasq4-b") == "ipmasq4-b"
+    assert ipt.ipsets.SLOTS[6] == ("ipmasq6-a", "ipmasq6-b")
+    assert ipt.content_name(a) == ipt.content_name(b) != ipt.content_name(c)
+    assert len(ipt.content_name(a) + "-tmp") <= 31  # ipset's name limit
+    # ours: the slots and content-named sets; a look-alike is someone else's
+    assert [ipt.ipsets.ours(n, 4) for n in ("ipmasq4-a", ipt.content_name(a), "ipmasq4-c", "ipmasq4-foo",
+                                            "ipmasq6-a")] == [True, True, False, False, False]
+    assert "--match-set ipmasq4-b dst" in ipt.chain_rules(a, bridged=False, exempt_set="ipmasq4-b")[3]
+
+
+def test_set_patch_is_the_difference_deletions_first():
+    add, delete = ipt.ipsets.difference(("10.0.0.0/8", "fd00::/8", "2001:db8::1/128"),
+                                        ["10.0.0.0/8", "11.0.0.0/8", "fd00:0::/8", "2001:db8::1/128"])
+    assert (add, delete) == (["11.0.0.0/8"], [])  # fd00:0::/8 is fd00::/8, spelled otherwise
+    assert ipt.ipsets.render_patch("ipmasq4-b", ["11.0.0.0/8"], ["12.0.0.0/8"]) == (
+        "del ipmasq4-b 12.0.0.0/8\nadd ipmasq4-b 11.0.0.0/8\n")
+
+
+def test_set_header_parsed_and_checked():
+    head = ipt.ipsets.Head("hash:net", "7", "family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x1",
+                           600, 1, 3)
+    assert head.fits(4, 65536) and not head.fits(4, 65537) and not head.fits(6, 1)
+    assert head.identity() == ["hash:net", "7", head.header, 600, 3]  # references left out
 
 
 def test_slash_zero_is_split_for_hash_net(tmp_path):
@@ -152,6 +174,10 @@ def test_large_prefix_list_sizes_the_set(tmp_path):
     fp = plan.FamilyPlan(family=4, interfaces=(), sources=(), exempt=plan.normalise(prefixes))
     first = ipt.render_set(fp).splitlines()[0]
     assert "maxelem 65536" in first and "hashsize 4096" in first
+    # room to grow: a full set refuses a patch's adds
+    fp = plan.FamilyPlan(family=4, interfaces=(), sources=(), exempt=tuple(f"10.{i // 256}.{i % 256}.0/24"
+                                                                            for i in range(0, 80000, 2)))
+    assert "maxelem 131072" in ipt.render_set(fp).splitlines()[0]
     assert len(ipt.chain_rules(fp, bridged=False)) == 5  # one set lookup, not one rule per prefix
 
 

@@ -1,10 +1,11 @@
 """iptables backends: iptables-legacy and iptables-nft, through iptables-restore.
 
-Per family, one `ipset restore` (the exempt set, named by its content) and then one
-`iptables-restore --noflush -w` transaction that rewrites our chain and fixes the
-POSTROUTING jump. The restore is the commit point: before it the old chain with the
-old set is live, after it the new chain with the new set. The shapes are in
-rules/iptables.yaml.
+Per family, one `ipset restore` (the difference, into the exempt set no rule uses:
+backends/ipsets.py) and then one `iptables-restore --noflush -w` transaction that
+rewrites our chain, pointing its rule at that set, and fixes the POSTROUTING jump; then
+the other set gets the same difference. The restore is the commit point: before it the
+old chain with the old set is live, after it the new chain with the new set. The
+shapes are in rules/iptables.yaml.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import ruledata
+from ..errors import ApplyError
 from ..plan import FamilyPlan, MasqueradeRule, Plan, masquerade_rules
+from . import ipsets
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter, missing_tools, run
 
 SHAPES = ruledata.load("iptables")
@@ -31,8 +34,15 @@ _COUNTER = re.compile(r" -c (\d+) (\d+)")
 # ---------------------------------------------------------------- pure rendering
 
 
-def set_name(fp: FamilyPlan) -> str:
-    return SHAPES["set_name"].format(family=fp.family, digest=fp.exempt_digest()[:12])
+def set_name(fp: FamilyPlan, slot: str | None = None) -> str:
+    """The exempt set the chain matches: `slot`, the first of the family's two by default
+    (what a new install uses)."""
+    return slot or ipsets.SLOTS[fp.family][0]
+
+
+def content_name(fp: FamilyPlan) -> str:
+    """A set named by its content: apply's when neither slot is free."""
+    return SHAPES["set_content_name"].format(family=fp.family, digest=fp.exempt_digest()[:12])
 
 
 def set_members(fp: FamilyPlan) -> list[str]:
@@ -50,12 +60,16 @@ def render_set(fp: FamilyPlan, name: str | None = None) -> str:
     hashsize = 1024
     while hashsize * 4 < len(members):
         hashsize *= 2
+    # maxelem is a limit, not memory: room to grow, as a full set refuses a patch's adds
+    maxelem = 65536
+    while maxelem < 2 * len(members):
+        maxelem *= 2
     lines = [
         SHAPES["set_create"].format(
             name=name,
             ipset_family="inet" if fp.family == 4 else "inet6",
             hashsize=hashsize,
-            maxelem=max(65536, len(members)),
+            maxelem=maxelem,
         )
     ]
     lines += [SHAPES["set_add"].format(name=name, prefix=m) for m in members]
@@ -101,16 +115,17 @@ def br_netfilter() -> bool:
     return Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists()
 
 
-def chain_rules(fp: FamilyPlan, *, bridged: bool) -> list[str]:
-    """Our chain, as `iptables -S CHAIN` prints it. `bridged`: br_netfilter is loaded
-    (a node fact the backend reads, br_netfilter(): rendering reads nothing)."""
+def chain_rules(fp: FamilyPlan, *, bridged: bool, exempt_set: str | None = None) -> list[str]:
+    """Our chain, as `iptables -S CHAIN` prints it, matching set `exempt_set` (default:
+    set_name's). `bridged`: br_netfilter is loaded (a node fact the backend reads,
+    br_netfilter(): rendering reads nothing)."""
     rules = SHAPES["rules"]
     lines = [f"-N {CHAIN}"]
     if bridged:
         lines.append(rules["bridged"])
     lines += [rules["inbound"], rules["local"]]
     if fp.exempt:
-        lines.append(rules["exempt"].format(set=set_name(fp)))
+        lines.append(rules["exempt"].format(set=exempt_set or set_name(fp)))
     return lines + [masquerade_line(r, fp.random_fully) for r in masquerade_rules(fp)]
 
 
@@ -120,14 +135,14 @@ def inbound_rules() -> list[str]:
 
 
 def render_restore(fp: FamilyPlan, live_jumps: list[str] = (), live_in_jumps: list[str] = (), *,
-                   bridged: bool) -> str:
+                   bridged: bool, exempt_set: str | None = None) -> str:
     """One iptables-restore --noflush transaction: the mangle chain that marks connections
     to the node and the nat chain rewritten, exactly one jump to each."""
     lines = [f"*{INBOUND['table']}", f":{IN_CHAIN} - [0:0]", *inbound_rules()[1:]]
     if list(live_in_jumps) != [INBOUND["jump"]]:
         lines += ["-D" + jump[2:] for jump in live_in_jumps] + [INBOUND["jump"]]
     lines += ["COMMIT", f"*{SHAPES['table']}", f":{CHAIN} - [0:0]"]
-    lines += chain_rules(fp, bridged=bridged)[1:]
+    lines += chain_rules(fp, bridged=bridged, exempt_set=exempt_set)[1:]
     if list(live_jumps) != [SHAPES["jump"]]:
         lines += ["-D" + jump[2:] for jump in live_jumps]
         lines.append(SHAPES["jump"])
@@ -165,11 +180,17 @@ class IptablesFamilyLive(FamilyLive):
     chain_exists: bool = False
     in_jumps: list[str] = field(default_factory=list)  # mangle PREROUTING rules targeting IN_CHAIN
     in_rules: list[str] = field(default_factory=list)  # IN_CHAIN as -S prints it ([]: missing)
-    set_name: str | None = None
-    stale_sets: list[str] = field(default_factory=list)  # ours, referenced by nothing (a crash's leftovers)
+    set_name: str | None = None  # the set our chain's exempt rule matches
+    heads: dict[str, ipsets.Head] = field(default_factory=dict)  # our sets of this family, as `ipset list -t` says
+    slots: dict[str, tuple[str, ...]] = field(default_factory=dict)  # what each slot there is holds
+    stale_sets: list[str] = field(default_factory=list)  # ours, neither a slot nor matched (a crash's leftovers)
 
 
 class IptablesBackend(Backend):
+    # reconcile's quick path trusts fingerprint(), which reads the sets' headers, not their
+    # members (ipsets.py: what that misses); agent.py makes every DEEP_EVERY-th run a full one
+    fingerprint_partial = True
+
     def __init__(self, variant: str):
         assert variant in VARIANTS
         self.variant = variant
@@ -193,8 +214,8 @@ class IptablesBackend(Backend):
         parts = []
         for fp in plan.families:
             if fp.exempt:
-                parts.append(f"# IPv{fp.family}: ipset restore")
-                parts.append(render_set(fp).rstrip("\n"))
+                parts.append(f"# IPv{fp.family}: ipset restore (both exempt sets, before any rule uses them)")
+                parts.append("".join(render_set(fp, name) for name in ipsets.SLOTS[fp.family]).rstrip("\n"))
             parts.append(f"# IPv{fp.family}: {self.tool(fp.family, '-restore')} --noflush -w")
             parts.append(render_restore(fp, bridged=self.bridged).rstrip("\n"))
         return "\n".join(parts) + "\n"
@@ -215,43 +236,52 @@ class IptablesBackend(Backend):
         chain = run([ipt, "-w", "-t", INBOUND["table"], "-S", IN_CHAIN], check=False)
         live.in_rules = chain.stdout.splitlines() if chain.returncode == 0 else []
 
-    def _read_family(self, family: int, all_sets: list[str]) -> FamilyLive:
+    def _read_family(self, family: int, heads: dict[str, ipsets.Head], record: ipsets.Record | None,
+                     members: bool = True) -> IptablesFamilyLive:
+        """Our chains and sets. The slots' members (unless not `members`) come from
+        `record` where it vouches for them (ipsets.py), else from `ipset save`; record
+        None: always read (deep)."""
         live = IptablesFamilyLive(family=family, installed=False)
-        owned = [n for n in all_sets if n.startswith(SHAPES["set_name"].format(family=family, digest=""))]
+        live.heads = {n: h for n, h in heads.items() if ipsets.ours(n, family)}
         self._read_inbound(family, live)
-        if not self._nat_table_exists(family):
-            live.stale_sets = owned
-            live.installed = bool(live.in_jumps or live.in_rules)
-            return live
-        ipt = self.tool(family)
-        post = run([ipt, "-w", "-t", "nat", "-S", "POSTROUTING"], check=False)
-        live.jumps = [ln for ln in post.stdout.splitlines() if ln.endswith(" " + _JUMP_TARGET)]
-        chain = run([ipt, "-w", "-t", "nat", "-v", "-S", CHAIN], check=False)
-        live.chain_exists = chain.returncode == 0
-        if live.chain_exists:
-            live.rules, live.counters = _chain_rules_counted(family, chain.stdout)
+        if self._nat_table_exists(family):
+            ipt = self.tool(family)
+            post = run([ipt, "-w", "-t", "nat", "-S", "POSTROUTING"], check=False)
+            live.jumps = [ln for ln in post.stdout.splitlines() if ln.endswith(" " + _JUMP_TARGET)]
+            chain = run([ipt, "-w", "-t", "nat", "-v", "-S", CHAIN], check=False)
+            live.chain_exists = chain.returncode == 0
+            if live.chain_exists:
+                live.rules, live.counters = _chain_rules_counted(family, chain.stdout)
         live.installed = live.chain_exists or bool(live.jumps or live.in_jumps or live.in_rules)
         live.set_name = next(
             (m.group(1) for ln in live.rules if (m := re.search(r"--match-set (\S+) dst", ln))), None
         )
-        if live.set_name:
-            saved = run(["ipset", "save", live.set_name], check=False)
-            if saved.returncode == 0:
-                members = [ln.split()[2] for ln in saved.stdout.splitlines() if ln.startswith("add ")]
-                live.exempt = _as_prefixes(members, family)
-            else:
+        if members:
+            for name in ipsets.SLOTS[family]:
+                held = record.members(family, name, live.heads.get(name)) if record else None
+                if held is None and name in live.heads:
+                    held = ipsets.read_members(name, family)
+                if held is not None:
+                    live.slots[name] = held
+        if live.set_name in live.slots:
+            live.exempt = live.slots[live.set_name]
+        elif live.set_name and members:
+            found = ipsets.read_members(live.set_name, family)
+            if found is None:
                 live.problems.append(f"set {live.set_name} missing")
-        live.stale_sets = [n for n in owned if n != live.set_name]
+            else:
+                live.exempt = found
+        live.stale_sets = [n for n in live.heads if n not in ipsets.SLOTS[family] and n != live.set_name]
         return live
 
     def fingerprint(self) -> str | None:
-        """A digest of the same reads as live(), without counters: our chain, the jumps to
-        it, the members of the sets we own. At 100,000 prefixes this costs the reads
-        (about 0.1 s), not the parsing, planning and comparing a full check adds."""
+        """A digest of our chain, the jumps to it and our sets' headers (`ipset list -t`:
+        count, size in memory, hash seed; not the members: ipsets.py says what that
+        misses, and fingerprint_partial why that is enough). No counters."""
         digest = hashlib.sha256()
-        all_sets = run(["ipset", "list", "-n"], check=False).stdout.split()
+        heads = ipsets.heads()
         for family in FAMILIES:
-            owned = sorted(n for n in all_sets if n.startswith(SHAPES["set_name"].format(family=family, digest="")))
+            owned = sorted((n, h.identity(), h.references) for n, h in heads.items() if ipsets.ours(n, family))
             digest.update(f"{family} {owned}".encode())
             if self._nat_table_exists(family):
                 for chain in ("POSTROUTING", CHAIN):
@@ -261,13 +291,22 @@ class IptablesBackend(Backend):
                     digest.update(run([self.tool(family), "-w", "-t", INBOUND["table"], "-S", chain],
                                       check=False).stdout.encode())
             digest.update(b"bridged" if self.bridged else b"")
-            for name in owned:
-                digest.update(run(["ipset", "save", name], check=False).stdout.encode())
         return f"{self.name} {digest.hexdigest()}"
 
     def live(self) -> Live:
-        all_sets = run(["ipset", "list", "-n"], check=False).stdout.split()
-        return Live(self.name, {f: self._read_family(f, all_sets) for f in FAMILIES})
+        """Everything, the members of both slots read back (`ipset save`): what reconcile's
+        full check, status and watch's resync compare."""
+        heads = ipsets.heads()
+        live = Live(self.name, {f: self._read_family(f, heads, None) for f in FAMILIES})
+        # A set the record vouches for that holds something else (an edit its header does
+        # not show) is forgotten, so that the apply repairing it reads it too.
+        record = ipsets.Record()
+        for family, fam in live.families.items():
+            for name, members in fam.slots.items():
+                recorded = record.members(family, name, fam.heads[name])
+                if recorded is not None and not _same_members(members, list(recorded)):
+                    record.forget(family, name)
+        return live
 
     def counters(self, plan: Plan | None = None) -> list[RuleCounter]:
         """Our chain's masquerade and snat counters: `-v -S` of our chain per family (an
@@ -283,15 +322,18 @@ class IptablesBackend(Backend):
     # -- comparing
 
     def family_drift(self, fp: FamilyPlan | None, live: IptablesFamilyLive) -> list[str]:
-        stale = [f"{len(live.stale_sets)} stale sets"] if live.stale_sets else []
+        stale_sets = live.stale_sets + ([] if fp is not None and fp.exempt else
+                                        [n for n in ipsets.SLOTS[live.family] if n in live.heads])
+        stale = [f"{len(stale_sets)} stale sets"] if stale_sets else []
         if fp is None:
             return (["installed but disabled"] if live.installed else []) + stale
         if not live.installed:
             return ["not installed"]
         problems = list(live.problems) + stale
+        used = _slot_used(live)
         if not live.chain_exists:
             problems.append(f"chain {CHAIN} missing")
-        elif live.rules != chain_rules(fp, bridged=self.bridged):
+        elif live.rules != chain_rules(fp, bridged=self.bridged, exempt_set=used):
             problems.append(f"chain {CHAIN} differs")
         if live.jumps != [SHAPES["jump"]]:
             problems.append(f"{len(live.jumps)} jumps from POSTROUTING instead of 1")
@@ -299,76 +341,153 @@ class IptablesBackend(Backend):
             problems.append(f"chain {IN_CHAIN} " + ("missing" if not live.in_rules else "differs"))
         if live.in_jumps != [INBOUND["jump"]]:
             problems.append(f"{len(live.in_jumps)} jumps from mangle PREROUTING instead of 1")
-        if fp.exempt and live.set_name == set_name(fp) and not live.problems:
-            if not _same_members(live.exempt, set_members(fp)):
-                problems.append(f"set {live.set_name} members differ")
+        if fp.exempt:
+            want = set_members(fp)
+            idle = ipsets.other_slot(used, fp.family)
+            for name, what in ((used, f"exempt set {used}"), (idle, f"idle exempt set {idle}")):
+                if name not in live.slots:
+                    problems.append(f"{what} missing")
+                elif not live.heads[name].fits(fp.family, len(want)):
+                    problems.append(f"{what} declaration differs")
+                elif not _same_members(live.slots[name], want):
+                    problems.append(f"{what} members differ")
         return problems
 
     # -- changing
 
-    def _ensure_set(self, fp: FamilyPlan, live: IptablesFamilyLive) -> None:
-        name = set_name(fp)
-        exists = run(["ipset", "list", "-n", name], check=False).returncode == 0
-        if exists and live.set_name == name and not live.problems:
-            if _same_members(live.exempt, set_members(fp)):
-                return
-        if exists:
-            # The name is taken by a set whose members drifted: build the right
-            # members aside and swap them in atomically.
-            tmp = f"{name[:25]}-tmp"
-            text = f"destroy {tmp}\n" if run(["ipset", "list", "-n", tmp], check=False).returncode == 0 else ""
-            text += render_set(fp, tmp) + f"swap {tmp} {name}\ndestroy {tmp}\n"
-        else:
-            text = render_set(fp)
-        run(["ipset", "restore"], input=text)
-
-    def _destroy_stale_sets(self, family: int, keep: str | None) -> None:
-        listed = run(["ipset", "list", "-n"], check=False).stdout.split()
-        prefix = SHAPES["set_name"].format(family=family, digest="")
-        for name in listed:
-            if name.startswith(prefix) and name != keep:
-                # A set still referenced (by the other iptables variant, mid-migration)
-                # refuses to go; it is removed by whichever apply or flush frees it.
-                run(["ipset", "destroy", name], check=False)
-
     def apply(self, plan: Plan) -> list[str]:
         changes = []
-        current = self.live()
+        record = ipsets.Record()
+        heads = ipsets.heads()
+        holding: dict[int, set[str]] = {}  # per family, the slots that hold the plan's list
         for family, fp in self.wanted_families(plan).items():
-            live = current.families[family]
+            live = self._read_family(family, heads, record)
+            want = set_members(fp) if fp is not None and fp.exempt else None
+            holding[family] = {n for n, m in live.slots.items()
+                               if want is not None and live.heads[n].fits(family, len(want)) and _same_members(m, want)}
             problems = self.family_drift(fp, live)
             if not problems:
                 continue
             if live.stale_sets and len(problems) == 1 and problems[0].endswith("stale sets"):
                 # Only a crash's leftovers: destroy them, leave the live chain (and its counters) alone.
-                self._destroy_stale_sets(family, live.set_name)
+                self._destroy_sets(family, keep=ipsets.SLOTS[family] if want else ())
                 changes.append(f"ipv{family}: {problems[0]} destroyed")
                 continue
             if fp is None:
                 self._remove_family(family, live)
                 changes.append(f"ipv{family} removed (disabled)")
                 continue
-            if fp.exempt:
-                self._ensure_set(fp, live)
-            run([self.tool(family, "-restore"), "--noflush", "-w"],
-                input=render_restore(fp, live.jumps, live.in_jumps, bridged=self.bridged))
-            self._destroy_stale_sets(family, set_name(fp) if fp.exempt else None)
+            holding[family] = self._apply_family(fp, live, record, holding[family])
             what = "installed" if not live.installed else "updated (" + ", ".join(problems) + ")"
             changes.append(f"ipv{family} {what}: {len(chain_rules(fp, bridged=self.bridged)) - 1} rules, {len(fp.exempt)} exempt prefixes")
+        after = ipsets.heads() if changes else heads
+        for family, fp in self.wanted_families(plan).items():
+            want = set_members(fp) if fp is not None and fp.exempt else None
+            record.keep(family, want, {n: after[n] for n in holding[family] if n in after})
         return changes
+
+    def _apply_family(self, fp: FamilyPlan, live: IptablesFamilyLive, record: ipsets.Record,
+                      holding: set[str]) -> set[str]:
+        """Old or new at every moment (ipsets.py): the idle slot patched, the chain pointed
+        at it in one iptables-restore, then the other slot patched. Returns the slots that
+        hold the plan's list now."""
+        family = fp.family
+        restore = [self.tool(family, "-restore"), "--noflush", "-w"]
+        if not fp.exempt:
+            run(restore, input=render_restore(fp, live.jumps, live.in_jumps, bridged=self.bridged))
+            self._destroy_sets(family, keep=())
+            return set()
+        want = set_members(fp)
+        slots = ipsets.SLOTS[family]
+        used = live.set_name if live.set_name in slots else None
+        # a slot no rule matches can be written; one that holds the list already can be
+        # pointed at whoever else matches it (the other iptables variant, mid-migration)
+        free = [n for n in slots if n != used and (n not in live.heads or live.heads[n].references == 0)]
+        if used in holding:
+            target = used
+        else:
+            target = next((n for n in slots if n != used and n in holding), None) or next(iter(free), None)
+        text = ""
+        if target is None:  # neither slot is free: a set of its own, loaded whole
+            target = content_name(fp)
+            head = live.heads.get(target)
+            if head is not None and head.references:
+                raise ApplyError(f"ipset: no free set for the IPv{family} exempt list: {', '.join(slots)} and "
+                                 f"{target} are all in use by other rules")
+            text = (f"destroy {target}\n" if head is not None else "") + render_set(fp, target)
+        for name in (target, ipsets.other_slot(target, family)):
+            if name in slots and name not in holding and name in free:
+                # the other slot too when it is idle already (a new install: both are)
+                text += self._fill(fp, name, live, record, want)
+                holding.add(name)
+        if text:
+            run(["ipset", "restore", "-exist"], input=text)
+        if live.rules != chain_rules(fp, bridged=self.bridged, exempt_set=target) or (
+                live.jumps != [SHAPES["jump"]] or live.in_rules != inbound_rules()
+                or live.in_jumps != [INBOUND["jump"]]):
+            run(restore, input=render_restore(fp, live.jumps, live.in_jumps, bridged=self.bridged,
+                                              exempt_set=target))
+        other = ipsets.other_slot(target, family)
+        if target in slots and other not in holding:
+            head = ipsets.heads().get(other)  # its references now that our chain left it
+            if head is None or head.references == 0:
+                run(["ipset", "restore", "-exist"], input=self._fill(fp, other, live, record, want))
+                holding.add(other)
+        self._destroy_sets(family, keep=(*slots, target))
+        return holding
+
+    def _fill(self, fp: FamilyPlan, name: str, live: IptablesFamilyLive, record: ipsets.Record,
+              want: list[str]) -> str:
+        """`ipset restore` input making slot `name` (idle) hold `want`: the difference
+        where what it holds is known and it has room, else the set made anew."""
+        record.forget(fp.family, name)
+        head, have = live.heads.get(name), live.slots.get(name)
+        if head is not None and have is not None and head.fits(fp.family, len(want)):
+            add, delete = ipsets.difference(have, want)
+            return ipsets.render_patch(name, add, delete)
+        return (f"destroy {name}\n" if head is not None else "") + render_set(fp, name)
+
+    def _other_variant_chain(self, family: int) -> bool:
+        """Our chain is in the other iptables variant too (a switch between them under
+        way): the sets are shared, as ipsets are the kernel's, not a variant's."""
+        other = "nft" if self.variant == "legacy" else "legacy"
+        tool = f"{'iptables' if family == 4 else 'ip6tables'}-{other}"
+        if (other == "legacy" and "nat" not in legacy_tables(family)) or missing_tools(tool):
+            return False
+        return run([tool, "-w", "-t", "nat", "-S", CHAIN], check=False).returncode == 0
+
+    def _destroy_sets(self, family: int, keep) -> None:
+        """Destroy our sets of `family` but `keep`, those no rule references. The slots stay
+        while the other variant has our chain (it may be pointed at them next)."""
+        heads = ipsets.heads()
+        keep = set(keep)
+        if any(n in heads for n in ipsets.SLOTS[family] if n not in keep) and self._other_variant_chain(family):
+            keep.update(ipsets.SLOTS[family])
+        for name, head in heads.items():
+            if ipsets.ours(name, family) and name not in keep and head.references == 0:
+                run(["ipset", "destroy", name], check=False)
 
     def _remove_family(self, family: int, live: IptablesFamilyLive) -> bool:
         if live.installed:
             text = render_remove(live.jumps, live.chain_exists, live.in_jumps, bool(live.in_rules))
             run([self.tool(family, "-restore"), "--noflush", "-w"], input=text)
-        self._destroy_stale_sets(family, None)
+        self._destroy_sets(family, keep=())
         return live.installed
 
     def remove(self) -> list[str]:
         if self.unavailable_reason():
             return []
-        current = self.live()
-        return [f"ipv{f}" for f in FAMILIES if self._remove_family(f, current.families[f])]
+        heads = ipsets.heads()
+        current = [self._read_family(f, heads, None, members=False) for f in FAMILIES]
+        removed = [f"ipv{live.family}" for live in current if self._remove_family(live.family, live)]
+        ipsets.clear()  # the other variant, if it keeps the sets, reads them back once
+        return removed
+
+
+def _slot_used(live: IptablesFamilyLive) -> str:
+    """The slot our chain matches (the first when it matches none of them)."""
+    slots = ipsets.SLOTS[live.family]
+    return live.set_name if live.set_name in slots else slots[0]
 
 
 def _chain_rules_counted(family: int, text: str) -> tuple[list[str], list[RuleCounter]]:
