@@ -34,6 +34,8 @@ def masqueraded(bed: TestBed, name: str = "public") -> bool:
 
 # ---------------------------------------------------------------- reconcile: each drift kind
 
+# the ipset our chain matches (of the two slots, ipmasq4-a and ipmasq4-b)
+IPT_SET = "$({ipt} -t nat -S IPMASQ-LEGACY | grep -o 'match-set [^ ]*' | cut -d' ' -f2)"
 DELETE_JUMP = '{ipt} -t nat -D POSTROUTING -m comment --comment "ipmasq-legacy: masquerade pod egress" -j IPMASQ-LEGACY'
 IPTABLES_DRIFTS = {
     "chain deleted": DELETE_JUMP + " && {ipt} -t nat -F IPMASQ-LEGACY && {ipt} -t nat -X IPMASQ-LEGACY",
@@ -41,8 +43,10 @@ IPTABLES_DRIFTS = {
     "jump moved": DELETE_JUMP + " && {ipt} -t nat -I POSTROUTING 1 -m comment --comment old -j IPMASQ-LEGACY"
                   " && {ipt} -t nat -A POSTROUTING -j IPMASQ-LEGACY",
     "rule edited": "{ipt} -t nat -R IPMASQ-LEGACY 3 -o nothing0 -j MASQUERADE",
-    "set member removed": "ipset del $(ipset list -n | grep ipmasq4-) 198.20.0.0/16",
-    "set member added": "ipset add $(ipset list -n | grep ipmasq4-) 1.2.3.0/24",
+    "set member removed": "ipset del " + IPT_SET + " 198.20.0.0/16",
+    "set member added": "ipset add " + IPT_SET + " 1.2.3.0/24",
+    "idle set member added": "ipset add $(ipset list -n | grep -x 'ipmasq4-[ab]' | grep -vx " + IPT_SET + ") 1.2.3.0/24",
+    "idle set destroyed": "ipset destroy $(ipset list -n | grep -x 'ipmasq4-[ab]' | grep -vx " + IPT_SET + ")",
     "ipv6 half gone": "ip6tables-{variant} -t nat -F IPMASQ-LEGACY",
     "stale set left by a crash": "ipset create ipmasq4-0123456789ab hash:net",
 }
@@ -84,6 +88,31 @@ def test_reconcile_repairs_drift(node, backend, kind, command):
     assert masqueraded(bed, "public_eth1") is False  # 198.20.1.10 is inside 198.20.0.0/16 too
     assert masqueraded(bed, "tke192_out")
     assert masqueraded(bed, "public6")
+
+
+@pytest.mark.parametrize("backend", [b for b in NETFILTER_BACKENDS if b.startswith("iptables-")])
+def test_set_edit_keeping_its_count_found_by_the_deep_check(node, backend):
+    """One member of our ipset swapped for another keeps the set's header (count, size in
+    memory), which the quick path trusts (backends/ipsets.py): status --deep sees it, and
+    every agent.DEEP_EVERY-th reconcile reads the members and repairs it."""
+    from ipmasq_legacy import agent
+
+    bed = node.bed
+    config_path = node.write_config({"ipv4-native-routing-cidr": ["198.20.0.0/16"],
+                                     "egress-masquerade-interfaces": "eth+"}, agent=AGENT)
+    node.ipmasq("apply", "--config", config_path, "--backend", backend, check=True)
+    node.ipmasq("reconcile", "--config", config_path, check=True)  # verified: the quick path from here
+    live_set = IPT_SET.format(ipt=f"iptables-{backend.removeprefix('iptables-')}")
+    node.sh(f"s={live_set}; ipset del $s 198.20.0.0/16 && ipset add $s 198.21.0.0/16")
+    assert masqueraded(bed, "public")  # the edit is live: 198.20.0.10 is masqueraded now
+    assert json.loads(node.ipmasq("status", "--config", config_path, "-o", "json", check=True).stdout)["in_sync"]
+    deep = json.loads(node.ipmasq("status", "--deep", "--config", config_path, "-o", "json", check=True).stdout)
+    assert not deep["in_sync"] and any("members differ" in d for d in deep["drift"]), deep["drift"]
+    for _ in range(agent.DEEP_EVERY - 1):
+        assert node.ipmasq("reconcile", "--config", config_path, check=True).stderr == ""
+    repair = node.ipmasq("reconcile", "--config", config_path, check=True)
+    assert "members differ" in repair.stderr, repair.stderr
+    assert not masqueraded(bed, "public")
 
 
 def test_reconcile_logs_json(node):
