@@ -88,6 +88,8 @@ def masquerade_rules(fp: FamilyPlan) -> list[MasqueradeRule]:
 @dataclass(frozen=True)
 class Plan:
     families: tuple[FamilyPlan, ...]  # only the enabled families
+    # ebpf only: false = no conntrack for the flows its tc programs translate (fast path)
+    ebpf_conntrack: bool = True
 
     def family(self, family: int) -> FamilyPlan | None:
         return next((f for f in self.families if f.family == family), None)
@@ -111,7 +113,8 @@ class Plan:
                     **({"snat": dict(f.snat)} if f.snat else {}),
                 }
                 for f in self.families
-            }
+            },
+            **({} if self.ebpf_conntrack else {"ebpf_conntrack": False}),
         }
 
 
@@ -207,4 +210,4 @@ def build(cfg: Config) -> Plan:
                 snat=_snat(cfg, family),
             )
         )
-    return Plan(families=tuple(families))
+    return Plan(families=tuple(families), ebpf_conntrack=cfg.ebpf_conntrack)

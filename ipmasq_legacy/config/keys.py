@@ -37,6 +37,9 @@ class Config:
     force_masquerade_cidrs: tuple = ()
     masquerade_only_cidrs: tuple = ()
     egress_masquerade_addresses: tuple = ()  # ((pattern, address), ...)
+    # Issue 15 item 4: false = the ebpf backend's fast path (conntrack skips the flows its
+    # tc programs translate: README "The ebpf backend").
+    ebpf_conntrack: bool = True
     # Loaded from ip_masq_agent_config_path when enable_ip_masq_agent is on, or inline
     # (Helm's ipMasqAgent.config): then no file is read.
     masq_agent: MasqAgentConfig | None = None
@@ -63,6 +66,7 @@ KEYS: dict[str, tuple[str, Callable]] = {
     "force-masquerade-cidrs": ("force_masquerade_cidrs", lambda x, w: v.parse_networks(x, w)),
     "masquerade-only-cidrs": ("masquerade_only_cidrs", lambda x, w: v.parse_networks(x, w)),
     "egress-masquerade-addresses": ("egress_masquerade_addresses", v.parse_snat_addresses),
+    "ebpf-conntrack": ("ebpf_conntrack", v.parse_bool),
 }
 
 # More of Cilium's option names, with the meaning they have in Cilium (README: Compatibility).
