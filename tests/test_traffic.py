@@ -23,13 +23,16 @@ pytestmark = pytest.mark.traffic
 NETFILTER_BACKENDS = [name for name in backends.NAMES if name != "ebpf"]
 
 
-def _ebpf_param():
+def _ebpf_param(variant: str = "ebpf"):
     reason = backends.get("ebpf").unavailable_reason() if "ebpf" in backends.NAMES else "not registered"
-    return pytest.param("ebpf", marks=pytest.mark.skip(reason=f"ebpf: {reason}")) if reason else "ebpf"
+    return pytest.param(variant, marks=pytest.mark.skip(reason=f"ebpf: {reason}")) if reason else variant
 
 
-# every backend, the BPF datapath included, against the same expectations
-TRAFFIC_BACKENDS = NETFILTER_BACKENDS + [_ebpf_param()]
+# every backend, the BPF datapath included, against the same expectations; "ebpf-fast" is
+# the ebpf backend with `ebpf-conntrack: false` in every config it is given (the fast path:
+# conntrack off the flows the tc programs translate)
+FAST = {"ebpf-fast": {"ebpf-conntrack": False}}
+TRAFFIC_BACKENDS = NETFILTER_BACKENDS + [_ebpf_param(), _ebpf_param("ebpf-fast")]
 
 TKE_AGENT = """\
 nonMasqueradeCIDRs:
@@ -89,8 +92,13 @@ def expected_source(bed: TestBed, case: Case, dest_name: str) -> str:
 
 
 @pytest.fixture(scope="module", params=TRAFFIC_BACKENDS)
-def backend(request):
+def variant(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def backend(variant):
+    return "ebpf" if variant in FAST else variant
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +108,11 @@ def bed(backend):
 
 
 @pytest.fixture
-def node(bed):
+def node(bed, variant):
     with driven_node(bed) as node:
+        if variant in FAST:
+            write = node.write_config
+            node.write_config = lambda cfg, agent=None, name="config.yaml": write({**FAST[variant], **cfg}, agent, name)
         yield node
 
 

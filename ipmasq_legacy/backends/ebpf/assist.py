@@ -56,9 +56,12 @@ def _out(interface: str | None) -> str:
     return IPT["out_interface"].format(interface=interface) if interface else IPT["out_interface_any"]
 
 
-def chain_rules(fp: FamilyPlan, pins: Path, bridged: bool) -> dict[str, list[str]]:
+def chain_rules(fp: FamilyPlan, pins: Path, bridged: bool, fast: bool = False) -> dict[str, list[str]]:
     """Our chains by name, as `iptables -S CHAIN` prints them. Sources are the programs'
-    business (the src tries). `bridged`: br_netfilter is loaded (read by the caller)."""
+    business (the src tries). `bridged`: br_netfilter is loaded (read by the caller).
+    `fast` (ebpf-conntrack: false): the guard also drops an untracked packet that ipmq_nf
+    would have masqueraded (the notrack table foresaw an attached link; policy routing, or
+    a link without an address of the family as the map says, sent it elsewhere)."""
     nat = [f"-N {CHAIN}"]
     if bridged:
         nat.append(ASSIST["bridged"])
@@ -81,8 +84,12 @@ def chain_rules(fp: FamilyPlan, pins: Path, bridged: bool) -> dict[str, list[str
                 address=IPT["snat_address6_ported"].format(address=rule.snat) if ported else rule.snat,
                 ports=IPT["snat_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
                 **pieces))
-    guard = [f"-N {GUARD_CHAIN}"] + [ASSIST["guard"].format(out_interface=_out(i), program=pins / "prog_guard")
-                                     for i in (fp.interfaces or (None,))]
+    guard = [f"-N {GUARD_CHAIN}"]
+    if fast:
+        guard += [ASSIST["untracked_guard"].format(out_interface=_out(i), program=pins / "prog_nf")
+                  for i in (fp.interfaces or (None,))]
+    guard += [ASSIST["guard"].format(out_interface=_out(i), program=pins / "prog_guard")
+              for i in (fp.interfaces or (None,))]
     return {IN_CHAIN: [f"-N {IN_CHAIN}", ASSIST["in_mark"]], CHAIN: nat, GUARD_CHAIN: guard}
 
 
@@ -98,9 +105,9 @@ class AssistLive:
         return any(self.jumps.values()) or any(self.rules.values())
 
 
-def render_restore(fp: FamilyPlan | None, pins: Path, live: AssistLive, bridged: bool) -> str:
+def render_restore(fp: FamilyPlan | None, pins: Path, live: AssistLive, bridged: bool, fast: bool = False) -> str:
     """One transaction: each chain rewritten (fp None: removed) with exactly one jump."""
-    want = chain_rules(fp, pins, bridged) if fp is not None else {}
+    want = chain_rules(fp, pins, bridged, fast) if fp is not None else {}
     by_table: dict[str, list[str]] = {}
     for table, chain, jump in PARTS:
         jumps, exists = live.jumps.get(chain, []), bool(live.rules.get(chain))
@@ -149,11 +156,12 @@ def _wanted(live: AssistLive, families: dict[int, FamilyPlan | None], variant: s
     return families.get(live.family) if live.variant == variant else None
 
 
-def _in_sync(live: AssistLive, fp: FamilyPlan, pins: Path, bridged: bool) -> bool:
-    return live.rules == chain_rules(fp, pins, bridged) and all(live.jumps.get(chain) == [jump] for _t, chain, jump in PARTS)
+def _in_sync(live: AssistLive, fp: FamilyPlan, pins: Path, bridged: bool, fast: bool = False) -> bool:
+    return live.rules == chain_rules(fp, pins, bridged, fast) and all(live.jumps.get(chain) == [jump] for _t, chain, jump in PARTS)
 
 
-def problems(families: dict[int, FamilyPlan | None], pins: Path, found: list[AssistLive]) -> list[str]:
+def problems(families: dict[int, FamilyPlan | None], pins: Path, found: list[AssistLive],
+             fast: bool = False) -> list[str]:
     bridged = br_netfilter()
     variant = variant_in_use(found)
     out = []
@@ -161,12 +169,12 @@ def problems(families: dict[int, FamilyPlan | None], pins: Path, found: list[Ass
         fp = _wanted(live, families, variant)
         if fp is None and live.installed:
             out.append(f"ipv{live.family}: netfilter assist in iptables-{live.variant} not wanted")
-        elif fp is not None and not _in_sync(live, fp, pins, bridged):
+        elif fp is not None and not _in_sync(live, fp, pins, bridged, fast):
             out.append(f"ipv{live.family}: netfilter assist chains " + ("missing" if not live.installed else "differ"))
     return out
 
 
-def sync(families: dict[int, FamilyPlan | None], pins: Path, force: bool = False) -> list[str]:
+def sync(families: dict[int, FamilyPlan | None], pins: Path, force: bool = False, fast: bool = False) -> list[str]:
     """Make the chains what the plan wants (force: rewrite them even when they look right,
     for reloaded programs); remove them from the other variant. Returns what changed."""
     found = read_all()
@@ -175,9 +183,11 @@ def sync(families: dict[int, FamilyPlan | None], pins: Path, force: bool = False
     changed = []
     for live in found:
         fp = _wanted(live, families, variant)
-        if (fp is None and not live.installed) or (fp is not None and not force and _in_sync(live, fp, pins, bridged)):
+        if (fp is None and not live.installed) or (fp is not None and not force
+                                                   and _in_sync(live, fp, pins, bridged, fast)):
             continue
-        run([tool(live.family, live.variant, "-restore"), "--noflush", "-w"], input=render_restore(fp, pins, live, bridged))
+        run([tool(live.family, live.variant, "-restore"), "--noflush", "-w"],
+            input=render_restore(fp, pins, live, bridged, fast))
         changed.append(f"ipv{live.family} netfilter assist {'removed' if fp is None else 'written'} "
                        f"(iptables-{live.variant})")
     return changed

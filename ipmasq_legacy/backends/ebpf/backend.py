@@ -27,11 +27,16 @@ from .generations import generation_problems, note_tries, write_generation
 from .keeper import (
     DRAIN_TABLE,
     KEEPER_TABLE,
+    NOTRACK_TABLE,
     add_drain_tables,
     add_keeper,
     delete_tables,
     drain_tables_present,
     keeper_present,
+    notrack_in_sync,
+    notrack_present,
+    notrack_text,
+    write_notrack,
 )
 from .layout import CFG, CTL, F_DRAIN, F_V4, F_V6
 from .links import IF_DRAIN, IFACE, Link, matching_links, read_links, with_snat
@@ -230,7 +235,8 @@ class EbpfBackend(Backend):
         local = {family: sorted({ipaddress.ip_address(a).packed for link in links.values()
                                  for a in link.addresses if ipaddress.ip_address(a).version == family})
                  for family in FAMILIES}
-        return EbpfDesired(families, ports, cfg_value(families, ports), matched, local)
+        return EbpfDesired(families, ports, cfg_value(families, ports), matched, local,
+                           fast=not plan.ebpf_conntrack and bool(enabled), interfaces=plan.interfaces)
 
     def _problems(self, facts: EbpfFacts, pinned: Pinned | None, desired: EbpfDesired,
                   thorough: bool = True) -> list[str]:
@@ -285,11 +291,11 @@ class EbpfBackend(Backend):
         for family, name in ((4, "ipmq_local4"), (6, "ipmq_local6")):
             if sorted(pinned.keys(name)) != desired.local[family]:
                 problems.append(f"ipv{family}: node addresses changed")
-        problems += assist.problems(desired.families, pin_dir(), assist.read_all())
-        if SHAPES["conntrack_keeper"] and shutil.which("nft") and not keeper_present():
-            problems.append(f"nft table inet {KEEPER_TABLE} missing")
+        problems += assist.problems(desired.families, pin_dir(), assist.read_all(), fast=desired.fast)
+        netfilter_drains = drain_tables_present()
+        problems += self._conntrack_problems(desired, netfilter_drains)
         # drains that are done: reconcile removes what is left of them
-        if drain_tables_present() and not netfilter_snat_tuples():
+        if netfilter_drains and not netfilter_snat_tuples():
             problems.append(f"nft tables {DRAIN_TABLE}: netfilter's connections have ended")
         draining = [i for i, v in facts.ifaces.items() if IFACE.unpack(v)[2] & IF_DRAIN]
         if draining:
@@ -300,6 +306,51 @@ class EbpfBackend(Backend):
         if any(deep) and (thorough or not problems):
             problems += generation_problems(pinned, facts.gen, desired, *deep, known=facts.generations)
         return problems
+
+    # -- conntrack: the keeper, or (ebpf-conntrack: false) the notrack table
+
+    @staticmethod
+    def _notrack_wanted(desired: EbpfDesired, netfilter_drains: list[str]) -> str | None:
+        """The notrack table's text when the fast path is wanted now, else None. Not while
+        netfilter's own connections drain: untracked, their packets would meet neither
+        netfilter's NAT nor a translation of ours and leave with the pod's address."""
+        if not desired.fast or netfilter_drains:
+            return None
+        return notrack_text(sorted(desired.matched), desired.interfaces,
+                            tuple(f for f, fp in desired.families.items() if fp is not None))
+
+    def _conntrack_problems(self, desired: EbpfDesired, netfilter_drains: list[str]) -> list[str]:
+        if not shutil.which("nft"):
+            return []
+        text = self._notrack_wanted(desired, netfilter_drains)
+        if text is not None:
+            out = [] if notrack_in_sync(text) else [f"nft table inet {NOTRACK_TABLE} "
+                                                    + ("differs" if notrack_present() else "missing")]
+            return out + ([f"nft table inet {KEEPER_TABLE} not wanted (ebpf-conntrack: false)"]
+                          if keeper_present() else [])
+        out = [f"nft table inet {NOTRACK_TABLE} not wanted"] if notrack_present() else []
+        if SHAPES["conntrack_keeper"] and not keeper_present():
+            out.append(f"nft table inet {KEEPER_TABLE} missing")
+        return out
+
+    def _sync_conntrack(self, desired: EbpfDesired) -> list[str]:
+        """After the programs are on their links: the notrack table names the links they
+        are on (written whole, in one transaction), else the keeper. The one wanted is
+        written before the other goes."""
+        if not shutil.which("nft"):
+            return []
+        text = self._notrack_wanted(desired, drain_tables_present())
+        if text is None:
+            if SHAPES["conntrack_keeper"] and not keeper_present():
+                add_keeper()
+            return [f"nft table inet {NOTRACK_TABLE} removed"] if delete_tables(drain=False, keeper=False) else []
+        if notrack_in_sync(text):
+            return []
+        code, err = write_notrack(text)
+        if code != 0:
+            raise ApplyError(f"ebpf: nft table inet {NOTRACK_TABLE}: {err.strip()[:300]}")
+        delete_tables(drain=False, keeper=True, notrack=False)
+        return [f"nft table inet {NOTRACK_TABLE} written ({len(desired.matched)} links)"]
 
     def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
         """`live`, when live() gave it, is not read again: its facts (links, filters, the
@@ -343,8 +394,8 @@ class EbpfBackend(Backend):
             previous = state.read().get("backend")
             if previous and previous != self.name:
                 add_drain_tables()  # netfilter's translated connections keep working after it goes
-            if SHAPES["conntrack_keeper"] and not keeper_present():
-                add_keeper()
+            if SHAPES["conntrack_keeper"] and not keeper_present() and not notrack_present():
+                add_keeper()  # (the fast path's table is written once the programs are on)
             if pinned is None:
                 pinned = Pinned(self.obj())
             try:
@@ -352,6 +403,7 @@ class EbpfBackend(Backend):
             except (loader.BpfError, OSError) as exc:
                 raise ApplyError(f"ebpf: {exc}") from None
             handover.reap(pinned, ipr)
+            changes += self._sync_conntrack(desired)  # after reap: netfilter's drain may be over
         finally:
             if pinned is not None:
                 pinned.close()
@@ -428,6 +480,7 @@ class EbpfBackend(Backend):
             created = pinned.ensure()  # every map open: the programs are checked against them all
             changes = self._write_node(facts, pinned, desired)
             changes += self._attach_all(facts, pinned, desired, ipr, self.obj(), created)
+            changes += self._sync_conntrack(desired)  # the fast path's links
             gone = [i for i in facts.ifaces if i not in facts.links]
             for index in gone:  # deleted links: their entries (and drains) go with them
                 pinned.delete("ipmq_ifaces", struct.pack("=I", index))
@@ -444,7 +497,7 @@ class EbpfBackend(Backend):
         """Steps 4 and 5 of _install: programs and filters, links no longer matched."""
         # 4. programs, then the filters
         fds, reloaded = programs.load(pinned, obj, force=bool(created))  # new maps: programs must use them
-        changes = assist.sync(desired.families, pin_dir(), force=reloaded)
+        changes = assist.sync(desired.families, pin_dir(), force=reloaded, fast=desired.fast)
         try:
             # Ingress first: from then on every UDP (or other) flow entering is recorded,
             # and flows already under way are taken from conntrack, so that no reply
@@ -504,6 +557,9 @@ class EbpfBackend(Backend):
                     # a switch: another backend masquerades new flows now; ours keep theirs
                     busy = handover.busy_ifindexes(pinned)
                     if busy:
+                        # the fast path ends first: the new backend must see new flows
+                        # (ours are picked up mid-stream: README, ebpf-conntrack)
+                        delete_tables(drain=False, keeper=False, notrack=True)
                         handover.enter_drain(pinned)
                         return [f + " (draining its connections)" for f in families]
                 if pinned is not None:

@@ -52,6 +52,8 @@ class EbpfDesired:
     cfg: bytes  # the ipmq_cfg value (encode.cfg_value)
     matched: dict[int, Link]  # the links the programs belong on
     local: dict[int, list[bytes]]  # family -> the node's addresses, packed and sorted (ipmq_local4/6)
+    fast: bool = False  # ebpf-conntrack: false (keeper.py notrack table instead of the keeper)
+    interfaces: tuple[str, ...] = ()  # the plan's egress-masquerade-interfaces (the notrack table's patterns)
 
 
 @dataclass

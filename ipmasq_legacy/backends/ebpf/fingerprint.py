@@ -14,7 +14,7 @@ from ...bpf import loader
 from ...netlink import NETLINK_ROUTE
 from . import assist
 from .encode import local_port_range, noted_count, seek_keys
-from .keeper import DRAIN_TABLES, KEEPER_TABLES
+from .keeper import DRAIN_TABLES, KEEPER_TABLES, NOTRACK_TABLES
 from .layout import CFG, F_DRAIN, LPM
 from .links import IF_DRAIN, IFACE, dump_addresses, dump_links
 from .maps import Background, Pinned, trie_notes
@@ -66,11 +66,14 @@ def _hash_inputs(h) -> bool:
         obj = None
     _put(h, "inputs", str(pin_dir()), obj, repr(SHAPES), local_port_range(), os.environ.get("IPMASQ_BPF_DRAIN_IDLE"))
     nft = shutil.which("nft") is not None
-    tables = netlink.nft_tables(DRAIN_TABLES + KEEPER_TABLES) if nft else {}
+    tables = netlink.nft_tables(DRAIN_TABLES + KEEPER_TABLES + NOTRACK_TABLES) if nft else {}
     if any(tables.get(t) is not None for t in DRAIN_TABLES):
         return False  # netfilter's connections drain: done when conntrack says so
     keeper = tables.get(KEEPER_TABLES[0])
     _put(h, "nft", nft, sorted(keeper.items()) if keeper is not None else None)
+    notrack = tables.get(NOTRACK_TABLES[0])  # its comment names what it was written from
+    if notrack is not None:
+        _put(h, "notrack", sorted(notrack.items()))
     _put(h, "assist", assist.fingerprint_text())
     return True
 

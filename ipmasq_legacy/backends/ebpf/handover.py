@@ -67,7 +67,7 @@ def reap(pinned: Pinned | None, ipr) -> list[str]:
     longer matched, and the whole datapath after a switch away from ebpf."""
     done = []
     if drain_tables_present() and not netfilter_snat_tuples():
-        if delete_tables(drain=True, keeper=False):
+        if delete_tables(drain=True, keeper=False, notrack=False):
             done.append("netfilter drain table removed")
     if pinned is None or pinned.open("ipmq_ifaces") is None:
         return done

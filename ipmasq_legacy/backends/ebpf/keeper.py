@@ -9,12 +9,20 @@
                             keeps netfilter's NAT hooks registered, so the connections
                             netfilter translated keep being translated, until conntrack
                             holds none.
+  inet ipmasq_legacy_notrack   instead of the keeper, with `ebpf-conntrack: false` (the
+                            fast path) once nothing of netfilter's drains: in the raw
+                            prerouting hook, `notrack` for the forwarded TCP, UDP and ICMP
+                            echo packets routed out of a link the tc programs are on (and
+                            those entering one, bound for a link no pattern matches), so
+                            conntrack neither tracks nor NATs what the programs translate.
+                            Its comment is a digest of what it was written from (drift).
 
 Asked for by name over ..netlink (one NFT_MSG_GETTABLE each), written with `nft -f -`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 
@@ -38,9 +46,60 @@ def _nft(text: str) -> tuple[int, str]:
 
 DRAIN_TABLES = (("ip", DRAIN_TABLE), ("ip6", DRAIN_TABLE))
 KEEPER_TABLES = (("inet", KEEPER_TABLE),)
+NOTRACK_TABLE = f"{SHAPES['filter_name']}_notrack"
+NOTRACK_TABLES = (("inet", NOTRACK_TABLE),)
+NFTA_TABLE_USERDATA = 6
 
 
-def nft_tables(wanted=DRAIN_TABLES + KEEPER_TABLES) -> set[tuple[str, str]]:
+def notrack_text(links: list[int], patterns: tuple[str, ...], families: tuple[int, ...]) -> str:
+    """The fast path's table (rules/ebpf.yaml `notrack`): `links` the ifindexes the tc
+    programs are attached to, `patterns` egress-masquerade-interfaces (empty: every link
+    but lo), `families` those masqueraded. A flow entering an attached link bound for a
+    link no pattern matches is a reply the ingress program translated back (or traffic
+    none masquerades): untracked too, so both directions of a flow agree."""
+    body = ["\tset links {\n\t\ttype iface_index\n"
+            + (f"\t\telements = {{ {', '.join(map(str, sorted(links)))} }}\n" if links else "") + "\t}"]
+    pre = ["type filter hook prerouting priority raw; policy accept;"]
+    if tuple(families) != (4, 6):
+        pre += [f"meta nfproto {'ipv6' if fam == 6 else 'ipv4'} return" for fam in (4, 6) if fam not in families]
+    pre += ["meta l4proto { tcp, udp } goto forwarded", "icmp type { echo-request, echo-reply } goto forwarded",
+            "icmpv6 type { echo-request, echo-reply } goto forwarded"]
+    flow = ["fib daddr type local return", "fib daddr oif @links notrack"]
+    chains = [("prerouting", pre), ("forwarded", flow)]
+    if patterns:
+        flow.append("iif @links goto entered")
+        chains.append(("entered", [f'fib daddr oifname "{p[:-1] + "*" if p.endswith("+") else p}" return'
+                                 for p in patterns] + ["notrack"]))
+    for name, rules in chains:
+        body.append(f"\tchain {name} {{\n" + "".join(f"\t\t{r}\n" for r in rules) + "\t}")
+    digest = hashlib.sha256("\n".join(body).encode()).hexdigest()[:32]
+    return (f"table inet {NOTRACK_TABLE} {{\n\tcomment \"ipmasq-legacy {digest}\"\n" + "\n".join(body) + "\n}\n")
+
+
+def notrack_digest(text: str) -> bytes:
+    return text.split("ipmasq-legacy ", 1)[1].split('"', 1)[0].encode()
+
+
+def notrack_in_sync(text: str) -> bool:
+    """Whether our notrack table is there as `text` writes it (its comment, over netlink)."""
+    if shutil.which("nft") is None:
+        return False
+    try:
+        found = netlink.nft_tables(NOTRACK_TABLES)
+    except OSError:
+        return False
+    attrs = found.get(("inet", NOTRACK_TABLE))
+    return attrs is not None and notrack_digest(text) in attrs.get(NFTA_TABLE_USERDATA, b"")
+
+
+def write_notrack(text: str) -> tuple[int, str]:
+    """Replace the table in one transaction (old or new, never none in between)."""
+    if shutil.which("nft") is None:
+        return 127, "nft: command not found"
+    return _nft(f"add table inet {NOTRACK_TABLE}\ndelete table inet {NOTRACK_TABLE}\n" + text)
+
+
+def nft_tables(wanted=DRAIN_TABLES + KEEPER_TABLES + NOTRACK_TABLES) -> set[tuple[str, str]]:
     """Which of the tables `wanted` exist (none when nft is missing or nf_tables cannot
     be asked, as `nft list tables` failing said before)."""
     if shutil.which("nft") is None:
@@ -78,10 +137,18 @@ def add_drain_tables() -> bool:
     return _nft(text)[0] == 0
 
 
-def delete_tables(drain: bool = True, keeper: bool = True) -> list[str]:
+def notrack_present(tables: set | None = None) -> bool:
+    tables = nft_tables(NOTRACK_TABLES) if tables is None else tables
+    return ("inet", NOTRACK_TABLE) in tables
+
+
+def delete_tables(drain: bool = True, keeper: bool = True, notrack: bool = True) -> list[str]:
     tables = nft_tables()
     text = ""
     gone = []
+    if notrack and notrack_present(tables):  # first: from here on conntrack sees every flow
+        text += f"delete table inet {NOTRACK_TABLE}\n"
+        gone.append(f"inet {NOTRACK_TABLE}")
     if drain:
         for fam in drain_tables_present(tables):
             text += f"delete table {fam} {DRAIN_TABLE}\n"
