@@ -1,7 +1,10 @@
-"""Two backends head to head, round after round, on two beds side by side.
+"""Backends head to head, round after round, on beds side by side.
 
     sudo .venv/bin/python -m bench.pair                    # nftables against ebpf, 100,000 prefixes
     sudo .venv/bin/python -m bench.pair --backends iptables-nft,nftables --rounds 7
+    sudo .venv/bin/python -m bench.pair --backends nftables,ebpf,ebpf-fast   # each against the first
+
+`ebpf-fast` is the ebpf backend with `ebpf-conntrack: false` in its config (the fast path).
 
 The full benchmark measures each backend once, minutes apart; on a shared 2-core machine
 its speed drifts more than a NAT engine costs. Here both beds carry the same config and
@@ -31,6 +34,9 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+VARIANTS = {"ebpf-fast": ("ebpf", "ebpf-conntrack: false\n")}  # name -> (backend, config lines added)
+
+
 def run(names: list[str], prefixes: int, rounds: int, seconds: int) -> dict:
     s = measure.Settings(**{**vars(measure.settings_for(False)), "throughput_seconds": seconds})
     samples: dict[str, dict[str, list[float]]] = {n: {"conn_us": [], "tcp1": [], "tcp4": []} for n in names}
@@ -43,7 +49,12 @@ def run(names: list[str], prefixes: int, rounds: int, seconds: int) -> dict:
             node = measure.Node(bed, workdir, 120)
             stack.callback(node.close)
             stack.callback(node.flush)
-            r = node.ipmasq("apply", "--config", node.config(prefixes), "--backend", name)
+            backend, extra = VARIANTS.get(name, (name, ""))
+            config = Path(node.config(prefixes))
+            if extra:
+                config = config.with_name(f"{name}-{config.name}")
+                config.write_text(Path(node.config(prefixes)).read_text() + extra)
+            r = node.ipmasq("apply", "--config", str(config), "--backend", backend)
             if r.code != 0:
                 raise RuntimeError(f"apply {name}: {r.stderr.strip()}")
             beds[name] = bed
@@ -63,43 +74,51 @@ def run(names: list[str], prefixes: int, rounds: int, seconds: int) -> dict:
             _log(f"round {i + 1}/{rounds}: " + "; ".join(
                 f"{name} {samples[name]['conn_us'][-1]:.2f} µs, {samples[name]['tcp1'][-1]:.1f}/"
                 f"{samples[name]['tcp4'][-1]:.1f} Gbit/s" for name in names))
-    a, b = names
-    ratios = {k: [y / x for x, y in zip(samples[a][k], samples[b][k])] for k in ("conn_us", "tcp1", "tcp4")}
+    a = names[0]
+    ratios = {b: {k: [y / x for x, y in zip(samples[a][k], samples[b][k])] for k in ("conn_us", "tcp1", "tcp4")}
+              for b in names[1:]}
     return {"backends": names, "prefixes": prefixes, "rounds": rounds, "seconds": seconds,
             "machine": measure.machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "samples": samples, "ratios": ratios}
 
 
 def report(res: dict) -> str:
-    a, b = res["backends"]
+    a, *others = res["backends"]
     rows = [("new connection, µs per flow (lower is better)", "conn_us"),
             ("TCP 1 stream, Gbit/s", "tcp1"), ("TCP 4 streams, Gbit/s", "tcp4")]
     m = res["machine"]
-    lines = [f"{a} against {b}: {res['prefixes']:,} exempt prefixes, {res['rounds']} rounds in alternation "
-             f"({res['started']}; {m.get('cpu', '?')}, {m.get('cores', '?')} cores, kernel {m.get('kernel', '?')})",
+    ratios = res["ratios"] if len(others) > 1 or others[0] in res["ratios"] else {others[0]: res["ratios"]}
+    lines = [f"{a} against {', '.join(others)}: {res['prefixes']:,} exempt prefixes, {res['rounds']} rounds in "
+             f"alternation ({res['started']}; {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+             f"kernel {m.get('kernel', '?')})",
              "",
-             f"| measure | {a} (median) | {b} (median) | {b} / {a}, per round: median (min-max) |",
-             "|---|---|---|---|"]
+             f"| measure | {a} (median) | " + " | ".join(f"{b} (median) | {b} / {a}, per round: median (min-max)"
+                                                    for b in others) + " |",
+             "|---|---|" + "---|---|" * len(others)]
     for title, key in rows:
-        r = res["ratios"][key]
-        lines.append(f"| {title} | {statistics.median(res['samples'][a][key]):.2f} | "
-                     f"{statistics.median(res['samples'][b][key]):.2f} | "
-                     f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f}) |")
+        cells = []
+        for b in others:
+            r = ratios[b][key]
+            cells.append(f"{statistics.median(res['samples'][b][key]):.2f} | "
+                         f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})")
+        lines.append(f"| {title} | {statistics.median(res['samples'][a][key]):.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.pair", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", default="nftables,ebpf", help="two backends, A,B (default: nftables,ebpf)")
+    p.add_argument("--backends", default="nftables,ebpf",
+                   help="A,B[,C...]: each measured against A (default: nftables,ebpf); ebpf-fast: ebpf with "
+                        "ebpf-conntrack: false")
     p.add_argument("--prefixes", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=int, default=5, help="per iperf3 run")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
     names = args.backends.split(",")
-    if len(names) != 2:
-        p.error("--backends takes exactly two names")
-    _, skipped = measure.available_backends(names)
+    if len(names) < 2:
+        p.error("--backends takes at least two names")
+    _, skipped = measure.available_backends(sorted({VARIANTS.get(n, (n,))[0] for n in names}))
     if skipped:
         p.error("; ".join(f"{k}: {v}" for k, v in skipped.items()))
     res = run(names, args.prefixes, args.rounds, args.seconds)
