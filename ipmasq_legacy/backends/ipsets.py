@@ -128,10 +128,26 @@ def read_members(name: str, family: int) -> tuple[str, ...] | None:
     return tuple(m if "/" in m else m + host for m in members)
 
 
-def difference(have, want: list[str]) -> tuple[list[str], list[str]]:
+_DIFFS: dict[tuple[int, int], tuple] = {}
+
+
+def difference(have, want) -> tuple[list[str], list[str]]:
     """(to add, to delete) to make a set holding `have` hold `want`. Compared as text;
     what differs is also compared as networks, in case ipset spells a prefix differently
-    from Python (only the difference is parsed)."""
+    from Python (only the difference is parsed). An apply asks this of the same lists
+    several times (drift, then the patches; both slots hold the record's one tuple):
+    at 100,000 prefixes each answer costs tens of milliseconds, so the last few are kept."""
+    key = (id(have), id(want))
+    if key in _DIFFS:
+        return _DIFFS[key][2]
+    if len(_DIFFS) >= 4:
+        _DIFFS.clear()
+    result = _difference(have, want)
+    _DIFFS[key] = (have, want, result)  # holding both: their ids stay theirs
+    return result
+
+
+def _difference(have, want) -> tuple[list[str], list[str]]:
     held, wanted = set(have), set(want)
     add = [p for p in want if p not in held]
     delete = [p for p in have if p not in wanted]
