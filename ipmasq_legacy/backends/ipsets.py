@@ -35,6 +35,7 @@ import hashlib
 import ipaddress
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,8 @@ _FIELDS = {"Type": "kind", "Revision": "revision", "Header": "header", "Size in 
 def heads() -> dict[str, Head]:
     """Every set's header, one `ipset list -t` (members are not listed)."""
     out: dict[str, Head] = {}
-    name, values = None, {}
+    name: str | None = None
+    values: dict[str, str] = {}
     for line in run(["ipset", "list", "-t"], check=False).stdout.splitlines() + ["Name: "]:
         key, _, value = line.partition(": ")
         if key == "Name":
@@ -147,6 +149,11 @@ def difference(have, want) -> tuple[list[str], list[str]]:
     return result
 
 
+def forget_differences() -> None:
+    """At the end of an apply or a read: a watch agent keeps no 100,000-prefix lists alive."""
+    _DIFFS.clear()
+
+
 def _difference(have, want) -> tuple[list[str], list[str]]:
     held, wanted = set(have), set(want)
     add = [p for p in want if p not in held]
@@ -187,7 +194,7 @@ class Record:
     """What apply last wrote into the slots: per family the list, and the slots holding
     it with the header each had after the write."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         data = state.read_json(RECORD)
         valid = data.get("netns") == _netns_id() and data.get("version") == __version__
         self.families: dict[str, dict] = data.get("families", {}) if valid else {}
@@ -210,14 +217,14 @@ class Record:
             del fam["slots"][name]
             self._save()
 
-    def keep(self, family: int, members: list[str] | None, slots: dict[str, Head]) -> None:
+    def keep(self, family: int, members: Sequence[str] | None, slots: dict[str, Head]) -> None:
         """After apply: `slots` (name -> header now) hold `members`; None: nothing recorded."""
         before = self.families.get(str(family))
         if members is None or not slots:
             self.families.pop(str(family), None)
         else:
             digest = (before or {}).get("digest")
-            if digest is None or self._lists.get(family) is None or list(self._lists[family]) != members:
+            if digest is None or self._lists.get(family) != tuple(members):
                 digest = _write_list(family, "\n".join(members))
                 self._lists[family] = tuple(members)
             self.families[str(family)] = {"digest": digest,

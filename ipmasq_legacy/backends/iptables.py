@@ -298,16 +298,17 @@ class IptablesBackend(Backend):
         """Everything, the members of both slots read back (`ipset save`): what reconcile's
         full check, status and watch's resync compare."""
         heads = ipsets.heads()
-        live = Live(self.name, {f: self._read_family(f, heads, None) for f in FAMILIES})
+        families = {f: self._read_family(f, heads, None) for f in FAMILIES}
         # A set the record vouches for that holds something else (an edit its header does
         # not show) is forgotten, so that the apply repairing it reads it too.
         record = ipsets.Record()
-        for family, fam in live.families.items():
+        for family, fam in families.items():
             for name, members in fam.slots.items():
                 recorded = record.members(family, name, fam.heads[name])
-                if recorded is not None and not _same_members(members, list(recorded)):
+                if recorded is not None and not _same_members(members, recorded):
                     record.forget(family, name)
-        return live
+        ipsets.forget_differences()
+        return Live(self.name, dict(families))
 
     def counters(self, plan: Plan | None = None) -> list[RuleCounter]:
         """Our chain's masquerade and snat counters: `-v -S` of our chain per family (an
@@ -357,6 +358,12 @@ class IptablesBackend(Backend):
     # -- changing
 
     def apply(self, plan: Plan) -> list[str]:
+        try:
+            return self._apply(plan)
+        finally:
+            ipsets.forget_differences()
+
+    def _apply(self, plan: Plan) -> list[str]:
         changes = []
         record = ipsets.Record()
         heads = ipsets.heads()
@@ -400,14 +407,12 @@ class IptablesBackend(Backend):
             return set()
         want = set_members(fp)
         slots = ipsets.SLOTS[family]
-        used = live.set_name if live.set_name in slots else None
+        used: str | None = live.set_name if live.set_name in slots else None
         # a slot no rule matches can be written; one that holds the list already can be
         # pointed at whoever else matches it (the other iptables variant, mid-migration)
         free = [n for n in slots if n != used and (n not in live.heads or live.heads[n].references == 0)]
-        if used in holding:
-            target = used
-        else:
-            target = next((n for n in slots if n != used and n in holding), None) or next(iter(free), None)
+        target: str | None = used if used in holding else (
+            next((n for n in slots if n != used and n in holding), None) or next(iter(free), None))
         text = ""
         if target is None:  # neither slot is free: a set of its own, loaded whole
             target = content_name(fp)
@@ -429,16 +434,17 @@ class IptablesBackend(Backend):
             run(restore, input=render_restore(fp, live.jumps, live.in_jumps, bridged=self.bridged,
                                               exempt_set=target))
         other = ipsets.other_slot(target, family)
+        now = ipsets.heads()
         if target in slots and other not in holding:
-            head = ipsets.heads().get(other)  # its references now that our chain left it
+            head = now.get(other)  # its references now that our chain left it
             if head is None or head.references == 0:
                 run(["ipset", "restore", "-exist"], input=self._fill(fp, other, live, record, want))
                 holding.add(other)
-        self._destroy_sets(family, keep=(*slots, target))
+        self._destroy_sets(family, keep=(*slots, target), heads=now)
         return holding
 
     def _fill(self, fp: FamilyPlan, name: str, live: IptablesFamilyLive, record: ipsets.Record,
-              want: list[str]) -> str:
+              want: Sequence[str]) -> str:
         """`ipset restore` input making slot `name` (idle) hold `want`: the difference
         where what it holds is known and it has room, else the set made anew."""
         record.forget(fp.family, name)
@@ -457,10 +463,10 @@ class IptablesBackend(Backend):
             return False
         return run([tool, "-w", "-t", "nat", "-S", CHAIN], check=False).returncode == 0
 
-    def _destroy_sets(self, family: int, keep) -> None:
+    def _destroy_sets(self, family: int, keep, heads: dict[str, ipsets.Head] | None = None) -> None:
         """Destroy our sets of `family` but `keep`, those no rule references. The slots stay
         while the other variant has our chain (it may be pointed at them next)."""
-        heads = ipsets.heads()
+        heads = ipsets.heads() if heads is None else heads
         keep = set(keep)
         if any(n in heads for n in ipsets.SLOTS[family] if n not in keep) and self._other_variant_chain(family):
             keep.update(ipsets.SLOTS[family])
@@ -488,7 +494,7 @@ class IptablesBackend(Backend):
 def _slot_used(live: IptablesFamilyLive) -> str:
     """The slot our chain matches (the first when it matches none of them)."""
     slots = ipsets.SLOTS[live.family]
-    return live.set_name if live.set_name in slots else slots[0]
+    return live.set_name if live.set_name is not None and live.set_name in slots else slots[0]
 
 
 def _chain_rules_counted(family: int, text: str) -> tuple[list[str], list[RuleCounter]]:
