@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import textwrap
 
 import pytest
 import yaml
@@ -160,6 +161,17 @@ def test_coexistence_through_apply_reconcile_switch_and_flush(node):
     stay byte-identical through everything, on every backend; flush restores the start exactly."""
     add_foreign_rules(node, "iptables-legacy", nft_table=False)
     add_foreign_rules(node, "iptables-nft")
+    # foreign ipsets: kube-proxy-like, one a rule uses, and look-alikes of our names
+    # (ours are ipmasqN-a, ipmasqN-b and ipmasqN-<12 hex digits>: backends/ipsets.py)
+    node.sh("ipset restore", input=textwrap.dedent("""\
+        create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536
+        add KUBE-CLUSTER-IP 10.96.0.1,tcp:443
+        create ipmasq4-foo hash:net family inet hashsize 1024 maxelem 65536
+        add ipmasq4-foo 10.0.0.0/8
+        create ipmasq4-c hash:net family inet hashsize 1024 maxelem 65536
+        create ipmasq6-0123456789abc hash:net family inet6 hashsize 1024 maxelem 65536
+        """))
+    node.sh("iptables-nft -t nat -A DOCKER -m set --match-set KUBE-CLUSTER-IP dst,dst -j RETURN")
     start = node.rulesets()
     foreign = [ln for ln in start.splitlines() if ln.strip() and not ln.startswith(("## ", "*", ":", "COMMIT"))]
     steps = 0
