@@ -299,7 +299,7 @@ def test_multicast_is_never_masqueraded(node, backend, family, group):
     bed = node.bed
     with multicast_path(bed, family, group) as send:
         for cfg in ({}, {"force-masquerade-cidrs": ["0.0.0.0/0", "::/0"]},
-                    {"masquerade-only-cidrs": ["192.0.0.0/2", "2000::/3", "ff00::/7"]}):
+                    {"masquerade-only-cidrs": ["192.0.0.0/2", "2000::/3", "fe00::/7"]}):
             node.apply(cfg, backend)
             assert send() == bed.pod_addr[family], cfg
             # unicast beside it is masqueraded by the same rules
