@@ -193,3 +193,23 @@ def test_normalise_equals_collapse_addresses(items):
         nets.append(ipaddress.ip_network((addr, plen)))
     want = [str(n) for f in (4, 6) for n in ipaddress.collapse_addresses(x for x in nets if x.version == f)]
     assert list(plan.normalise(nets)) == want
+
+
+def test_set_record_vouches_only_while_the_header_is_unchanged(tmp_path, monkeypatch):
+    """apply's record of what the slots hold (backends/ipsets.py): trusted for a slot whose
+    `ipset list -t` header is what it was after the write, forgotten before a write."""
+    monkeypatch.setenv("IPMASQ_STATE_DIR", str(tmp_path))
+    ipsets = ipt.ipsets
+    head = ipsets.Head("hash:net", "7", "family inet hashsize 1024 maxelem 65536 bucketsize 12 initval 0x1", 600, 0, 2)
+    record = ipsets.Record()
+    record.keep(4, ("10.0.0.0/8", "11.0.0.0/8"), {"ipmasq4-a": head, "ipmasq4-b": head})
+    again = ipsets.Record()
+    assert again.members(4, "ipmasq4-b", head) == ("10.0.0.0/8", "11.0.0.0/8")
+    assert again.members(4, "ipmasq4-a", ipsets.Head(*head.identity()[:4], 1, 2)) is not None  # a reference more
+    assert again.members(4, "ipmasq4-a", ipsets.Head(*head.identity()[:3], 640, 0, 2)) is None  # the size moved
+    assert again.members(4, "ipmasq4-a", None) is None  # gone
+    again.forget(4, "ipmasq4-b")
+    assert ipsets.Record().members(4, "ipmasq4-b", head) is None
+    assert ipsets.Record().members(4, "ipmasq4-a", head) is not None
+    (tmp_path / "ipsets-exempt4.txt").write_text("12.0.0.0/8")  # the list no longer the one recorded
+    assert ipsets.Record().members(4, "ipmasq4-a", head) is None
