@@ -37,10 +37,12 @@ def check_document(text: str, tmp_path) -> str:
     path.write_text(text)
     try:
         cfg = config.load(str(path))
+        # what only the whole decision shows (the verdict table: a prefix both exempt and
+        # forced, 0.0.0.0/0 as masquerade-only) is refused by the plan, before any change
+        the_plan = plan.build(cfg)
     except ConfigError as exc:
         assert "\n" not in str(exc)
         return "rejected"
-    the_plan = plan.build(cfg)
     for name in backends.NAMES:
         backends.get(name).render(the_plan)
     return "ok"
