@@ -122,6 +122,11 @@ class EbpfBackend(Backend):
                     lines.append(f"map update pinned {d}/{pin} key hex {lpm_key(family, 0, prefix).hex(' ')} "
                                  f"value hex 01  # {prefix}")
         lines.append(f"map update pinned {d}/ctl key hex 00 00 00 00 value hex 00 00 00 00")
+        if not plan.ebpf_conntrack:  # the fast path: its table instead of the keeper (links: as attached)
+            text = notrack_text([], plan.interfaces, tuple(fp.family for fp in plan.families))
+            lines.append("# ebpf-conntrack: false: nft -f of this table (set links: the links the programs are on),")
+            lines.append(f"# instead of table inet {KEEPER_TABLE}")
+            lines += ["# " + line for line in text.splitlines()]
         return "\n".join(lines) + "\n"
 
     # -- reading
