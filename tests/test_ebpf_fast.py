@@ -10,6 +10,7 @@ does to established connections, both ways.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -129,3 +130,34 @@ def test_switches_to_and_from_the_fast_path(node, old, new):
     assert bed.source_seen(bed.dest("public")) == bed.uplink_addr["eth0"][4]
     node.ipmasq("flush", check=True)
     assert "ipmasq_legacy" not in tables(node)
+
+
+def links_in_table(node: Node) -> str:
+    out = node.bed.node_exec(["nft", "list", "set", "inet", "ipmasq_legacy_notrack", "links"]).stdout
+    return out.split("elements = {", 1)[1].split("}", 1)[0] if "elements" in out else ""
+
+
+@pytest.mark.traffic
+@needs_ebpf
+def test_the_table_follows_links_that_come_and_go(node):
+    """watch's follow (and reconcile) name a new link in the table once the programs are
+    on it, and drop it when it goes."""
+    cfg = {**FAST, "egress-masquerade-interfaces": "eth+"}
+    node.apply(cfg, "ebpf")
+    assert "eth7" not in links_in_table(node) and "eth0" in links_in_table(node)
+    node.sh("ip link add eth7 type veth peer name x-eth7 && ip link set eth7 up && ip addr add 172.27.0.1/24 dev eth7")
+    path = node.write_config(cfg)
+    try:
+        follow = ("from ipmasq_legacy.config import load\nfrom ipmasq_legacy import plan\n"
+                  "from ipmasq_legacy.backends.ebpf import EbpfBackend\n"
+                  f"print(EbpfBackend().follow(plan.build(load({path!r}))))")
+        out = node.bed.node_exec([sys.executable, "-c", follow], env=node.env)
+        assert out.returncode == 0, out.stderr
+        assert "ipmasq_legacy_notrack written" in out.stdout, out.stdout
+        assert "eth7" in links_in_table(node)
+        assert "State: in sync" in node.ipmasq("status", "--config", path, check=True).stdout
+    finally:
+        node.sh("ip link del eth7")
+    node.ipmasq("reconcile", "--config", path, check=True)
+    assert "eth7" not in links_in_table(node)
+    assert "State: in sync" in node.ipmasq("status", "--config", path, check=True).stdout
