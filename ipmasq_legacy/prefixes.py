@@ -14,9 +14,9 @@ import ipaddress
 import re
 import socket
 import struct
-from collections.abc import Sequence
 import sys
 from bisect import bisect_left
+from collections.abc import Sequence
 from itertools import islice, repeat
 from operator import add, and_, itemgetter, le
 from typing import NamedTuple
