@@ -179,7 +179,7 @@ SWITCHES = ["iptables-legacy", "iptables-nft", "nftables", "ebpf", "iptables-leg
 
 def _sequences():
     out = [pytest.param([b], id=b) for b in NETFILTER_BACKENDS]
-    ebpf = TRAFFIC_BACKENDS[-1]
+    ebpf = next(b for b in TRAFFIC_BACKENDS if (b.values[0] if hasattr(b, "values") else b) == "ebpf")
     if ebpf == "ebpf":
         return out + [pytest.param(["ebpf"], id="ebpf"), pytest.param(SWITCHES, id="every-switch")]
     return out + [pytest.param(["ebpf"], id="ebpf", marks=ebpf.marks),
