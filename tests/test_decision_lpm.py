@@ -19,7 +19,7 @@ import pytest
 from ipmasq_legacy.testbed import ReplyLostError, TestBed
 
 from .nodeutil import driven_node
-from .test_traffic import TRAFFIC_BACKENDS
+from .test_traffic import FAST, TRAFFIC_BACKENDS
 
 pytestmark = pytest.mark.traffic
 
@@ -54,8 +54,13 @@ def add_destinations(bed: TestBed, extra: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module", params=TRAFFIC_BACKENDS)
-def backend(request):
+def variant(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def backend(variant):
+    return "ebpf" if variant in FAST else variant
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +71,12 @@ def bed(backend):
 
 
 @pytest.fixture
-def node(bed):
+def node(bed, variant):
+    """ebpf-fast: the ebpf backend with test_traffic's FAST keys in every config written."""
     with driven_node(bed) as node:
+        if variant in FAST:
+            write = node.write_config
+            node.write_config = lambda cfg, agent=None, name="config.yaml": write({**FAST[variant], **cfg}, agent, name)
         yield node
 
 
