@@ -21,7 +21,7 @@ from ipmasq_legacy.backends import engines, selection
 from ipmasq_legacy.backends.base import Backend, FamilyLive, Live
 
 from .nodeutil import Node
-from .test_traffic import TRAFFIC_BACKENDS
+from .test_traffic import BACKENDS
 
 SECOND = "second NAT engine live: {}"
 EBPF_REASON = backends.get("ebpf").unavailable_reason()
@@ -318,7 +318,7 @@ def pairs(names):
 
 
 @pytest.mark.traffic
-@pytest.mark.parametrize("backend", TRAFFIC_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_state_wiped_auto_reconcile_keeps_the_live_engine(node, backend):
     path = node.write_config({})  # datapath: auto
     node.ipmasq("apply", "--config", path, "--backend", backend, check=True)
@@ -335,7 +335,7 @@ def test_state_wiped_auto_reconcile_keeps_the_live_engine(node, backend):
 
 
 @pytest.mark.traffic
-@pytest.mark.parametrize("old, new", pairs(TRAFFIC_BACKENDS))
+@pytest.mark.parametrize("old, new", pairs(BACKENDS))
 def test_state_wiped_apply_of_another_backend_leaves_only_it(node, old, new):
     path = node.write_config({})
     node.ipmasq("apply", "--config", path, "--backend", old, check=True)
@@ -356,7 +356,7 @@ SECOND_ENGINE_CASES = [("nftables", "ebpf"), ("ebpf", "nftables"), ("iptables-nf
 
 @pytest.mark.traffic
 @pytest.mark.parametrize("first, second", [
-    p for p in pairs(TRAFFIC_BACKENDS) if tuple(p.values) in SECOND_ENGINE_CASES])
+    p for p in pairs(BACKENDS) if tuple(p.values) in SECOND_ENGINE_CASES])
 def test_a_second_engine_added_later_is_drift_and_goes(node, first, second):
     path = node.write_config({})
     node.ipmasq("apply", "--config", path, "--backend", first, check=True)

@@ -37,7 +37,7 @@ from ipmasq_legacy.testbed import TestBed
 
 from . import neighbours as nb
 from .nodeutil import Node, WatchAgent, live_engines
-from .test_traffic import NETFILTER_BACKENDS, TRAFFIC_BACKENDS
+from .test_traffic import BACKENDS, NETFILTER_BACKENDS
 
 pytestmark = pytest.mark.traffic
 
@@ -92,7 +92,7 @@ def node():
             n.close()
 
 
-@pytest.fixture(params=TRAFFIC_BACKENDS)
+@pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
 
@@ -179,7 +179,7 @@ SWITCHES = ["iptables-legacy", "iptables-nft", "nftables", "ebpf", "iptables-leg
 
 def _sequences():
     out = [pytest.param([b], id=b) for b in NETFILTER_BACKENDS]
-    ebpf = next(b for b in TRAFFIC_BACKENDS if (b.values[0] if hasattr(b, "values") else b) == "ebpf")
+    ebpf = next(b for b in BACKENDS if (b.values[0] if hasattr(b, "values") else b) == "ebpf")
     if ebpf == "ebpf":
         return out + [pytest.param(["ebpf"], id="ebpf"), pytest.param(SWITCHES, id="every-switch")]
     return out + [pytest.param(["ebpf"], id="ebpf", marks=ebpf.marks),

@@ -40,7 +40,7 @@ from ipmasq_legacy import backends
 from ipmasq_legacy.testbed import ReplyLostError, TestBed
 
 from .nodeutil import UdpReporter, WatchAgent, driven_node, extra_namespaces, live_engines
-from .test_traffic import NETFILTER_BACKENDS, TRAFFIC_BACKENDS
+from .test_traffic import BACKENDS, NETFILTER_BACKENDS
 
 pytestmark = pytest.mark.traffic
 
@@ -58,11 +58,7 @@ def _ebpf_reason() -> str | None:
     return backends.get("ebpf").unavailable_reason() if "ebpf" in backends.NAMES else "not registered"
 
 
-# the backends as `--backend` names ("ebpf-fast" is test_traffic's config variant of ebpf)
-NODE_BACKENDS = [b for b in TRAFFIC_BACKENDS if (b.values[0] if hasattr(b, "values") else b) != "ebpf-fast"]
-
-
-@pytest.fixture(params=NODE_BACKENDS)
+@pytest.fixture(params=BACKENDS)
 def backend(request):
     return request.param
 

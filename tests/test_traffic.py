@@ -33,6 +33,8 @@ def _ebpf_param(variant: str = "ebpf"):
 # conntrack off the flows the tc programs translate)
 FAST = {"ebpf-fast": {"ebpf-conntrack": False}}
 TRAFFIC_BACKENDS = NETFILTER_BACKENDS + [_ebpf_param(), _ebpf_param("ebpf-fast")]
+# the `--backend` names alone (the fast path is a config of ebpf: the decision tests run it)
+BACKENDS = NETFILTER_BACKENDS + [_ebpf_param()]
 
 TKE_AGENT = """\
 nonMasqueradeCIDRs:
