@@ -676,21 +676,29 @@ from ipmasq_legacy.bpf import loader
 from ipmasq_legacy import cli
 path, kill_after = sys.argv[1], int(sys.argv[2])
 done, depth = [0], [0]
-def killing(fn):
+# every write but the flow maps' (40-byte keys): how many flows the node's conntrack
+# seeds them with depends on the tests before (once more than the 60 kill points)
+def counted_write(name, args):
+    if name == "update_batch_u32":
+        return True
+    key = args[2][0] if name.endswith("_many") and args[2] else args[2]
+    return not (isinstance(key, (bytes, bytearray)) and len(key) == 40)
+def killing(name, fn):
     def wrapper(*args, **kwargs):
         depth[0] += 1
         try:
             result = fn(*args, **kwargs)
         finally:
             depth[0] -= 1
-        if depth[0] == 0:  # a write call, also where it falls back to one element at a time (5.10)
+        # a write call (also where it falls back to one element at a time: 5.10)
+        if depth[0] == 0 and counted_write(name, args):
             done[0] += 1
             if done[0] == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         return result
     return wrapper
 for name in ("update", "delete", "update_many", "delete_many", "update_batch_u32"):
-    setattr(loader.Sys, name, killing(getattr(loader.Sys, name)))
+    setattr(loader.Sys, name, killing(name, getattr(loader.Sys, name)))
 sys.argv = ["ipmasq", "apply", "--config", path, "--backend", "ebpf"]
 cli.main()
 """
