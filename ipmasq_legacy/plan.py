@@ -132,10 +132,10 @@ def sort_prefixes(items) -> list[str]:
     items = [str(p) for p in items]
     v4 = [t for t in items if ":" not in t]
     v6 = [t for t in items if ":" in t]
-    batches = [prefixes.parse_batch(v4, 4), prefixes.parse_batch(v6, 6)]
-    if batches[0] is None or batches[1] is None:
+    batch4, batch6 = prefixes.parse_batch(v4, 4), prefixes.parse_batch(v6, 6)
+    if batch4 is None or batch6 is None:
         return [str(p) for p in sorted(prefixes.parse(t) for t in items)]
-    return [t for batch in batches for t in prefixes.texts(sorted(batch))]
+    return [t for batch in (batch4, batch6) for t in prefixes.texts(sorted(batch))]
 
 
 def _exempt(cfg: Config, family: int) -> list:

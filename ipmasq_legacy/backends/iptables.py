@@ -135,7 +135,7 @@ def inbound_rules() -> list[str]:
     return [f"-N {IN_CHAIN}", INBOUND["mark"]]
 
 
-def render_restore(fp: FamilyPlan, live_jumps: list[str] = (), live_in_jumps: list[str] = (), *,
+def render_restore(fp: FamilyPlan, live_jumps: Sequence[str] = (), live_in_jumps: Sequence[str] = (), *,
                    bridged: bool, exempt_set: str | None = None) -> str:
     """One iptables-restore --noflush transaction: the mangle chain that marks connections
     to the node and the nat chain rewritten, exactly one jump to each."""
@@ -151,7 +151,7 @@ def render_restore(fp: FamilyPlan, live_jumps: list[str] = (), live_in_jumps: li
     return "\n".join(lines) + "\n"
 
 
-def render_remove(live_jumps: list[str], chain_exists: bool, live_in_jumps: list[str] = (),
+def render_remove(live_jumps: Sequence[str], chain_exists: bool, live_in_jumps: Sequence[str] = (),
                   in_chain_exists: bool = False) -> str:
     lines = []
     if live_in_jumps or in_chain_exists:
