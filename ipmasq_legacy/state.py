@@ -7,6 +7,7 @@ gone too. IPMASQ_STATE_DIR moves it (tests run one node per network namespace).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -54,6 +55,42 @@ def write_json(name: str, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
     os.replace(tmp, directory / name)
+
+
+def write_list(name: str, lines) -> str:
+    """A list of lines kept in the state dir beside a record, written atomically; returns
+    its digest, which the record keeps so that read_list knows it is the list it names."""
+    text = "\n".join(lines)
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, directory / name)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_list(name: str, digest: str | None) -> tuple[str, ...] | None:
+    """The list write_list kept, if it is the one `digest` names; else None."""
+    try:
+        text = (state_dir() / name).read_text()
+    except OSError:
+        return None
+    if digest is None or hashlib.sha256(text.encode()).hexdigest() != digest:
+        return None
+    return tuple(text.split("\n")) if text else ()
+
+
+def netns_id() -> str:
+    """This network namespace in this boot: a record about a namespace's kernel objects
+    (nf_tables generations, ipset headers) is void in another one, or after a reboot,
+    when a state dir on disk would still be there."""
+    st = os.stat("/proc/self/ns/net")
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{boot}:{st.st_dev}:{st.st_ino}"
 
 
 def write(backend: str, fingerprint: str, exempt: dict[int, int] | None = None) -> None:

@@ -31,13 +31,10 @@ agent.DEEP_EVERY runs.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import __version__, ruledata, state
 from .base import run
@@ -175,17 +172,6 @@ def render_patch(name: str, add, delete) -> str:
 # ---------------------------------------------------------------- the record
 
 
-def _netns_id() -> str:
-    """This network namespace in this boot: a record is about one namespace's sets, and a
-    state dir may outlive them."""
-    st = os.stat("/proc/self/ns/net")
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = "?"
-    return f"{boot}:{st.st_dev}:{st.st_ino}"
-
-
 def _members_file(family: int) -> str:
     return f"ipsets-exempt{family}.txt"
 
@@ -196,7 +182,7 @@ class Record:
 
     def __init__(self) -> None:
         data = state.read_json(RECORD)
-        valid = data.get("netns") == _netns_id() and data.get("version") == __version__
+        valid = data.get("netns") == state.netns_id() and data.get("version") == __version__
         self.families: dict[str, dict] = data.get("families", {}) if valid else {}
         self._lists: dict[int, tuple[str, ...] | None] = {}
 
@@ -206,7 +192,7 @@ class Record:
         if head is None or fam.get("slots", {}).get(name) != head.identity():
             return None
         if family not in self._lists:
-            self._lists[family] = _read_list(family, fam.get("digest"))
+            self._lists[family] = state.read_list(_members_file(family), fam.get("digest"))
         return self._lists[family]
 
     def forget(self, family: int, name: str) -> None:
@@ -225,7 +211,7 @@ class Record:
         else:
             digest = (before or {}).get("digest")
             if digest is None or self._lists.get(family) != tuple(members):
-                digest = _write_list(family, "\n".join(members))
+                digest = state.write_list(_members_file(family), members)
                 self._lists[family] = tuple(members)
             self.families[str(family)] = {"digest": digest,
                                           "slots": {name: h.identity() for name, h in sorted(slots.items())}}
@@ -234,7 +220,7 @@ class Record:
 
     def _save(self) -> None:
         if self.families:
-            state.write_json(RECORD, {"netns": _netns_id(), "version": __version__, "families": self.families})
+            state.write_json(RECORD, {"netns": state.netns_id(), "version": __version__, "families": self.families})
         else:
             clear()
 
@@ -243,22 +229,3 @@ def clear() -> None:
     state.remove(RECORD)
     for family in (4, 6):
         state.remove(_members_file(family))
-
-
-def _write_list(family: int, text: str) -> str:
-    path = state.state_dir() / _members_file(family)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _read_list(family: int, digest: str | None) -> tuple[str, ...] | None:
-    try:
-        text = (state.state_dir() / _members_file(family)).read_text()
-    except OSError:
-        return None
-    if digest is None or hashlib.sha256(text.encode()).hexdigest() != digest:
-        return None
-    return tuple(text.split("\n")) if text else ()

@@ -30,12 +30,9 @@ or touched. The shapes are in rules/nftables.yaml.
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
-import os
 import re
 import shutil
-from pathlib import Path
 
 from .. import __version__, netlink, state
 from ..errors import ApplyError
@@ -366,7 +363,7 @@ class NftablesBackend(Backend):
 
     def _recorded(self, generation: int | None) -> Live | None:
         record = state.read_json(self.RECORD)
-        if (generation is None or record.get("generation") != generation or record.get("netns") != _netns_id()
+        if (generation is None or record.get("generation") != generation or record.get("netns") != state.netns_id()
                 or record.get("version") != __version__):
             return None
         families = {}
@@ -377,7 +374,7 @@ class NftablesBackend(Backend):
                 continue
             sets = {}
             if fam.get("set"):
-                members = _read_members(family, fam.get("members"))
+                members = state.read_list(_members_file(family), fam.get("members"))
                 if members is None:
                     return None
                 # both slots hold the list: apply records only after it patched the idle one too
@@ -396,8 +393,8 @@ class NftablesBackend(Backend):
         for fp in plan.families:
             slot = (slots or {}).get(fp.family) or SLOTS[0]
             families[str(fp.family)] = {"set": slot if fp.exempt else None, "rules": chain_rules(fp, slot),
-                                        "members": _write_members(fp) if fp.exempt else None}
-        state.write_json(self.RECORD, {"generation": now, "netns": _netns_id(), "version": __version__,
+                                        "members": state.write_list(_members_file(fp.family), member_texts(fp)) if fp.exempt else None}
+        state.write_json(self.RECORD, {"generation": now, "netns": state.netns_id(), "version": __version__,
                                        "families": families})
 
     def remove(self) -> list[str]:
@@ -434,39 +431,6 @@ def _plain(members, family: int) -> bool:
 
 def _members_file(family: int) -> str:
     return f"nftables-exempt{family}.txt"
-
-
-def _write_members(fp: FamilyPlan) -> str:
-    """The exempt list both slots hold, kept beside the record (100,000 prefixes: 1.5 MB,
-    a few ms); its digest goes into the record, which names it."""
-    text = "\n".join(member_texts(fp))
-    path = state.state_dir() / _members_file(fp.family)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _read_members(family: int, digest: str | None) -> tuple[str, ...] | None:
-    """The list _write_members kept, if it is the one the record names."""
-    try:
-        text = (state.state_dir() / _members_file(family)).read_text()
-    except OSError:
-        return None
-    if digest is None or hashlib.sha256(text.encode()).hexdigest() != digest:
-        return None
-    return tuple(text.split("\n")) if text else ()
-
-
-def _netns_id() -> str:
-    """This network namespace in this boot (a generation is a namespace's, and counts
-    again from the start after a reboot, when a state dir on disk would still be there)."""
-    st = os.stat("/proc/self/ns/net")
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot = "?"
-    return f"{boot}:{st.st_dev}:{st.st_ino}"
 
 
 def _same_prefixes(live: tuple[str, ...], planned: tuple[str, ...]) -> bool:
