@@ -18,8 +18,7 @@ import pytest
 
 from ipmasq_legacy.testbed import ReplyLostError, TestBed
 
-from .nodeutil import driven_node
-from .test_traffic import FAST, TRAFFIC_BACKENDS
+from .test_traffic import FAST, TRAFFIC_BACKENDS, variant_node
 
 pytestmark = pytest.mark.traffic
 
@@ -72,11 +71,7 @@ def bed(backend):
 
 @pytest.fixture
 def node(bed, variant):
-    """ebpf-fast: the ebpf backend with test_traffic's FAST keys in every config written."""
-    with driven_node(bed) as node:
-        if variant in FAST:
-            write = node.write_config
-            node.write_config = lambda cfg, agent=None, name="config.yaml": write({**FAST[variant], **cfg}, agent, name)
+    with variant_node(bed, variant) as node:
         yield node
 
 

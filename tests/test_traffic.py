@@ -9,6 +9,7 @@ case, not from the code under test.
 from __future__ import annotations
 
 import ipaddress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -109,12 +110,19 @@ def bed(backend):
         yield bed
 
 
-@pytest.fixture
-def node(bed, variant):
+@contextmanager
+def variant_node(bed, variant):
+    """A driven node; for a FAST variant every config it writes carries the variant's keys."""
     with driven_node(bed) as node:
         if variant in FAST:
             write = node.write_config
             node.write_config = lambda cfg, agent=None, name="config.yaml": write({**FAST[variant], **cfg}, agent, name)
+        yield node
+
+
+@pytest.fixture
+def node(bed, variant):
+    with variant_node(bed, variant) as node:
         yield node
 
 
