@@ -966,7 +966,7 @@ def test_watch_repairs_removed_rules_within_a_second(node, backend):
     config = node.write_config(ETH_PLUS)
     agent = WatchAgent(node, "--config", config, "--backend", backend)
     try:
-        wipe, looks = WIPES["ebpf" if backend.startswith("ebpf") else backend]
+        wipe, looks = WIPES[backend]
 
         def ours() -> bool:
             return all(mark in node.sh(look) for look, mark in looks)
