@@ -6,11 +6,10 @@ family), live (read back only what it owns) and remove. `available` says why not
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from ..errors import ApplyError
+from .. import kernel
 from ..plan import FamilyPlan, Plan
 
 FAMILIES = (4, 6)
@@ -48,19 +47,13 @@ class Live:
 
 
 def run(argv: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a tool; a failure becomes an ApplyError naming the tool and its first error line."""
-    try:
-        proc = subprocess.run(argv, input=input, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise ApplyError(f"{argv[0]}: command not found") from None
-    if check and proc.returncode != 0:
-        first = next((ln for ln in proc.stderr.splitlines() if ln.strip()), f"exit status {proc.returncode}")
-        raise ApplyError(f"{argv[0]} failed: {first.strip()}")
-    return proc
+    """Run a tool through the current kernel seam (kernel.py); a failure becomes an
+    ApplyError naming the tool and its first error line."""
+    return kernel.current().run(argv, input=input, check=check)
 
 
 def missing_tools(*names: str) -> list[str]:
-    return [n for n in names if shutil.which(n) is None]
+    return [n for n in names if kernel.current().which(n) is None]
 
 
 class Backend:
