@@ -152,8 +152,7 @@ def _file_digest(path: str) -> str:
 def _inputs(cfg: Config, config_path: str | None, options: dict) -> dict:
     files = [config_path or config.default_config_path()]
     if cfg.enable_ip_masq_agent and not cfg.ip_masq_agent_inline:
-        agent_path = Path(cfg.ip_masq_agent_config_path)
-        files.append(str(agent_path / "config" if agent_path.is_dir() else agent_path))
+        files.append(str(config.agent_file(cfg.ip_masq_agent_config_path)))
     return {"version": __version__, "options": options, "files": {f: _file_digest(f) for f in files}}
 
 

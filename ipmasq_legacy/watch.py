@@ -23,7 +23,7 @@ from inotify_simple import INotify
 from inotify_simple import flags as F
 
 from . import agent, backends, lock, state
-from .config import Config, parse_duration
+from .config import Config, agent_file, parse_duration
 from .errors import ConfigError, IpmasqError, LockTimeout
 from .ruledata import DEFAULTS
 
@@ -46,8 +46,7 @@ def watched_files(config_path: str | None, cfg: Config | None) -> list[Path]:
     path = Path(config_path) if config_path else Path(os.environ.get("IPMASQ_CONFIG") or DEFAULTS["config_path"])
     files = [path / "..data" if path.is_dir() else path]
     if cfg is not None and cfg.enable_ip_masq_agent and not cfg.ip_masq_agent_inline:
-        agent_path = Path(cfg.ip_masq_agent_config_path)
-        files.append(agent_path / "config" if agent_path.is_dir() else agent_path)
+        files.append(agent_file(cfg.ip_masq_agent_config_path))
     return files
 
 

@@ -20,7 +20,7 @@ from ..ruledata import DEFAULTS  # noqa: F401
 from .cilium import directory_digest  # noqa: F401
 from .keys import ALIASES, CLI_ALIASES, KEYS, KNOWN, UNSUPPORTED, Config, apply_layer  # noqa: F401
 from .load import SHAPES, default_config_path, load, read_document  # noqa: F401
-from .masqagent import MASQ_AGENT_KEYS, MasqAgentConfig, from_document, load_masq_agent  # noqa: F401
+from .masqagent import MASQ_AGENT_KEYS, MasqAgentConfig, agent_file, from_document, load_masq_agent  # noqa: F401
 from .text import FAST_YAML_MIN_ITEMS, SAFE_LOADER, _parse_text, _yaml_fast, read_yaml  # noqa: F401
 from .values import (  # noqa: F401
     BATCH_MIN_ITEMS,

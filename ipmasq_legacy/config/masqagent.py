@@ -31,6 +31,8 @@ from .values import ConfigWarning, _show, parse_bool, parse_go_duration
 
 MASQ_AGENT_KEYS = ("nonMasqueradeCIDRs", "masqLinkLocal", "masqLinkLocalIPv6", "resyncInterval", "cidrLimit")
 AGENT_CIDR_LIMIT = 64  # the agent's default cidrLimit
+AGENT_KEY = "config"  # the ConfigMap key ip-masq-agent reads its settings from
+WHAT = "ip-masq-agent config"  # how errors name the file
 MIN_RESYNC = 1.0  # seconds: the agent resyncs back to back at 0s or less; this tool once a second
 
 
@@ -60,21 +62,39 @@ def _go_fold(key: str) -> str:
 _FIELDS = {_go_fold(name): name for name in MASQ_AGENT_KEYS}
 
 
+def agent_file(path_text: str | Path, strict: bool = False) -> Path:
+    """The file the ip-masq-agent settings are read from: `path/config` where the path is a
+    directory (a ConfigMap mounted without `items:` holds each key as a file), else the
+    path itself. The one spelling of that rule for the loader, reconcile's input digests
+    (agent.py) and the files watch follows (watch.py).
+
+    strict (the loader): a path that cannot be looked at (a symlink loop, no permission)
+    is a ConfigError, as the agent's os.Stat fails, and so is a directory without a
+    `config` file. Otherwise such a path is returned as it is, for its reader to report."""
+    path = Path(path_text)
+    try:
+        kind = inputs.path_kind(path, WHAT)
+    except ConfigError:
+        if strict:
+            raise
+        return path
+    if kind != "dir":
+        return path
+    if strict and inputs.path_kind(path / AGENT_KEY, WHAT) == "missing":
+        raise ConfigError(f"{WHAT} {inputs.show_path(path)}: a directory without a '{AGENT_KEY}' file (a ConfigMap "
+                          "mounted with another key, or the wrong directory?)")
+    return path / AGENT_KEY
+
+
 def load_masq_agent(path_text: str, reader: str = "ip-masq-agent") -> MasqAgentConfig:
     """Missing, empty or comment-only file: the eleven default ranges (spec section 2).
     `reader` is who else reads this file on such a node ("cilium" when the config came
     from Cilium's documents): their differences are warned about."""
-    path = Path(path_text)
-    what = "ip-masq-agent config"
+    what = WHAT
+    path = agent_file(path_text, strict=True)
     # As the agent: only a path that is not there (ENOENT) means the defaults; a symlink
     # loop, a path through a file, no permission are errors (its os.Stat, then ReadFile).
-    kind = inputs.path_kind(path, what)
-    if kind == "dir":  # a ConfigMap mounted without `items:` holds the key as a file
-        if inputs.path_kind(path / "config", what) == "missing":
-            raise ConfigError(f"{what} {inputs.show_path(path)}: a directory without a 'config' file (a ConfigMap "
-                              "mounted with another key, or the wrong directory?)")
-        path = path / "config"
-    elif kind == "missing":
+    if inputs.path_kind(path, what) == "missing":
         return MasqAgentConfig(non_masquerade_cidrs=default_ranges(), source=f"{path} (missing: defaults)")
     label = f"{what} {inputs.show_path(path)}"
     raw = text.read_text(path, what)
