@@ -20,9 +20,14 @@ def matches(pattern: str, name: str) -> bool:
     return name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern
 
 
+def selected(patterns, name: str) -> bool:
+    """Whether egress-masquerade-interfaces `patterns` select the link `name`: one of them
+    matches it, or, with no patterns, it is not lo. The one test for the status listing
+    (matching) and the links the ebpf datapath goes on (backends/ebpf/links.py)."""
+    return any(matches(p, name) for p in patterns) if patterns else name != "lo"
+
+
 def matching(patterns, all_names: list[str] | None = None) -> list[str]:
-    """Links the patterns match; no patterns means every link but lo."""
+    """The link names the patterns select (`selected`), of every link by default."""
     all_names = names() if all_names is None else all_names
-    if not patterns:
-        return [n for n in all_names if n != "lo"]
-    return [n for n in all_names if any(matches(p, n) for p in patterns)]
+    return [n for n in all_names if selected(patterns, n)]

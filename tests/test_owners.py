@@ -44,3 +44,28 @@ def test_reconcile_and_watch_follow_the_loaders_file(tmp_path):
     files = agent._inputs(cfg, str(tmp_path / "ours.yaml"), {})["files"]
     assert str(tmp_path / "cm" / "config") in files
     assert Path(tmp_path / "cm" / "config") in watch.watched_files(str(tmp_path / "ours.yaml"), cfg)
+
+
+# ---------------------------------------------------------------- egress-masquerade-interfaces
+
+
+@pytest.mark.parametrize("patterns, name, selected", [
+    (("eth+",), "eth0", True), (("eth+",), "eth", True), (("eth+",), "veth0", False),
+    (("eth0",), "eth0", True), (("eth0",), "eth01", False), (("+",), "lo", True),
+    ((), "lo", False), ((), "eth0", True), (("lo",), "lo", True),
+])
+def test_one_matcher_for_status_and_the_ebpf_datapath(patterns, name, selected):
+    from ipmasq_legacy import links
+    from ipmasq_legacy.backends.ebpf import links as ebpf_links
+
+    assert links.selected(patterns, name) is selected
+    assert links.matching(patterns, [name]) == ([name] if selected else [])
+    found = {1: ebpf_links.Link(1, name, 14)}
+    assert list(ebpf_links.matching_links(patterns, found)) == ([1] if selected else [])
+
+
+def test_the_ebpf_datapath_leaves_out_bridge_ports():
+    from ipmasq_legacy.backends.ebpf import links as ebpf_links
+
+    found = {1: ebpf_links.Link(1, "br0", 14, kind="bridge"), 2: ebpf_links.Link(2, "eth0", 14, master=1)}
+    assert list(ebpf_links.matching_links((), found)) == [1]

@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ... import netlink
+from ...links import matches, selected
 from ...netlink import NETLINK_ROUTE
 
 RTM_GETLINK, RTM_GETADDR = 18, 22
@@ -111,13 +112,9 @@ def is_port(link: Link, links: dict[int, Link]) -> bool:
 
 
 def matching_links(patterns, links: dict[int, Link]) -> dict[int, Link]:
-    """The links the datapath belongs on: those the patterns match (none: all but lo),
+    """The links the datapath belongs on: those the patterns select (links.selected),
     ports of a bridge or bond left out."""
-    from ...links import matches
-
-    return {i: link for i, link in links.items()
-            if (any(matches(p, link.name) for p in patterns) if patterns else link.name != "lo")
-            and not is_port(link, links)}
+    return {i: link for i, link in links.items() if selected(patterns, link.name) and not is_port(link, links)}
 
 
 def with_snat(matched: dict[int, Link], plan) -> dict[int, Link]:
@@ -125,8 +122,6 @@ def with_snat(matched: dict[int, Link], plan) -> dict[int, Link]:
     its name (the plan lists the most specific pattern first; the first match decides, as
     the netfilter backends' rule order does) instead of its primary one, whether or not
     the link holds it now: snat.py says why it never falls back."""
-    from ...links import matches
-
     out = {}
     for index, link in matched.items():
         for fp in plan.families:
