@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from . import netlink
 from .errors import ApplyError
 
 CAP_NET_ADMIN = 12
@@ -66,6 +67,46 @@ class Kernel:
                 except (IndexError, ValueError):
                     break
         return os.geteuid() == 0
+
+    # ---- nf_tables besides the nft binary: what backends/nftables.py asks, each a
+    # question to this kernel, so that a fake (tests/fakes/nft.py) can answer all of them.
+
+    def nft_library(self, table: str | None = None) -> tuple[object | None, str | None]:
+        """(libnftables in this process: `.name`, `.cmd(text, dry_run)`; None) where the
+        binding may drive this kernel, else (None, why not). The binding is probed first,
+        in a child (backends/nftdriver.py says why); `table`: what the probe loads."""
+        from .backends import nftdriver
+
+        why = nftdriver.binding_unsafe(table)
+        if why is None:
+            try:
+                return nftdriver._LibRunner(), None
+            except (ImportError, OSError) as exc:
+                why = f"libnftables cannot be loaded: {exc}"
+        return None, why
+
+    def nft_probe(self, table: str) -> str | None:
+        """Whether `table` loads through the nft binary here (in a throw-away network
+        namespace where one can be made, else checked in place): None, else why not."""
+        from .backends import nftdriver
+
+        return nftdriver.probe_cli(table)
+
+    def nft_generation(self) -> int | None:
+        """nf_tables' ruleset generation (netlink.nft_generation)."""
+        return netlink.nft_generation()
+
+    def nft_rules(self, family: str, table: str, chain: str) -> list | None:
+        """One chain's rules as netlink expressions (netlink.nft_rules): the counters."""
+        return netlink.nft_rules(family, table, chain)
+
+    def nft_patch(self, family: int, table: str, name: str, add=(), delete=(), flush: bool = False,
+                  genid: int | None = None) -> None:
+        """One netlink transaction on a set's elements (backends/nftsets.patch); OSError
+        (ERESTART: the generation is not `genid` any more) when it did not commit."""
+        from .backends import nftsets
+
+        nftsets.patch(family, table, name, add=add, delete=delete, flush=flush, genid=genid)
 
 
 SYSTEM = Kernel()

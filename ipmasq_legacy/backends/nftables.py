@@ -32,12 +32,10 @@ from __future__ import annotations
 import errno
 import ipaddress
 import re
-import shutil
 
-from .. import __version__, netlink, state
+from .. import __version__, kernel, state
 from ..errors import ApplyError
 from ..plan import FamilyPlan, Plan
-from . import nftsets
 from .base import FAMILIES, Backend, Live, RuleCounter
 from .nftdriver import CLI_ENV, _cli_forced, _CliRunner, _library_missing, _LibRunner, binding_unsafe, probe_table  # noqa: F401
 from .nftrender import (  # noqa: F401  (also the names the tests and engines import from here)
@@ -95,17 +93,14 @@ class NftablesBackend(Backend):
     def _size_hint(self, plan: Plan) -> None:
         """A large plan is read and written through the nft binary (see LARGE)."""
         large = max((len(f.exempt) for f in plan.families), default=0) > self.LARGE
-        if large and self.use_cli is None and shutil.which("nft"):
+        if large and self.use_cli is None and kernel.current().which("nft"):
             self._runner_obj = _CliRunner()
 
     def _runner(self):
         if self._runner_obj is None:
             use_cli = _cli_forced() if self.use_cli is None else self.use_cli
-            if not use_cli and binding_unsafe() is None:  # a crash in C must never cut an apply short
-                try:
-                    self._runner_obj = _LibRunner()
-                except (ImportError, OSError):
-                    self._runner_obj = None
+            if not use_cli:  # the kernel probes the binding first: a crash in C must never cut an apply short
+                self._runner_obj = kernel.current().nft_library()[0]
             if self._runner_obj is None:
                 self._runner_obj = _CliRunner()
         return self._runner_obj
@@ -116,12 +111,12 @@ class NftablesBackend(Backend):
         return self._runner().name
 
     def unavailable_reason(self) -> str | None:
-        have_nft = shutil.which("nft") is not None
+        have_nft = kernel.current().which("nft") is not None
         use_cli = _cli_forced() if self.use_cli is None else self.use_cli
         if use_cli and not have_nft:
             return "no nft binary (install the nftables package)"
         if not use_cli and not have_nft:
-            unsafe = binding_unsafe()
+            unsafe = kernel.current().nft_library()[1]
             if unsafe:
                 return f"no nft binary, and the libnftables binding cannot be used: {unsafe} (install the nftables package)"
         return self._kernel_probe_reason()
@@ -169,7 +164,7 @@ class NftablesBackend(Backend):
         out = []
         for family in FAMILIES:
             try:
-                rules = netlink.nft_rules(SHAPES["family"][family], TABLE, CHAIN)
+                rules = kernel.current().nft_rules(SHAPES["family"][family], TABLE, CHAIN)
             except OSError:
                 rules = None
             if not rules:
@@ -228,7 +223,7 @@ class NftablesBackend(Backend):
         kube-proxy's, a hand edit of our set) moves it, and reading it lists nothing (at
         100,000 prefixes a listing of our table costs about a second, most of it in the
         kernel)."""
-        genid = netlink.nft_generation()
+        genid = kernel.current().nft_generation()
         return None if genid is None else f"nf_tables generation {genid}"
 
     # -- changing
@@ -308,7 +303,7 @@ class NftablesBackend(Backend):
         if not (add or delete or flush):
             return genid
         try:
-            nftsets.patch(family, TABLE, name, add=add, delete=delete, flush=flush, genid=genid)
+            kernel.current().nft_patch(family, TABLE, name, add=add, delete=delete, flush=flush, genid=genid)
         except OSError as exc:
             if exc.errno == errno.ERESTART:
                 raise _Moved() from None
@@ -327,11 +322,11 @@ class NftablesBackend(Backend):
     def _apply(self, plan: Plan, trust_record: bool) -> list[str]:
         changes = []
         self._commits = 0
-        generation = netlink.nft_generation()
+        generation = kernel.current().nft_generation()
         current = self._recorded(generation) if trust_record else None
         if current is None:
             current = self.live()
-            if netlink.nft_generation() != generation:
+            if kernel.current().nft_generation() != generation:
                 generation = None  # someone committed while we read: nothing to record
         start = generation
         slots = {}
@@ -385,7 +380,7 @@ class NftablesBackend(Backend):
         return Live(self.name, families)
 
     def _record(self, plan: Plan | None, generation: int | None, slots: dict[int, str | None] | None = None) -> None:
-        now = netlink.nft_generation()
+        now = kernel.current().nft_generation()
         if plan is None or generation is None or now is None or (now - generation) % 2**32 != self._commits:
             state.remove(self.RECORD)
             return

@@ -11,8 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .. import state
-from ..errors import ApplyError
+from .. import kernel, state
 
 CLI_ENV = "IPMASQ_NFT_CLI"
 LIBRARY = "libnftables.so.1"
@@ -27,11 +26,7 @@ class _CliRunner:
     name = "nft"
 
     def cmd(self, text: str, dry_run: bool = False) -> tuple[int, str, str]:
-        argv = ["nft"] + (["-c"] if dry_run else []) + ["-f", "-"]
-        try:
-            proc = subprocess.run(argv, input=text, capture_output=True, text=True)
-        except FileNotFoundError:
-            raise ApplyError("nft: command not found") from None
+        proc = kernel.current().nft(text, *(["-c"] if dry_run else []))  # ApplyError when there is no nft
         return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -212,11 +207,22 @@ def _probe_main(check_only: bool) -> int:
 
 def probe_table(table: str) -> str | None:
     """Whether a table like ours loads, through the driver apply would use: None, else
-    why not. (selection's probe for `auto`: the same path as apply.)"""
-    if not _cli_forced() and binding_unsafe(table) is None:
+    why not. (selection's probe for `auto`: the same path as apply.) Asked of the current
+    kernel (kernel.py), so a fake one answers without running anything."""
+    k = kernel.current()
+    if not _cli_forced() and k.nft_library(table)[1] is None:
         return None  # the binding loaded `table` in its probe
-    if shutil.which("nft") is None:
+    if k.which("nft") is None:
         return "the nft command is missing (install the nftables package)"
+    return k.nft_probe(table)
+
+
+PROBE_FAILED = "a nat table with fib, an interval set and masquerade did not load: {}"
+
+
+def probe_cli(table: str) -> str | None:
+    """Kernel.nft_probe on the real node: `table` through the nft binary in a throw-away
+    network namespace, or checked in place where none can be made."""
     attempts = [["unshare", "--net", "nft", "-f", "-"], ["nft", "--check", "-f", "-"]]
     if shutil.which("unshare") is None:
         attempts = attempts[1:]
@@ -229,7 +235,7 @@ def probe_table(table: str) -> str | None:
             continue  # could not make the namespace (e.g. no CAP_SYS_ADMIN): check in place instead
         if proc.returncode != 0:
             first = next((ln for ln in proc.stderr.splitlines() if ln.strip()), f"exit status {proc.returncode}")
-            return f"a nat table with fib, an interval set and masquerade did not load: {first.strip()}"
+            return PROBE_FAILED.format(first.strip())
         return None
     return "probe could not run"
 
