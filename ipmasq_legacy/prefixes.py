@@ -108,8 +108,9 @@ def parse(text: str) -> Prefix:
 
 # A possessive repeat (3.11 on) keeps no backtracking state per repetition: 20 MB less
 # at 100,000 lines. It matches what the plain one matches: nothing after it could use
-# a repetition given back.
-POSSESSIVE = "+" if sys.version_info >= (3, 11) else ""
+# a repetition given back. Before 3.11.5 sre mismatched a possessive group that holds
+# alternatives (CPython gh-106052: Debian 12's 3.11.2 declined a list ending at \Z).
+POSSESSIVE = "+" if sys.version_info >= (3, 11, 5) else ""
 
 
 @functools.cache  # compiled when first needed: most runs never need it

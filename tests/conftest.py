@@ -226,6 +226,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def fake_kernel():
+    """A privileged FakeKernel (tests/fakes) as the seam the backends and the CLI's
+    privilege check talk to: for tests whose backends are fakes, so they need no root."""
+    from ipmasq_legacy import kernel
+
+    from .fakes import FakeKernel
+
+    with kernel.use(FakeKernel()) as fake:
+        yield fake
+
+
 def _need_root():
     if not IS_ROOT:
         pytest.skip("needs root to build network namespaces")

@@ -110,7 +110,7 @@ def test_explicit_config_is_recorded_absolute(node_state, monkeypatch):
     assert source.for_follow(None, {}).path == str(node_state["dir"] / "rel.yaml")
 
 
-def test_status_without_source_shows_the_live_state(node_state, monkeypatch):
+def test_status_without_source_shows_the_live_state(node_state, monkeypatch, fake_kernel):
     """No record, the default missing, an engine live: status says why it cannot compare (exit 0);
     reconcile refuses with one line (exit 2) rather than install the defaults."""
     from ipmasq_legacy import backends

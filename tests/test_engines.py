@@ -166,7 +166,7 @@ class FakeBackend(Backend):
 
 
 @pytest.fixture
-def fake(no_record, tmp_path, monkeypatch):
+def fake(no_record, tmp_path, monkeypatch, fake_kernel):
     """A node of fake backends: `live` is what the kernel holds, `calls` what was done."""
     node = {"live": [], "calls": [], "config": str(tmp_path / "config.yaml")}
     (tmp_path / "config.yaml").write_text("{}\n")
