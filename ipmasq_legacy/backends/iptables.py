@@ -14,9 +14,8 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .. import ruledata
+from .. import kernel, ruledata
 from ..errors import ApplyError
 from ..plan import FamilyPlan, MasqueradeRule, Plan, masquerade_rules
 from . import ipsets
@@ -104,16 +103,13 @@ def masquerade_line(rule: MasqueradeRule, random_fully: bool) -> str:
 def legacy_tables(family: int) -> set[str]:
     """The iptables-legacy tables that exist in this namespace, from /proc: listing a
     legacy table would create it, so every reader asks here first."""
-    names = Path("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
-    try:
-        return set(names.read_text().split())
-    except OSError:  # ip_tables not loaded
-        return set()
+    names = kernel.current().read_text("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
+    return set(names.split()) if names is not None else set()  # None: ip_tables not loaded
 
 
 def br_netfilter() -> bool:
     """br_netfilter is loaded here: bridged frames meet the ip hooks (a node fact)."""
-    return Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists()
+    return kernel.current().read_text("/proc/sys/net/bridge/bridge-nf-call-iptables") is not None
 
 
 def chain_rules(fp: FamilyPlan, *, bridged: bool, exempt_set: str | None = None) -> list[str]:
