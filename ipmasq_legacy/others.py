@@ -11,12 +11,11 @@ variants and both families; and nft tables of others with a masquerade statement
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass
 
-from . import netlink, state
-from .backends.base import FAMILIES, run
-from .backends.iptables import legacy_tables
+from . import kernel, netlink, state
+from .backends import variants
+from .backends.base import run
 from .errors import ApplyError
 
 # chain name (or prefix, ending in "*") -> the manager it belongs to
@@ -48,17 +47,9 @@ def _manager(chain: str, rule: str) -> str:
 
 def _saves() -> list[tuple[str, int, str]]:
     """(variant, family, `-save -t nat` text) where a nat table exists (a legacy one is
-    never created by looking)."""
-    out = []
-    for variant in ("legacy", "nft"):
-        for family in FAMILIES:
-            tool = f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-save"
-            if shutil.which(tool) is None:
-                continue
-            if variant == "legacy" and "nat" not in legacy_tables(family):
-                continue
-            out.append((variant, family, run([tool, "-t", "nat"], check=False).stdout))
-    return out
+    never created by looking: variants.saves)."""
+    return [(variant, family, text) for variant in variants.VARIANTS
+            for family, text in sorted(variants.saves(variant, "nat").items())]
 
 
 def find() -> list[Found]:
@@ -76,7 +67,8 @@ def find() -> list[Found]:
             m = re.match(r"-A (\S+) (.*-j MASQUERADE.*)$", line)
             if m and m.group(1) not in OURS and _manager(m.group(1), line) in ("docker", "kube-proxy", "unknown"):
                 found.append(Found(_manager(m.group(1), line), where, line))
-    if shutil.which("nft"):
+    k = kernel.current()
+    if k.which("nft"):
         # others' tables one by one: `nft list ruleset` would fetch our exempt set's
         # elements too (0.5-0.9 s beside 100,000 of them, on every `status`)
         try:
@@ -86,7 +78,7 @@ def find() -> list[Found]:
         for nft_family, name in tables:
             if name.startswith("ipmasq_legacy") or name in IPTABLES_NFT_TABLES:  # ours; iptables-nft's: above
                 continue
-            listing = run(["nft", "list", "table", nft_family, name], check=False).stdout
+            listing = k.run(["nft", "list", "table", nft_family, name], check=False).stdout
             found += [Found(name, f"nft table {nft_family} {name}", line.strip())
                       for line in listing.splitlines() if "masquerade" in line]
     return sorted(set(found), key=lambda f: (f.manager, f.where, f.what))
@@ -122,8 +114,7 @@ def take_over(name: str) -> list[str]:
             lines += ["-D" + ln[2:] for ln in text.splitlines() if ln.startswith("-A ") and ln.endswith(f" -j {chain}")]
         for chain in chains:
             lines += [f"-F {chain}", f"-X {chain}"]
-        tool = f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-restore"
-        run([tool, "--noflush", "-w"], input="\n".join(lines + ["COMMIT"]) + "\n")
+        run([variants.tool(family, variant, "-restore"), "--noflush", "-w"], input="\n".join(lines + ["COMMIT"]) + "\n")
         removed += [f"{c} (iptables-{variant} ipv{family})" for c in chains]
     record = state.read_json(RECORD)
     record[name] = sorted({r.split(" ")[0] for r in removed} | set(record.get(name, [])))

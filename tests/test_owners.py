@@ -69,3 +69,116 @@ def test_the_ebpf_datapath_leaves_out_bridge_ports():
 
     found = {1: ebpf_links.Link(1, "br0", 14, kind="bridge"), 2: ebpf_links.Link(2, "eth0", 14, master=1)}
     assert list(ebpf_links.matching_links((), found)) == [1]
+
+
+# ---------------------------------------------------------------- the iptables variant
+
+
+def iptables_node(saves: dict[str, str], *, legacy_nat: bool = True, version: str = "iptables v1.8.9 (nf_tables)"):
+    """A FakeKernel whose `{ip,ip6}tables-{legacy,nft}-save` print `saves[tool]` (a
+    `-t TABLE` listing: only that table's part) and whose /proc lists the legacy nat table."""
+    from ipmasq_legacy import kernel
+
+    from .fakes import FakeKernel
+
+    fake = FakeKernel()
+
+    def save(argv, _input):
+        text = saves.get(argv[0], "")
+        if "-t" in argv:
+            table = argv[argv.index("-t") + 1]
+            parts = text.split("*")
+            text = "".join("*" + p for p in parts if p.startswith(table + "\n"))
+        return 0, text, ""
+
+    for family in ("iptables", "ip6tables"):
+        for variant in ("legacy", "nft"):
+            fake.tools[f"{family}-{variant}-save"] = save
+    fake.tools["iptables"] = lambda argv, _input: (0, version + "\n", "")
+    if legacy_nat:
+        fake.files["/proc/net/ip_tables_names"] = fake.files["/proc/net/ip6_tables_names"] = "nat\nfilter\n"
+    return kernel.use(fake)
+
+
+def rules(n: int, table: str = "filter", chains: str = "") -> str:
+    return f"*{table}\n:INPUT ACCEPT [0:0]\n{chains}" + "".join(f"-A INPUT -s 10.0.0.{i}/32 -j ACCEPT\n"
+                                                                  for i in range(n)) + "COMMIT\n"
+
+
+HINT = ":KUBE-IPTABLES-HINT - [0:0]\n"
+OURS = ":IPMASQ-LEGACY - [0:0]\n"
+
+
+@pytest.mark.parametrize("saves, variant, why", [
+    ({}, "nft", "no rules anywhere; iptables-nft is the default"),
+    ({"iptables-legacy-save": rules(3)}, "legacy", "iptables-legacy holds more rules (3 vs 0)"),
+    ({"iptables-legacy-save": rules(2), "ip6tables-nft-save": rules(3)}, "nft", "iptables-nft holds more rules (3 vs 2)"),
+    # both families count; a tie goes to iptables-nft, as iptables-wrapper decides
+    ({"iptables-legacy-save": rules(2), "ip6tables-legacy-save": rules(2), "iptables-nft-save": rules(4)},
+     "nft", "iptables-nft holds as many rules as iptables-legacy (4): iptables-nft on a tie"),
+    # kubelet's hint beats the counts; in both variants iptables-nft's wins
+    ({"iptables-legacy-save": rules(9), "iptables-nft-save": rules(0, "mangle", HINT)},
+     "nft", "kubelet's KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY chain is in iptables-nft"),
+    ({"iptables-legacy-save": rules(0, "mangle", HINT), "iptables-nft-save": rules(9, "mangle", HINT)},
+     "nft", "kubelet's KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY chain is in iptables-nft"),
+    ({"ip6tables-legacy-save": rules(0, "mangle", HINT), "iptables-nft-save": rules(9)},
+     "legacy", "kubelet's KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY chain is in iptables-legacy"),
+    # our own chain beats kubelet's hint
+    ({"iptables-legacy-save": rules(1, "nat", OURS), "iptables-nft-save": rules(0, "mangle", HINT)},
+     "legacy", "our chain IPMASQ-LEGACY is in iptables-legacy"),
+])
+def test_detect_variant(saves, variant, why):
+    from ipmasq_legacy.backends import iptables, variants
+
+    with iptables_node(saves):
+        assert variants.detect() == (variant, why)
+        assert iptables.detect_variant() == (variant, why)
+
+
+def test_detect_variant_without_rules_asks_the_system_iptables():
+    from ipmasq_legacy.backends import variants
+
+    with iptables_node({}, version="iptables v1.8.7 (legacy)"):
+        assert variants.detect() == ("legacy", "no rules anywhere; the system's iptables is iptables-legacy")
+
+
+@pytest.mark.parametrize("saves, engine", [
+    ({"iptables-legacy-save": rules(0, "mangle", HINT), "iptables-nft-save": rules(9, "mangle", HINT)}, "iptables-nft"),
+    ({"iptables-legacy-save": rules(1, "nat", OURS), "iptables-nft-save": rules(0, "mangle", HINT)}, "iptables-legacy"),
+    ({"iptables-legacy-save": rules(4), "iptables-nft-save": rules(4)}, "iptables-nft"),
+    ({"iptables-legacy-save": rules(5), "iptables-nft-save": rules(4)}, "iptables-legacy"),
+])
+def test_auto_and_the_iptables_datapath_agree(saves, engine, monkeypatch):
+    """`auto`'s hint and count steps pick the variant `--backend iptables` would."""
+    from ipmasq_legacy.backends import selection, variants
+
+    monkeypatch.setattr(selection, "_firewalld", lambda: None)
+    with iptables_node(saves):
+        found = selection.host_rules()
+        assert found.counts == {"iptables-legacy": variants.read()["legacy"].rules,
+                                "iptables-nft": variants.read()["nft"].rules, "nftables": 0}
+        name, _why = selection._heuristics(dict.fromkeys(("iptables-legacy", "iptables-nft", "nftables")))
+        assert name == engine == f"iptables-{variants.detect()[0]}"
+
+
+def test_a_legacy_table_is_listed_by_name_only_where_it_exists():
+    from ipmasq_legacy import kernel
+    from ipmasq_legacy.backends import engines, variants
+
+    with iptables_node({"iptables-legacy-save": rules(1, "nat", OURS)}, legacy_nat=False):
+        assert variants.saves("legacy", "nat") == {}
+        assert engines._legacy_chains() == set()
+        assert not any("-t" in call for call in kernel.current().calls)
+    with iptables_node({"iptables-legacy-save": rules(1, "nat", OURS)}):
+        assert variants.saves("legacy", "nat") == {4: rules(1, "nat", OURS), 6: ""}
+        assert engines._legacy_chains() == {"IPMASQ-LEGACY"}
+
+
+def test_others_read_both_variants_through_the_seam():
+    from ipmasq_legacy import others
+
+    docker = rules(0, "nat", ":DOCKER - [0:0]\n").replace(
+        "COMMIT", "-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\nCOMMIT")
+    with iptables_node({"iptables-nft-save": docker, "ip6tables-legacy-save": docker}):
+        found = others.find()
+    assert {(f.manager, f.where) for f in found} == {("docker", "iptables-nft ipv4"), ("docker", "iptables-legacy ipv6")}

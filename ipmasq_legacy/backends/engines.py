@@ -7,7 +7,7 @@ engine is never installed beside the first, and one that is there is seen and re
 Every question is scoped to objects of ours, by name, and cheap (reconcile's quick path
 asks them all): nf_tables tables and chains one netlink request each, no `nft` process;
 the legacy nat table through `iptables-legacy-save -t nat` only where /proc says it
-exists (listing it would otherwise create it); the ebpf datapath by its pinned `ctl`
+exists (listing it would otherwise create it; variants.saves); the ebpf datapath by its pinned `ctl`
 map, or, without pins, by a qdisc dump and the filters of the links with a clsact.
 Nothing imports pyroute2 (0.1 s) and nothing is changed.
 """
@@ -15,15 +15,13 @@ Nothing imports pyroute2 (0.1 s) and nothing is changed.
 from __future__ import annotations
 
 import errno
-import shutil
 import struct
-import subprocess
 
 from .. import netlink, ruledata
 from ..netlink import NETLINK_NETFILTER, NETLINK_ROUTE
+from . import variants
 from .base import FAMILIES
 from .iptables import CHAIN as IPTABLES_CHAIN
-from .iptables import legacy_tables
 from .nftrender import TABLE as NFT_TABLE
 
 # The ebpf datapath's netfilter assist chain belongs to ebpf, never to the iptables backends.
@@ -62,18 +60,10 @@ def second_engines(live: list[str], backend: str, replaced: str | None = None) -
 
 
 def _legacy_chains() -> set[str]:
-    """Our chains in the nat table of iptables-legacy, either family (both listed at once)."""
-    saves = []
-    for family in FAMILIES:
-        if "nat" not in legacy_tables(family):
-            continue  # no legacy nat table: nothing to list (and listing would create it)
-        tool = f"{'iptables' if family == 4 else 'ip6tables'}-legacy-save"
-        if shutil.which(tool) is not None:
-            saves.append(subprocess.Popen([tool, "-t", "nat"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                          text=True))
+    """Our chains in the nat table of iptables-legacy, either family (variants.saves: both
+    listed at once, and only where /proc shows the table, as listing it would create it)."""
     found: set[str] = set()
-    for proc in saves:
-        text = proc.communicate()[0]
+    for text in variants.saves("legacy", "nat").values():
         found |= {line[1:].split(" ", 1)[0] for line in text.splitlines() if line.startswith(":")}
     return found & set(OUR_CHAINS)
 

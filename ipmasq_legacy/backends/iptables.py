@@ -521,28 +521,9 @@ def _same_members(live, planned) -> bool:
 
 
 def detect_variant() -> tuple[str, str]:
-    """(variant, why): the iptables the host already uses, as iptables-wrapper decides,
-    except that where our own chain already lives wins (so re-apply stays put)."""
-    saves = {}
-    for variant in VARIANTS:
-        text = ""
-        for family in FAMILIES:
-            base = "iptables" if family == 4 else "ip6tables"
-            if not missing_tools(f"{base}-{variant}-save"):
-                text += run([f"{base}-{variant}-save"], check=False).stdout
-        saves[variant] = text
-    for variant in VARIANTS:
-        if f":{CHAIN} " in saves[variant]:
-            return variant, f"our chain {CHAIN} is installed with iptables-{variant}"
-    for variant in VARIANTS:
-        if re.search(r"^:KUBE-(IPTABLES-HINT|KUBELET-CANARY) ", saves[variant], re.M):
-            return variant, f"kubelet's hint chain is in iptables-{variant}"
-    counts = {v: sum(1 for ln in saves[v].splitlines() if ln.startswith("-")) for v in VARIANTS}
-    if counts["legacy"] > counts["nft"]:
-        return "legacy", f"iptables-legacy holds more rules ({counts['legacy']} vs {counts['nft']})"
-    if counts["nft"] > 0:
-        return "nft", f"iptables-nft holds more rules ({counts['nft']} vs {counts['legacy']})"
-    version = run(["iptables", "--version"], check=False).stdout if not missing_tools("iptables") else ""
-    if "legacy" in version:
-        return "legacy", "no rules anywhere; the system's iptables is iptables-legacy"
-    return "nft", "no rules anywhere; iptables-nft is the default"
+    """(variant, why): the iptables the host uses, as iptables-wrapper decides, except that
+    where our own chain already lives wins (so re-apply stays put). The rule is
+    variants.detect's, the one `auto` counts with too."""
+    from .variants import detect
+
+    return detect()

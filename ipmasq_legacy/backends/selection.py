@@ -6,9 +6,11 @@ Order (first that applies wins):
    only one; of several, the one steps 2-6 would pick if it is among them, else the first
    in backends.NAMES order (the caller removes the others once it is applied);
 2. kube-proxy's own nftables table (`table ip kube-proxy`): nftables;
-3. kubelet's hint chains (KUBE-IPTABLES-HINT, KUBE-KUBELET-CANARY) in one iptables
-   variant: that variant (what iptables-wrapper does);
-4. the engine holding the most rules: iptables-legacy, iptables-nft or native nftables;
+3. our chain IPMASQ-LEGACY, else kubelet's hint chains (KUBE-IPTABLES-HINT,
+   KUBE-KUBELET-CANARY), in an iptables variant: that variant (iptables-nft first), the
+   rule `--backend iptables` follows too (variants.py, after iptables-wrapper);
+4. the engine holding the most rules: iptables-legacy, iptables-nft or native nftables
+   (of the two variants iptables-nft on a tie, as variants.py counts);
 5. nftables, where a probe in a throw-away network namespace shows the userspace and
    the kernel can run our table (nat chain, fib, interval set, masquerade);
 6. iptables-legacy.
@@ -19,12 +21,11 @@ from __future__ import annotations
 
 import functools
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .. import state
-from .base import FAMILIES, run
+from .. import kernel, state
+from . import variants
 
 IPTABLES_BUILTIN_TABLES = {"filter", "nat", "mangle", "raw", "security"}
 OUR_TABLE = "ipmasq_legacy"
@@ -49,29 +50,23 @@ class HostRules:
     """Rule counts per engine, and the hints found (for doctor and for auto)."""
 
     counts: dict[str, int] = field(default_factory=dict)
-    hints: dict[str, str] = field(default_factory=dict)  # engine -> what was found
+    hints: dict[str, str] = field(default_factory=dict)  # engine -> what was found, strongest first
     errors: list[str] = field(default_factory=list)
+    iptables: dict[str, variants.Held] = field(default_factory=dict)  # per variant (variants.py)
 
-
-def _iptables_rules(variant: str) -> tuple[int, bool, bool]:
-    """(rule count, kubelet hint found, our chain found) for one iptables variant."""
-    count, hint, ours = 0, False, False
-    for family in FAMILIES:
-        tool = f"{'iptables' if family == 4 else 'ip6tables'}-{variant}-save"
-        if shutil.which(tool) is None:
-            continue
-        text = run([tool], check=False).stdout
-        count += sum(1 for line in text.splitlines() if line.startswith("-A "))
-        hint = hint or bool(re.search(r"^:KUBE-(IPTABLES-HINT|KUBELET-CANARY) ", text, re.M))
-        ours = ours or ":IPMASQ-LEGACY " in text
-    return count, hint, ours
+    def busiest(self) -> str:
+        """The engine holding the most rules: of the iptables variants the one variants.py
+        would pick (iptables-nft on a tie), then an iptables variant before nftables."""
+        top = variants.busiest(self.iptables) if self.iptables else None
+        return max([f"iptables-{top or 'legacy'}", "nftables"], key=lambda k: self.counts.get(k, 0))
 
 
 def _native_nft_rules() -> tuple[int, bool]:
     """(rules in nft tables that iptables-nft does not manage, kube-proxy's table found)."""
-    if shutil.which("nft") is None:
+    k = kernel.current()
+    if k.which("nft") is None:
         return 0, False
-    text = run(["nft", "list", "ruleset"], check=False).stdout
+    text = k.run(["nft", "list", "ruleset"], check=False).stdout
     count, kube_proxy, native = 0, False, False
     for line in text.splitlines():
         m = re.match(r"table (\S+) (\S+) \{", line)
@@ -86,14 +81,13 @@ def _native_nft_rules() -> tuple[int, bool]:
 
 
 def host_rules() -> HostRules:
-    found = HostRules()
-    for variant in ("legacy", "nft"):
-        count, hint, ours = _iptables_rules(variant)
-        found.counts[f"iptables-{variant}"] = count
-        if hint:
-            found.hints[f"iptables-{variant}"] = "kubelet's KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY chain"
-        if ours:
-            found.hints.setdefault(f"iptables-{variant}", "our chain IPMASQ-LEGACY")
+    """Rules per engine; the iptables variants' counts and hints as variants.py reads them
+    (the rule `--backend iptables` decides by), in its order of strength."""
+    found = HostRules(iptables=variants.read())
+    for variant, held in found.iptables.items():
+        found.counts[f"iptables-{variant}"] = held.rules
+    for variant, what in variants.hints(found.iptables):
+        found.hints.setdefault(f"iptables-{variant}", what)
     count, kube_proxy = _native_nft_rules()
     found.counts["nftables"] = count
     if kube_proxy:
@@ -140,15 +134,15 @@ def _heuristics(available: dict[str, str | None]) -> tuple[str, str]:
     found = host_rules()
     if "nftables" in found.hints and available.get("nftables") is None:
         return "nftables", f"the host already uses nftables ({found.hints['nftables']})"
-    for variant in ("iptables-nft", "iptables-legacy"):
-        if variant in found.hints and available.get(variant) is None:
-            return variant, f"the host already uses {variant} ({found.hints[variant]})"
+    for engine, what in found.hints.items():
+        if engine.startswith("iptables-") and available.get(engine) is None:
+            return engine, f"the host already uses {engine} ({what})"
     firewalld = _firewalld()
     if firewalld and available.get("nftables") is None:
         # its reloads and restarts flush every iptables-nft table (ours with them), never
         # another nft table: measured by tests/test_neighbours.py
         return "nftables", f"firewalld runs here ({firewalld}): its reloads flush iptables-nft's tables"
-    busiest = max(found.counts, key=lambda k: found.counts[k])
+    busiest = found.busiest()
     if found.counts[busiest] > 0 and available.get(busiest) is None:
         counts = ", ".join(f"{k} {v}" for k, v in found.counts.items())
         return busiest, f"the host's existing rules are mostly {busiest} (rules: {counts})"
@@ -168,8 +162,6 @@ def _firewalld() -> str | None:
             return "table inet firewalld"
     except OSError:
         pass
-    if shutil.which("iptables-nft-save") and re.search(r"^:INPUT_direct ",
-                                                       run(["iptables-nft-save", "-t", "filter"], check=False).stdout,
-                                                       re.M):
+    if re.search(r"^:INPUT_direct ", "".join(variants.saves("nft", "filter").values()), re.M):
         return "chain INPUT_direct in iptables-nft"
     return None
