@@ -10,18 +10,17 @@ import ctypes.util
 import gzip
 import os
 import platform
-import shutil
-import subprocess
 from pathlib import Path
 
-from . import backends
+from . import backends, kernel
 from .backends import engines, selection
 
 
 def _version(argv: list[str]) -> str | None:
-    if shutil.which(argv[0]) is None:
+    k = kernel.current()
+    if k.which(argv[0]) is None:
         return None
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    proc = k.run(argv, check=False)
     text = (proc.stdout or proc.stderr).strip().splitlines()
     return text[0] if text else "unknown"
 
@@ -48,10 +47,10 @@ def _bpffs_mounted() -> bool:
 
 def _probe_clsact() -> str | None:
     """None when a clsact qdisc can be added (in a throw-away namespace), else why not."""
-    if shutil.which("tc") is None or shutil.which("unshare") is None:
+    k = kernel.current()
+    if k.which("tc") is None or k.which("unshare") is None:
         return "tc or unshare missing"
-    proc = subprocess.run(["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "clsact"],
-                          capture_output=True, text=True)
+    proc = k.run(["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "clsact"], check=False)
     return None if proc.returncode == 0 else (proc.stderr.strip() or "failed")
 
 

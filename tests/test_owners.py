@@ -182,3 +182,78 @@ def test_others_read_both_variants_through_the_seam():
     with iptables_node({"iptables-nft-save": docker, "ip6tables-legacy-save": docker}):
         found = others.find()
     assert {(f.manager, f.where) for f in found} == {("docker", "iptables-nft ipv4"), ("docker", "iptables-legacy ipv6")}
+
+
+# ---------------------------------------------------------------- nft through the kernel seam
+
+
+def nft_node():
+    """A FakeKernel with an `nft` that records (argv, input) and succeeds, listing `table ip
+    nat` as iptables-nft leaves it empty."""
+    from .fakes import FakeKernel
+
+    fake = FakeKernel()
+    fake.scripts = []
+    empty_nat = ('{"nftables": [{"metainfo": {}}, {"table": {"family": "ip", "name": "nat"}}, '
+                 '{"chain": {"family": "ip", "table": "nat", "name": "POSTROUTING", "policy": "accept"}}]}')
+
+    def nft(argv, input):
+        fake.scripts.append((argv, input))
+        if argv[1:3] == ["-j", "list"]:
+            return (0, empty_nat, "") if argv[4:] == ["ip", "nat"] else (1, "", "Error: No such file or directory")
+        if argv[1:] == ["--version"]:
+            return 0, "nftables v1.0.9 (Old Doc Yak #3)\n", ""
+        return 0, "", ""
+
+    fake.tools["nft"] = nft
+    return fake
+
+
+def test_ebpf_keeper_tables_are_written_through_the_seam():
+    from ipmasq_legacy import kernel
+    from ipmasq_legacy.backends.ebpf import keeper
+
+    fake = nft_node()
+    with kernel.use(fake):
+        assert keeper.add_keeper()
+        assert keeper.add_drain_tables()
+        assert keeper.write_notrack(keeper.notrack_text([3], ("eth+",), (4,))) == (0, "")
+    assert [argv for argv, _ in fake.scripts] == [["nft", "-f", "-"]] * 3
+    keeper_script, drain_script, notrack_script = (text for _, text in fake.scripts)
+    assert keeper_script == (f"add table inet {keeper.KEEPER_TABLE}\ndelete table inet {keeper.KEEPER_TABLE}\n"
+                             + keeper.KEEPER)
+    assert "table ip6 ipmasq_legacy_drain {" in drain_script
+    assert 'fib daddr oifname "eth*" return' in notrack_script and "meta nfproto ipv6 return" in notrack_script
+
+
+def test_ebpf_keeper_without_nft():
+    from ipmasq_legacy import kernel
+    from ipmasq_legacy.backends.ebpf import keeper
+
+    from .fakes import FakeKernel
+
+    with kernel.use(FakeKernel()):
+        assert not keeper.add_keeper()
+        assert keeper._nft("flush ruleset\n") == (127, "nft: command not found")
+        assert keeper.nft_tables() == set()
+
+
+def test_flush_deletes_the_nat_table_it_created_through_the_seam(tmp_path, monkeypatch):
+    from ipmasq_legacy import kernel, state
+    from ipmasq_legacy.backends import tables
+
+    monkeypatch.setenv("IPMASQ_STATE_DIR", str(tmp_path))
+    state.write_json(tables.RECORD, {"existed": [["ip6", "nat"]]})
+    monkeypatch.setattr(tables, "_present", lambda: [["ip", "nat"], ["ip6", "nat"]])
+    fake = nft_node()
+    with kernel.use(fake):
+        assert tables.remove_created() == ["table ip nat"]
+    assert fake.scripts[-1] == (["nft", "-f", "-"], "delete chain ip nat POSTROUTING\ndelete table ip nat\n")
+
+
+def test_doctor_asks_versions_of_the_seam():
+    from ipmasq_legacy import doctor, kernel
+
+    with kernel.use(nft_node()):
+        assert doctor._version(["nft", "--version"]) == "nftables v1.0.9 (Old Doc Yak #3)"
+        assert doctor._version(["ipset", "--version"]) is None

@@ -14,10 +14,8 @@ live until the network namespace does (README "Known limits").
 from __future__ import annotations
 
 import json
-import shutil
 
-from .. import netlink, state
-from .base import run
+from .. import kernel, netlink, state
 
 RECORD = "tables-before.json"
 # (nft family, table) that iptables-nft creates for our chains (nat: the iptables
@@ -42,7 +40,7 @@ def note_before_first_apply() -> None:
 
 def _empty(family: str, table: str) -> list[str] | None:
     """The base chains of the table when it holds nothing else (else None)."""
-    proc = run(["nft", "-j", "list", "table", family, table], check=False)
+    proc = kernel.current().run(["nft", "-j", "list", "table", family, table], check=False)
     if proc.returncode != 0:
         return None
     try:
@@ -62,7 +60,7 @@ def remove_created() -> list[str]:
     empty now; forget the note. Returns what was deleted."""
     record = state.read_json(RECORD)
     state.remove(RECORD)
-    if not record or shutil.which("nft") is None:
+    if not record or kernel.current().which("nft") is None:
         return []
     existed = {tuple(t) for t in record.get("existed", [])}
     deleted = []
@@ -73,6 +71,6 @@ def remove_created() -> list[str]:
         if chains is None:
             continue
         text = "".join(f"delete chain {family} {table} {c}\n" for c in chains) + f"delete table {family} {table}\n"
-        if run(["nft", "-f", "-"], input=text, check=False).returncode == 0:
+        if kernel.current().nft(text).returncode == 0:
             deleted.append(f"table {family} {table}")
     return deleted

@@ -17,16 +17,16 @@
                             conntrack neither tracks nor NATs what the programs translate.
                             Its comment is a digest of what it was written from (drift).
 
-Asked for by name over ..netlink (one NFT_MSG_GETTABLE each), written with `nft -f -`.
+Asked for by name over ..netlink (one NFT_MSG_GETTABLE each), written with `nft -f -`
+(kernel.current().nft).
 """
 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
 
-from ... import netlink
+from ... import kernel, netlink
+from ...errors import ApplyError
 from .names import SHAPES
 
 KEEPER_TABLE = f"{SHAPES['filter_name']}_ebpf"
@@ -37,11 +37,16 @@ KEEPER = (f"table inet {KEEPER_TABLE} {{\n\tchain conntrack {{\n"
 
 
 def _nft(text: str) -> tuple[int, str]:
+    """(exit status, stderr) of `nft -f -` on `text`, through the kernel seam."""
     try:
-        proc = subprocess.run(["nft", "-f", "-"], input=text, capture_output=True, text=True)
-    except FileNotFoundError:
-        return 127, "nft: command not found"
+        proc = kernel.current().nft(text)
+    except ApplyError as exc:  # the binary is missing
+        return 127, str(exc)
     return proc.returncode, proc.stderr
+
+
+def _have_nft() -> bool:
+    return kernel.current().which("nft") is not None
 
 
 DRAIN_TABLES = (("ip", DRAIN_TABLE), ("ip6", DRAIN_TABLE))
@@ -82,7 +87,7 @@ def notrack_digest(text: str) -> bytes:
 
 def notrack_in_sync(text: str) -> bool:
     """Whether our notrack table is there as `text` writes it (its comment, over netlink)."""
-    if shutil.which("nft") is None:
+    if not _have_nft():
         return False
     try:
         found = netlink.nft_tables(NOTRACK_TABLES)
@@ -94,7 +99,7 @@ def notrack_in_sync(text: str) -> bool:
 
 def write_notrack(text: str) -> tuple[int, str]:
     """Replace the table in one transaction (old or new, never none in between)."""
-    if shutil.which("nft") is None:
+    if not _have_nft():
         return 127, "nft: command not found"
     return _nft(f"add table inet {NOTRACK_TABLE}\ndelete table inet {NOTRACK_TABLE}\n" + text)
 
@@ -102,7 +107,7 @@ def write_notrack(text: str) -> tuple[int, str]:
 def nft_tables(wanted=DRAIN_TABLES + KEEPER_TABLES + NOTRACK_TABLES) -> set[tuple[str, str]]:
     """Which of the tables `wanted` exist (none when nft is missing or nf_tables cannot
     be asked, as `nft list tables` failing said before)."""
-    if shutil.which("nft") is None:
+    if not _have_nft():
         return set()
     try:
         found = netlink.nft_tables(wanted)
@@ -122,13 +127,13 @@ def keeper_present(tables: set | None = None) -> bool:
 
 
 def add_keeper() -> bool:
-    if shutil.which("nft") is None:
+    if not _have_nft():
         return False
     return _nft(f"add table inet {KEEPER_TABLE}\ndelete table inet {KEEPER_TABLE}\n" + KEEPER)[0] == 0
 
 
 def add_drain_tables() -> bool:
-    if shutil.which("nft") is None:
+    if not _have_nft():
         return False
     text = ""
     for fam in ("ip", "ip6"):
