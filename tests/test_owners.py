@@ -257,3 +257,61 @@ def test_doctor_asks_versions_of_the_seam():
     with kernel.use(nft_node()):
         assert doctor._version(["nft", "--version"]) == "nftables v1.0.9 (Old Doc Yak #3)"
         assert doctor._version(["ipset", "--version"]) is None
+
+
+# ---------------------------------------------------------------- nft table shapes in rules/
+
+
+def test_the_ebpf_tables_are_rules_data():
+    """keeper.py writes the tables of rules/ebpf.yaml `nft_tables`, as `nft list` prints them."""
+    from ipmasq_legacy import ruledata
+    from ipmasq_legacy.backends.ebpf import keeper
+
+    spec = ruledata.load("ebpf")["nft_tables"]
+    assert keeper.KEEPER == ("table inet ipmasq_legacy_ebpf {\n\tchain conntrack {\n"
+                             "\t\ttype filter hook prerouting priority filter; policy accept;\n"
+                             "\t\tct state untracked accept\n\t}\n}\n")
+    assert keeper.KEEPER_TABLES == (("inet", spec["keeper"]["table"]),)
+    assert keeper.DRAIN_TABLES == (("ip", "ipmasq_legacy_drain"), ("ip6", "ipmasq_legacy_drain"))
+    assert keeper.DRAIN.count("type nat hook postrouting priority srcnat; policy accept;") == 2
+
+
+@pytest.mark.parametrize("links, patterns, families, digest", [
+    # digests of the tables as written before the shapes moved to rules/: unchanged, so an
+    # upgrade rewrites nothing
+    ([7, 2, 11], ("eth0", "ens+", "wg0"), (4,), "d0f3fee3c3af99acdd8b3feab9bc73b6"),
+])
+def test_the_notrack_table(links, patterns, families, digest):
+    from ipmasq_legacy.backends.ebpf import keeper
+
+    text = keeper.notrack_text(links, patterns, families)
+    assert keeper.notrack_digest(text) == digest.encode()
+    assert text == (
+        "table inet ipmasq_legacy_notrack {\n"
+        f'\tcomment "ipmasq-legacy {digest}"\n'
+        "\tset links {\n\t\ttype iface_index\n\t\telements = { 2, 7, 11 }\n\t}\n"
+        "\tchain prerouting {\n\t\ttype filter hook prerouting priority raw; policy accept;\n"
+        "\t\tmeta nfproto ipv6 return\n\t\tmeta l4proto { tcp, udp } goto forwarded\n"
+        "\t\ticmp type { echo-request, echo-reply } goto forwarded\n"
+        "\t\ticmpv6 type { echo-request, echo-reply } goto forwarded\n\t}\n"
+        "\tchain forwarded {\n\t\tfib daddr type local return\n\t\tfib daddr oif @links notrack\n"
+        "\t\tiif @links goto entered\n\t}\n"
+        '\tchain entered {\n\t\tfib daddr oifname "eth0" return\n\t\tfib daddr oifname "ens*" return\n'
+        '\t\tfib daddr oifname "wg0" return\n\t\tnotrack\n\t}\n}\n')
+
+
+def test_the_notrack_table_without_patterns_links_or_a_family_off():
+    from ipmasq_legacy.backends.ebpf import keeper
+
+    text = keeper.notrack_text([], (), (4, 6))
+    assert "entered" not in text and "nfproto" not in text and "elements" not in text
+    assert "\tset links {\n\t\ttype iface_index\n\t}\n" in text
+
+
+def test_the_nftables_probe_is_rules_data():
+    from ipmasq_legacy import ruledata
+    from ipmasq_legacy.backends import selection
+
+    assert selection.NFT_PROBE == ruledata.load("nftables")["probe"]
+    assert selection.NFT_PROBE.startswith("table ip ipmasq_probe {\n    set exempt {")
+    assert "masquerade to :1024-65535 fully-random" in selection.NFT_PROBE

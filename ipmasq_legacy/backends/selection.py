@@ -24,25 +24,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .. import kernel, state
+from .. import kernel, ruledata, state
 from . import variants
 
 IPTABLES_BUILTIN_TABLES = {"filter", "nat", "mangle", "raw", "security"}
 OUR_TABLE = "ipmasq_legacy"
 
-# A table using everything our nftables backend uses, for the probe.
-NFT_PROBE = """\
-table ip ipmasq_probe {
-    set exempt { type ipv4_addr; flags interval; elements = { 10.0.0.0/8, 192.168.0.0/16 } }
-    chain postrouting {
-        type nat hook postrouting priority srcnat; policy accept;
-        fib daddr type local return
-        ip daddr @exempt return
-        oifname "eth*" meta l4proto tcp counter masquerade to :1024-65535 fully-random
-        oifname != "lo" counter masquerade
-    }
-}
-"""
+# A table using everything our nftables backend uses, for the probe (rules/nftables.yaml).
+NFT_PROBE = ruledata.load("nftables")["probe"]
 
 
 @dataclass

@@ -17,8 +17,8 @@
                             conntrack neither tracks nor NATs what the programs translate.
                             Its comment is a digest of what it was written from (drift).
 
-Asked for by name over ..netlink (one NFT_MSG_GETTABLE each), written with `nft -f -`
-(kernel.current().nft).
+Shapes: rules/ebpf.yaml `nft_tables`. Asked for by name over ..netlink (one
+NFT_MSG_GETTABLE each), written with `nft -f -` (kernel.current().nft).
 """
 
 from __future__ import annotations
@@ -29,11 +29,39 @@ from ... import kernel, netlink
 from ...errors import ApplyError
 from .names import SHAPES
 
-KEEPER_TABLE = f"{SHAPES['filter_name']}_ebpf"
-DRAIN_TABLE = f"{SHAPES['filter_name']}_drain"
-KEEPER = (f"table inet {KEEPER_TABLE} {{\n\tchain conntrack {{\n"
-          "\t\ttype filter hook prerouting priority filter; policy accept;\n"
-          "\t\tct state untracked accept\n\t}\n}\n")
+# The tables' shapes: rules/ebpf.yaml `nft_tables`. {name} placeholders are filled by
+# str.replace, as nft's own braces ({ tcp, udp }) are literal.
+TABLES = SHAPES["nft_tables"]
+KEEPER_SPEC, DRAIN_SPEC, NOTRACK_SPEC = TABLES["keeper"], TABLES["drain"], TABLES["notrack"]
+KEEPER_TABLE = KEEPER_SPEC["table"]
+DRAIN_TABLE = DRAIN_SPEC["table"]
+NOTRACK_TABLE = NOTRACK_SPEC["table"]
+ENTERED = "entered"  # notrack's chain (and the rule jumping to it) only with patterns
+NFPROTO = {4: "ipv4", 6: "ipv6"}
+
+
+def _fill(line: str, **values: str) -> str:
+    for key, value in values.items():
+        line = line.replace(f"{{{key}}}", value)
+    return line
+
+
+def _block(kind: str, name: str, lines: list[str]) -> str:
+    """A set or a chain, indented as `nft list table` prints it."""
+    return f"\t{kind} {name} {{\n" + "".join(f"\t\t{line}\n" for line in lines) + "\t}"
+
+
+def _table(family: str, name: str, body: list[str], comment: str | None = None) -> str:
+    return (f"table {family} {name} {{\n" + (f'\tcomment "{comment}"\n' if comment else "")
+            + "\n".join(body) + "\n}\n")
+
+
+def _chains(spec: dict) -> list[str]:
+    return [_block("chain", name, lines) for name, lines in spec["chains"].items()]
+
+
+KEEPER = _table(KEEPER_SPEC["family"], KEEPER_TABLE, _chains(KEEPER_SPEC))
+DRAIN = "".join(_table(family, DRAIN_TABLE, _chains(DRAIN_SPEC)) for family in DRAIN_SPEC["families"])
 
 
 def _nft(text: str) -> tuple[int, str]:
@@ -45,44 +73,52 @@ def _nft(text: str) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
+def _replacing(table: tuple[str, str], text: str) -> str:
+    """`text` (the table) replacing the table of that name in one transaction: old or
+    new, never none in between (`add` first, so that `delete` finds one)."""
+    family, name = table
+    return f"add table {family} {name}\ndelete table {family} {name}\n" + text
+
+
 def _have_nft() -> bool:
     return kernel.current().which("nft") is not None
 
 
-DRAIN_TABLES = (("ip", DRAIN_TABLE), ("ip6", DRAIN_TABLE))
-KEEPER_TABLES = (("inet", KEEPER_TABLE),)
-NOTRACK_TABLE = f"{SHAPES['filter_name']}_notrack"
-NOTRACK_TABLES = (("inet", NOTRACK_TABLE),)
+DRAIN_TABLES = tuple((family, DRAIN_TABLE) for family in DRAIN_SPEC["families"])
+KEEPER_TABLES = ((KEEPER_SPEC["family"], KEEPER_TABLE),)
+NOTRACK_TABLES = ((NOTRACK_SPEC["family"], NOTRACK_TABLE),)
 NFTA_TABLE_USERDATA = 6
 
 
 def notrack_text(links: list[int], patterns: tuple[str, ...], families: tuple[int, ...]) -> str:
-    """The fast path's table (rules/ebpf.yaml `notrack`): `links` the ifindexes the tc
+    """The fast path's table (rules/ebpf.yaml `nft_tables.notrack`): `links` the ifindexes the tc
     programs are attached to, `patterns` egress-masquerade-interfaces (empty: every link
     but lo), `families` those masqueraded. A flow entering an attached link bound for a
     link no pattern matches is a reply the ingress program translated back (or traffic
     none masquerades): untracked too, so both directions of a flow agree."""
-    body = ["\tset links {\n\t\ttype iface_index\n"
-            + (f"\t\telements = {{ {', '.join(map(str, sorted(links)))} }}\n" if links else "") + "\t}"]
-    pre = ["type filter hook prerouting priority raw; policy accept;"]
-    if tuple(families) != (4, 6):
-        pre += [f"meta nfproto {'ipv6' if fam == 6 else 'ipv4'} return" for fam in (4, 6) if fam not in families]
-    pre += ["meta l4proto { tcp, udp } goto forwarded", "icmp type { echo-request, echo-reply } goto forwarded",
-            "icmpv6 type { echo-request, echo-reply } goto forwarded"]
-    flow = ["fib daddr type local return", "fib daddr oif @links notrack"]
-    chains = [("prerouting", pre), ("forwarded", flow)]
-    if patterns:
-        flow.append("iif @links goto entered")
-        chains.append(("entered", [f'fib daddr oifname "{p[:-1] + "*" if p.endswith("+") else p}" return'
-                                 for p in patterns] + ["notrack"]))
-    for name, rules in chains:
-        body.append(f"\tchain {name} {{\n" + "".join(f"\t\t{r}\n" for r in rules) + "\t}")
+    spec = NOTRACK_SPEC
+    elements = [_fill(spec["set"]["elements"], links=", ".join(map(str, sorted(links))))] if links else []
+    body = [_block("set", spec["set"]["name"], [f"type {spec['set']['type']}", *elements])]
+    for name, lines in spec["chains"].items():
+        if name == ENTERED and not patterns:
+            continue
+        rules: list[str] = []
+        for line in lines:
+            if "{nfproto}" in line:  # once per family not masqueraded
+                rules += [_fill(line, nfproto=NFPROTO[fam]) for fam in (4, 6) if fam not in families]
+            elif "{pattern}" in line:  # once per pattern, eth+ as nft's eth*
+                rules += [_fill(line, pattern=p[:-1] + "*" if p.endswith("+") else p) for p in patterns]
+            elif patterns or f"goto {ENTERED}" not in line:
+                rules.append(line)
+        body.append(_block("chain", name, rules))
     digest = hashlib.sha256("\n".join(body).encode()).hexdigest()[:32]
-    return (f"table inet {NOTRACK_TABLE} {{\n\tcomment \"ipmasq-legacy {digest}\"\n" + "\n".join(body) + "\n}\n")
+    return _table(spec["family"], NOTRACK_TABLE, body, _fill(spec["comment"], digest=digest))
 
 
 def notrack_digest(text: str) -> bytes:
-    return text.split("ipmasq-legacy ", 1)[1].split('"', 1)[0].encode()
+    """The digest in the comment of a table notrack_text wrote."""
+    before, after = NOTRACK_SPEC["comment"].split("{digest}")
+    return text.split(f'comment "{before}', 1)[1].split(f'{after}"', 1)[0].encode()
 
 
 def notrack_in_sync(text: str) -> bool:
@@ -93,7 +129,7 @@ def notrack_in_sync(text: str) -> bool:
         found = netlink.nft_tables(NOTRACK_TABLES)
     except OSError:
         return False
-    attrs = found.get(("inet", NOTRACK_TABLE))
+    attrs = found.get(NOTRACK_TABLES[0])
     return attrs is not None and notrack_digest(text) in attrs.get(NFTA_TABLE_USERDATA, b"")
 
 
@@ -101,7 +137,7 @@ def write_notrack(text: str) -> tuple[int, str]:
     """Replace the table in one transaction (old or new, never none in between)."""
     if not _have_nft():
         return 127, "nft: command not found"
-    return _nft(f"add table inet {NOTRACK_TABLE}\ndelete table inet {NOTRACK_TABLE}\n" + text)
+    return _nft(_replacing(NOTRACK_TABLES[0], text))
 
 
 def nft_tables(wanted=DRAIN_TABLES + KEEPER_TABLES + NOTRACK_TABLES) -> set[tuple[str, str]]:
@@ -118,49 +154,40 @@ def nft_tables(wanted=DRAIN_TABLES + KEEPER_TABLES + NOTRACK_TABLES) -> set[tupl
 
 def drain_tables_present(tables: set | None = None) -> list[str]:
     tables = nft_tables(DRAIN_TABLES) if tables is None else tables
-    return [fam for fam in ("ip", "ip6") if (fam, DRAIN_TABLE) in tables]
+    return [fam for fam, name in DRAIN_TABLES if (fam, name) in tables]
 
 
 def keeper_present(tables: set | None = None) -> bool:
     tables = nft_tables(KEEPER_TABLES) if tables is None else tables
-    return ("inet", KEEPER_TABLE) in tables
+    return KEEPER_TABLES[0] in tables
 
 
 def add_keeper() -> bool:
     if not _have_nft():
         return False
-    return _nft(f"add table inet {KEEPER_TABLE}\ndelete table inet {KEEPER_TABLE}\n" + KEEPER)[0] == 0
+    return _nft(_replacing(KEEPER_TABLES[0], KEEPER))[0] == 0
 
 
 def add_drain_tables() -> bool:
     if not _have_nft():
         return False
-    text = ""
-    for fam in ("ip", "ip6"):
-        text += (f"table {fam} {DRAIN_TABLE} {{\n\tchain postrouting {{\n"
-                 "\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t}\n}\n")
-    return _nft(text)[0] == 0
+    return _nft(DRAIN)[0] == 0
 
 
 def notrack_present(tables: set | None = None) -> bool:
     tables = nft_tables(NOTRACK_TABLES) if tables is None else tables
-    return ("inet", NOTRACK_TABLE) in tables
+    return NOTRACK_TABLES[0] in tables
 
 
 def delete_tables(drain: bool = True, keeper: bool = True, notrack: bool = True) -> list[str]:
     tables = nft_tables()
-    text = ""
     gone = []
     if notrack and notrack_present(tables):  # first: from here on conntrack sees every flow
-        text += f"delete table inet {NOTRACK_TABLE}\n"
-        gone.append(f"inet {NOTRACK_TABLE}")
+        gone.append(NOTRACK_TABLES[0])
     if drain:
-        for fam in drain_tables_present(tables):
-            text += f"delete table {fam} {DRAIN_TABLE}\n"
-            gone.append(f"{fam} {DRAIN_TABLE}")
+        gone += [(fam, DRAIN_TABLE) for fam in drain_tables_present(tables)]
     if keeper and keeper_present(tables):
-        text += f"delete table inet {KEEPER_TABLE}\n"
-        gone.append(f"inet {KEEPER_TABLE}")
-    if text:
-        _nft(text)
-    return gone
+        gone.append(KEEPER_TABLES[0])
+    if gone:
+        _nft("".join(f"delete table {fam} {name}\n" for fam, name in gone))
+    return [f"{fam} {name}" for fam, name in gone]
