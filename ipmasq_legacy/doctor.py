@@ -64,22 +64,10 @@ def _ebpf_detail() -> str:
     return f"available (object {ebpf.object_path()}, maps pinned under {ebpf.pin_dir()})"
 
 
-def availability() -> dict[str, str | None]:
-    """Each backend: None when it can run here, else the reason."""
-    result = {}
-    for name in backends.NAMES:
-        backend = backends.get(name)
-        reason = backend.unavailable_reason()
-        if reason is None and name == "nftables":
-            reason = selection.probe_nftables()
-        result[name] = reason
-    return result
-
-
 def report() -> dict:
     kconfig = _kernel_config()
     rules = selection.host_rules()
-    available = availability()
+    available = backends.availability()
     live = engines.live_engines()
     try:
         auto, why = selection.choose_auto(available, live)

@@ -8,8 +8,8 @@ from . import engines, selection
 from .base import Backend
 from .iptables import IptablesBackend, detect_variant
 from .nftables import NftablesBackend
-
-NAMES = ("iptables-legacy", "iptables-nft", "nftables", "ebpf")
+from .nftdriver import probe_table
+from .registry import NAMES
 
 
 def get(name: str) -> Backend:
@@ -39,6 +39,21 @@ def _another_live(but: str) -> bool:
     return False
 
 
+def availability() -> dict[str, str | None]:
+    """Each backend: None when it can run here, else the reason (doctor, and `auto`). The
+    nftables backend also loads a table like ours (rules/nftables.yaml `probe`) through
+    the driver apply would use (nftdriver.probe_table: the libnftables binding, itself run
+    first in a child, or `nft -f -`) in a throw-away namespace; without the right to make
+    one (no CAP_SYS_ADMIN) it is only checked, which commits nothing."""
+    result = {}
+    for name in NAMES:
+        reason = get(name).unavailable_reason()
+        if reason is None and name == "nftables":
+            reason = probe_table(selection.NFT_PROBE)
+        result[name] = reason
+    return result
+
+
 def resolve(datapath: str, probe: bool = True, live: list[str] | None = None) -> tuple[Backend, str]:
     """(backend, why) for a configured datapath. `probe=False` reads nothing from the
     kernel (for `plan`, which needs no root): `auto` then trusts the state record, or
@@ -63,8 +78,6 @@ def resolve(datapath: str, probe: bool = True, live: list[str] | None = None) ->
             return get(recorded), f"installed (recorded in {state.state_dir() / 'state.json'})"
         if not probe:
             return get("nftables"), "auto on a node with no rules (plan probes nothing)"
-        from ..doctor import availability
-
         try:
             name, why = selection.choose_auto(availability, engines.live_engines() if live is None else live)
         except LookupError as exc:

@@ -23,6 +23,7 @@ from . import variants
 from .base import FAMILIES
 from .iptables import CHAIN as IPTABLES_CHAIN
 from .nftrender import TABLE as NFT_TABLE
+from .registry import NAMES
 
 # The ebpf datapath's netfilter assist chain belongs to ebpf, never to the iptables backends.
 ASSIST_CHAIN = ruledata.load("ebpf").get("assist", {}).get("chain", "IPMASQ-EBPF")
@@ -39,8 +40,6 @@ def live_engines() -> list[str]:
     """The backends of ours whose NAT is live here, in backends.NAMES order. An ebpf
     datapath draining its connections after a switch away is not live: it takes no new
     flow, and its own reap removes it."""
-    from . import NAMES
-
     chains = {"legacy": _legacy_chains(), "nft": _nft_chains()}
     found = {f"iptables-{variant}" for variant, names in chains.items() if IPTABLES_CHAIN in names}
     if _nft_tables_present():

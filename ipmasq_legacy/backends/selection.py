@@ -30,7 +30,8 @@ from . import variants
 IPTABLES_BUILTIN_TABLES = {"filter", "nat", "mangle", "raw", "security"}
 OUR_TABLE = "ipmasq_legacy"
 
-# A table using everything our nftables backend uses, for the probe (rules/nftables.yaml).
+# A table using everything our nftables backend uses, for step 5's probe (rules/nftables.yaml;
+# backends.availability loads it).
 NFT_PROBE = ruledata.load("nftables")["probe"]
 
 
@@ -82,16 +83,6 @@ def host_rules() -> HostRules:
     if kube_proxy:
         found.hints["nftables"] = "kube-proxy's nftables table"
     return found
-
-
-def probe_nftables() -> str | None:
-    """None when a table like ours loads in a throw-away namespace; else why not. It is
-    loaded through the driver apply would use (nftables.probe_table: the libnftables
-    binding, itself run first in a child, or `nft -f -`); without the right to make a
-    namespace (no CAP_SYS_ADMIN), it is only checked, which commits nothing."""
-    from .nftdriver import probe_table
-
-    return probe_table(NFT_PROBE)
 
 
 def choose_auto(available, live: Sequence[str] = ()) -> tuple[str, str]:
