@@ -19,6 +19,9 @@ import struct
 import sys
 from functools import cache
 
+# the object file's reader, re-exported (objfile.py needs nothing of this module)
+from .objfile import PSEUDO_MAP_FD, BpfObject, MapDef, ObjectError, ProgDef, patched, read_object  # noqa: F401
+
 # enum bpf_cmd
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
 PROG_LOAD, OBJ_PIN, OBJ_GET = 5, 6, 7
@@ -34,7 +37,6 @@ PERCPU_TYPES = {MAP_PERCPU_HASH, MAP_PERCPU_ARRAY}
 PROG_SOCKET_FILTER, PROG_SCHED_CLS = 1, 3
 # update flags
 ANY, NOEXIST, EXIST = 0, 1, 2
-PSEUDO_MAP_FD = 1
 
 _SYSCALL = {"x86_64": 321, "aarch64": 280, "arm64": 280, "riscv64": 280, "ppc64le": 361, "ppc64": 361,
             "s390x": 351, "armv7l": 386, "armv6l": 386, "i686": 357, "i386": 357, "loongarch64": 280}
@@ -592,6 +594,3 @@ class Sys:
         tail = [ln for ln in text.strip().splitlines() if ln.strip()][-3:]
         raise BpfError(exc.errno, f"{exc.strerror}" + (f"; verifier: {' | '.join(tail)}" if tail else ""))
 
-
-# the object file, read by objfile.py (it uses this module's constants: imported last)
-from .objfile import BpfObject, MapDef, ObjectError, ProgDef, patched, read_object  # noqa: E402,F401

@@ -9,7 +9,7 @@ import hashlib
 import struct
 from dataclasses import dataclass, field
 
-from .loader import PSEUDO_MAP_FD
+PSEUDO_MAP_FD = 1  # BPF_PSEUDO_MAP_FD: an ld_imm64's src_reg when its immediate is a map fd
 
 
 @dataclass
