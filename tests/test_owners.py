@@ -315,3 +315,60 @@ def test_the_nftables_probe_is_rules_data():
     assert selection.NFT_PROBE == ruledata.load("nftables")["probe"]
     assert selection.NFT_PROBE.startswith("table ip ipmasq_probe {\n    set exempt {")
     assert "masquerade to :1024-65535 fully-random" in selection.NFT_PROBE
+
+
+# ---------------------------------------------------------------- import circles
+
+
+def _imports() -> dict[str, dict[str, bool]]:
+    """module -> {module it imports: at the top (True) or only inside a function}."""
+    import ast
+
+    import ipmasq_legacy
+
+    root = Path(ipmasq_legacy.__file__).parent
+    mods = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, dict[str, bool]] = {}
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text())
+        lazy = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                for n in ast.walk(f)}
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package[:len(package) - node.level + 1] + (node.module or "").split(".")).strip(".") \
+                    if node.level else node.module
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target in mods and target != mod:
+                    edges = graph.setdefault(mod, {})
+                    edges[target] = edges.get(target, False) or id(node) not in lazy
+    return graph
+
+
+def test_no_module_imports_back_at_the_top():
+    graph = _imports()
+    top = {m: {t for t, at_top in edges.items() if at_top} for m, edges in graph.items()}
+
+    def reaches(start, goal, seen):
+        return any(t == goal or (t not in seen and not seen.add(t) and reaches(t, goal, seen))
+                   for t in top.get(start, ()))
+
+    assert [m for m in top if reaches(m, m, set())] == []
+
+
+def test_the_backends_never_import_their_package_or_doctor():
+    """The registry (backends/__init__.py) imports the backends, doctor imports it: a
+    backend module importing either, even inside a function, is a circle."""
+    graph = _imports()
+    back = {(m, t) for m, edges in graph.items() if m.startswith("ipmasq_legacy.backends.")
+            for t in edges if t in ("ipmasq_legacy.backends", "ipmasq_legacy.doctor")}
+    assert back == set()
+    assert "ipmasq_legacy.doctor" not in graph["ipmasq_legacy.backends"]
