@@ -117,10 +117,10 @@ def choose(found: dict[str, Held]) -> tuple[str, str] | None:
     if hinted:
         variant, what = hinted[0]
         return variant, f"{what} is in iptables-{variant}"
-    variant = busiest(found)
-    if variant is None:
+    top = busiest(found)
+    if top is None:
         return None
-    other = "nft" if variant == "legacy" else "legacy"
+    variant, other = (top, "nft" if top == "legacy" else "legacy")
     return variant, (f"iptables-{variant} holds more rules ({found[variant].rules} vs {found[other].rules})"
                      if found[variant].rules > found[other].rules else
                      f"iptables-{variant} holds as many rules as iptables-{other} ({found[variant].rules}): "
