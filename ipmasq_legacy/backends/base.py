@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from .. import kernel
 from ..plan import FamilyPlan, Plan
@@ -36,10 +37,13 @@ class FamilyLive:
     problems: list[str] = field(default_factory=list)  # drift found while reading
 
 
+F = TypeVar("F", bound=FamilyLive)  # a backend's own FamilyLive, with what only it reads
+
+
 @dataclass
-class Live:
+class Live(Generic[F]):
     backend: str
-    families: dict[int, FamilyLive]
+    families: dict[int, F]
 
     @property
     def installed(self) -> bool:
@@ -56,7 +60,7 @@ def missing_tools(*names: str) -> list[str]:
     return [n for n in names if kernel.current().which(n) is None]
 
 
-class Backend:
+class Backend(Generic[F]):
     name = "base"
 
     def unavailable_reason(self) -> str | None:
@@ -72,7 +76,7 @@ class Backend:
         Returns what changed, one phrase per family touched; empty when in sync."""
         raise NotImplementedError
 
-    def live(self) -> Live:
+    def live(self) -> Live[F]:
         raise NotImplementedError
 
     def remove(self) -> list[str]:
@@ -96,7 +100,7 @@ class Backend:
         left out); None where there is no cheap way. reconcile trusts an unchanged one."""
         return None
 
-    def drift(self, plan: Plan, live: Live | None = None) -> list[str]:
+    def drift(self, plan: Plan, live: Live[F] | None = None) -> list[str]:
         """What differs between the plan and the live state, one phrase each ('ipv4: ...');
         empty = in sync. Backends that read per family implement family_drift."""
         live = live or self.live()
@@ -105,7 +109,7 @@ class Backend:
             out += [f"ipv{family}: {p}" for p in self.family_drift(fp, live.families[family])]
         return out
 
-    def family_drift(self, fp: FamilyPlan | None, live: FamilyLive) -> list[str]:
+    def family_drift(self, fp: FamilyPlan | None, live: F) -> list[str]:
         raise NotImplementedError
 
     @staticmethod

@@ -75,7 +75,7 @@ from .nftrender import (  # noqa: F401  (also the names the tests and engines im
 # ---------------------------------------------------------------- the backend
 
 
-class NftablesBackend(Backend):
+class NftablesBackend(Backend[NftFamilyLive]):
     name = "nftables"
 
     # Above this many exempt prefixes a batch goes to the nft binary when there is one:
@@ -87,7 +87,7 @@ class NftablesBackend(Backend):
         """use_cli: True drives the nft binary, False libnftables; None decides by
         IPMASQ_NFT_CLI, then by whether libnftables loads (and the size of the plan)."""
         self.use_cli = use_cli
-        self._runner_obj = None
+        self._runner_obj: _CliRunner | _LibRunner | None = None
         self._commits = 0  # transactions committed by this object (see _record)
 
     def _size_hint(self, plan: Plan) -> None:
@@ -275,9 +275,9 @@ class NftablesBackend(Backend):
                 self._run(fp.family, render_declare(fp.family, missing), "the exempt sets", check=False)
                 genid = None if genid is None else genid + 1
             contents = {n: (live.sets[n].members if n in live.sets else ()) for n in SLOTS}
-            if used not in live.sets or not _same_prefixes(contents[used], fp.exempt):
-                target = other_slot(used)
-            genid = self._patch(fp.family, target, contents[target], wanted, genid)
+            patched = used if used in live.sets and _same_prefixes(contents[used], fp.exempt) else other_slot(used)
+            target = patched
+            genid = self._patch(fp.family, patched, contents[patched], wanted, genid)
         try:
             self._run(fp.family, render_rules(fp, current, target), "the rules")
         except ApplyError:
@@ -295,8 +295,10 @@ class NftablesBackend(Backend):
         """Set `name`, holding `members`, made to hold `wanted` in one netlink transaction;
         the generation after it (None: unknown)."""
         have = set(members)
+        add: list[str]
+        delete: list[str]
         if len(have) != len(members) or not _plain(members, family):
-            add, delete, flush = wanted, (), True  # spelled oddly: rewritten whole
+            add, delete, flush = wanted, [], True  # spelled oddly: rewritten whole
         else:
             want = set(wanted)
             add, delete, flush = [p for p in wanted if p not in have], [p for p in members if p not in want], False
@@ -329,7 +331,7 @@ class NftablesBackend(Backend):
             if kernel.current().nft_generation() != generation:
                 generation = None  # someone committed while we read: nothing to record
         start = generation
-        slots = {}
+        slots: dict[int, str | None] = {}
         for family, fp in self.wanted_families(plan).items():
             live = current.families[family]
             slots[family] = _live_slot(live)

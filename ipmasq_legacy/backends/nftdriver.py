@@ -175,7 +175,9 @@ def binding_unsafe(table: str | None = None) -> str | None:
     if key in record:
         return record[key]
     lib = library_version()
-    if lib and bind and _release(lib) < (_release(bind) or ()):
+    verdict: str | None
+    lib_release, bind_release = _release(lib or ""), _release(bind or "")
+    if lib_release and bind_release and lib_release < bind_release:
         verdict = f"libnftables {lib} is older than the binding {bind} (written for nftables {bind})"
     else:
         from .selection import NFT_PROBE

@@ -55,7 +55,7 @@ def _ntop(addr) -> str:
     return text
 
 
-_NETWORK = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
+_NETWORK: dict[int, type[ipaddress.IPv4Network] | type[ipaddress.IPv6Network]] = {4: ipaddress.IPv4Network, 6: ipaddress.IPv6Network}
 
 
 def _network(prefix, family: int):
