@@ -485,3 +485,126 @@ def test_fake_ipset_restore_runs_line_by_line(fake):
     assert rc == 2 and len(fake.sets["s"].members) == 1
     assert fake._ipset(["ipset", "add", "s", "0.0.0.0/0"], None)[0] == 1  # hash:net holds no /0
     assert fake._ipset(["ipset", "save", "s"], None)[1].startswith("create s hash:net family inet hashsize 1024")
+
+
+# ---------------------------------------------------------------- the command line over the fake
+
+
+@pytest.fixture
+def node(fake, tmp_path, monkeypatch):
+    """`ipmasq` in-process over the fake. What the CLI still asks of the node itself,
+    not through kernel.current(), is answered here, from the fake or as a node without
+    the other engines: engines.live_engines (netlink), the nftables and ebpf backends
+    flush would also clear, ebpf's handover, the nft tables tables.py notes (netlink),
+    and the links status lists."""
+    import logging
+    from types import SimpleNamespace
+
+    from ipmasq_legacy import backends, links
+    from ipmasq_legacy.backends import engines, tables
+
+    def live_engines():
+        return [f"iptables-{v}" for v in ("legacy", "nft")
+                if any("IPMASQ-LEGACY" in fake.nets[(v, f)].get("nat", SimpleNamespace(chains={})).chains
+                       for f in (4, 6))]
+
+    monkeypatch.setattr(engines, "live_engines", live_engines)
+    monkeypatch.setattr(backends, "all_backends", lambda: [backends.get("iptables-legacy"), backends.get("iptables-nft")])
+    monkeypatch.setattr(backends, "finish_handovers", lambda current: [])
+    monkeypatch.setattr(backends, "handover_pending", lambda current: False)
+    monkeypatch.setattr(tables, "_present", lambda: [])
+    monkeypatch.setattr(links, "names", lambda: ["lo", "eth0"])
+    logger = logging.getLogger("ipmasq")  # logs.setup points it at the runner's stderr
+    for attr in ("handlers", "propagate", "level"):
+        monkeypatch.setattr(logger, attr, list(logger.handlers) if attr == "handlers" else getattr(logger, attr))
+    path = tmp_path / "config.yaml"
+    path.write_text(V4)
+    return SimpleNamespace(fake=fake, config=str(path))
+
+
+def ipmasq(*args):
+    from click.testing import CliRunner
+
+    from ipmasq_legacy.cli import cli
+
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_cli_apply_installs_and_a_second_apply_is_unchanged(node):
+    result = ipmasq("apply", "--config", node.config, "--backend", "iptables-nft")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "iptables-nft: ipv4 installed: 4 rules, 2 exempt prefixes\n"
+    assert node.fake.dump() == expected_v4("nft")
+    writes = len(node.fake.writes())
+    result = ipmasq("apply", "--config", node.config, "--backend", "iptables-nft")
+    assert result.stdout == "iptables-nft: unchanged\n"
+    assert len(node.fake.writes()) == writes and node.fake.dump() == expected_v4("nft")
+
+
+def test_cli_reconcile_repairs_drift_then_stays_silent(node):
+    ipmasq("apply", "--config", node.config, "--backend", "iptables-nft")
+    node.fake.seed("nft", 4, "nat", f"-D{JUMP[2:]}", "-A IPMASQ-LEGACY -j RETURN")
+    result = ipmasq("reconcile")  # the source apply recorded
+    assert result.exit_code == 0, result.output
+    assert "drift in iptables-nft: ipv4: chain IPMASQ-LEGACY differs" in result.stderr
+    assert node.fake.dump() == expected_v4("nft")
+    for _ in range(2):  # in sync, then the quick path: nothing written, nothing said
+        writes = len(node.fake.writes())
+        result = ipmasq("reconcile")
+        assert (result.exit_code, result.output) == (0, "")
+        assert len(node.fake.writes()) == writes
+
+
+def test_cli_status_says_in_sync_drifted_and_whose_masquerading_is_beside_ours(node):
+    node.fake.seed("nft", 4, "nat", *DOCKER)
+    ipmasq("apply", "--config", node.config, "--backend", "iptables-nft")
+    node.fake.count("nft", 4, "nat", "IPMASQ-LEGACY", 3, 3, 180)
+    lines = ipmasq("status").stdout.splitlines()
+    assert lines[0] == "Masquerading: iptables-nft [eth0] exempt: 10.0.0.0/8 (+1 more)"
+    assert "  masqueraded ipv4 via (any but lo): 3 packets, 180 bytes" in lines
+    assert f"Masquerading by others: docker: {DOCKER[1]} (iptables-nft ipv4)" in lines
+    assert lines[-1] == "State: in sync"
+    node.fake.seed("nft", 4, "nat", f"-D{JUMP[2:]}")
+    assert ipmasq("status").stdout.splitlines()[-1] == "State: drifted: ipv4: 0 jumps from POSTROUTING instead of 1"
+
+
+def test_cli_flush_removes_ours_and_nothing_else(node):
+    for v in ("legacy", "nft"):
+        node.fake.seed(v, 4, "nat", *DOCKER, *KUBE)
+    before = foreign(node.fake.dump())
+    ipmasq("apply", "--config", node.config, "--backend", "iptables-nft")
+    result = ipmasq("flush")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "removed iptables-nft (ipv4)\n"
+    assert ours(node.fake.dump()) == [] and foreign(node.fake.dump()) == before
+    assert ipmasq("status", "--config", node.config, "--backend", "iptables-nft").stdout.startswith(
+        "Masquerading: none installed (config wants iptables-nft)")
+
+
+def test_cli_switch_of_variant_installs_the_new_before_removing_the_old(node):
+    ipmasq("apply", "--config", node.config, "--backend", "iptables-legacy")
+    result = ipmasq("apply", "--config", node.config, "--backend", "iptables-nft")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ("iptables-nft: ipv4 installed: 4 rules, 2 exempt prefixes; "
+                             "removed iptables-legacy (ipv4)\n")
+    assert node.fake.dump() == LEGACY_EMPTY + expected_v4("nft")
+
+
+def test_cli_apply_with_a_failing_restore_exits_1_and_leaves_the_rules(node):
+    ipmasq("apply", "--config", node.config, "--backend", "iptables-nft")
+    before = node.fake.dump()
+    node.fake.seed("nft", 4, "nat", f"-D{JUMP[2:]}")
+    drifted_dump = node.fake.dump()
+    node.fake.fail_next("iptables-nft-restore", "iptables-nft-restore: line 1 failed: Resource busy")
+    result = ipmasq("apply", "--config", node.config, "--backend", "iptables-nft")
+    assert isinstance(result.exception, ApplyError) and result.exception.exit_code == 1
+    assert node.fake.dump() == drifted_dump != before
+    assert ipmasq("reconcile").exit_code == 0 and node.fake.dump() == before
+
+
+def test_cli_without_net_admin_is_refused_before_anything_is_asked(node):
+    node.fake.is_privileged = False
+    for command in ("apply", "reconcile", "flush", "status"):
+        result = ipmasq(command)
+        assert result.exit_code != 0 and "needs root (or CAP_NET_ADMIN)" in str(result.exception)
+    assert node.fake.calls == [] and node.fake.dump() == "\n"
