@@ -608,3 +608,54 @@ def test_cli_without_net_admin_is_refused_before_anything_is_asked(node):
         result = ipmasq(command)
         assert result.exit_code != 0 and "needs root (or CAP_NET_ADMIN)" in str(result.exception)
     assert node.fake.calls == [] and node.fake.dump() == "\n"
+
+
+@pytest.mark.traffic
+def test_fake_prints_what_the_real_tools_print(tmp_path):
+    """The fake against iptables, ip6tables (both variants) and ipset in a namespace of
+    its own: the same restore input, then every listing the backends read, byte for byte
+    (but dates, hash seeds and ipset save's hash order)."""
+    import os
+    import subprocess
+
+    from ipmasq_legacy.backends import iptables as ipt
+
+    p = make_plan(tmp_path, """\
+        egress-masquerade-interfaces: [eth+, ens3]
+        ipv4-pod-cidr: 10.244.0.0/16
+        ipv6-pod-cidr: fd00:244::/48
+        iptables-random-fully: true
+        masquerade-to-ports: 1024-29999,32768-65535
+        egress-masquerade-addresses: {ens3: 192.0.2.1, eth+: "2001:db8::1"}
+    """)
+    ns, fake = f"ipmq-{os.getpid()}xfake", FakeIptables()
+
+    def both(argv, text=None):
+        real = subprocess.run(["ip", "netns", "exec", ns, *argv], input=text, capture_output=True, text=True)
+        mine = fake.exec(argv, text)
+        return [(r.returncode, re.sub(r"^#.*\n|initval 0x[0-9a-f]+", "", r.stdout, flags=re.M))
+                for r in (real, mine)]
+
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for fp in p.families:
+            sets = "".join(ipt.render_set(fp, n) for n in ipt.ipsets.SLOTS[fp.family])
+            assert both(["ipset", "restore", "-exist"], sets) == [(0, "")] * 2
+            for variant in ("legacy", "nft"):
+                tool = f"{'iptables' if fp.family == 4 else 'ip6tables'}-{variant}"
+                real, mine = both([f"{tool}-restore", "--noflush", "-w"], ipt.render_restore(fp, bridged=True))
+                assert real == mine == (0, "")
+                for args in (["-t", "nat", "-S"], ["-t", "nat", "-v", "-S", "IPMASQ-LEGACY"],
+                             ["-t", "nat", "-v", "-S", "POSTROUTING"], ["-t", "mangle", "-S"],
+                             ["-t", "nat", "-S", "NOPE"]):
+                    real, mine = both([tool, "-w", *args])
+                    assert real == mine, args
+                for args in (["-t", "nat"], ["-c", "-t", "mangle"]):
+                    real, mine = both([f"{tool}-save", *args])
+                    assert real == mine, args
+                real, mine = both(["ipset", "list", "-t"])
+                assert real == mine
+                real, mine = both(["ipset", "save"])
+                assert sorted(real[1].splitlines()) == sorted(mine[1].splitlines())
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=True)
