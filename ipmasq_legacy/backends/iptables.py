@@ -183,7 +183,7 @@ class IptablesFamilyLive(FamilyLive):
     stale_sets: list[str] = field(default_factory=list)  # ours, neither a slot nor matched (a crash's leftovers)
 
 
-class IptablesBackend(Backend):
+class IptablesBackend(Backend[IptablesFamilyLive]):
     # reconcile's quick path trusts fingerprint(), which reads the sets' headers, not their
     # members (ipsets.py: what that misses); agent.py makes every DEEP_EVERY-th run a full one
     fingerprint_partial = True

@@ -16,7 +16,7 @@ from ...bpf import loader
 from ...errors import ApplyError
 from ...netlink import NETLINK_ROUTE
 from ...plan import Plan
-from ..base import FAMILIES, Backend, FamilyLive, Live, RuleCounter
+from ..base import FAMILIES, Backend, Live, RuleCounter
 from . import assist, handover, node, programs
 from .bpffs import bpffs_reason, ensure_bpffs
 from .conntrack import netfilter_snat_tuples, seed_foreign, seed_pass
@@ -45,7 +45,7 @@ from .names import HOOKS, PROGRAMS, SHAPES, TRIES, filter_name, object_path, pin
 from .tc import attach, detach, open_ipr, our_filters
 
 
-class EbpfBackend(Backend):
+class EbpfBackend(Backend[EbpfFamilyLive]):
     name = "ebpf"
 
     def __init__(self, another_live: Callable[[], bool] | None = None):
@@ -165,7 +165,7 @@ class EbpfBackend(Backend):
 
     def live(self) -> EbpfLive:
         facts, pinned = self._read()
-        families: dict[int, FamilyLive] = {}
+        families: dict[int, EbpfFamilyLive] = {}
         try:
             links = facts.links
             attached_names = {links[i].name if i in links else f"if{i}": hooks for i, hooks in facts.attached.items()}
