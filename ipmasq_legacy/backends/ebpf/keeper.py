@@ -1,4 +1,4 @@
-"""Two small nft tables of our own (nothing else of netfilter is touched):
+"""Three small nft tables of our own (nothing else of netfilter is touched):
 
   inet ipmasq_legacy_ebpf   while ebpf is installed: one `ct state` rule, so conntrack
                             tracks flows from their first packet. A netfilter backend
