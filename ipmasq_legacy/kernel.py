@@ -108,6 +108,28 @@ class Kernel:
 
         nftsets.patch(family, table, name, add=add, delete=delete, flush=flush, genid=genid)
 
+    # ---- the ebpf datapath (backends/ebpf/): bpf(2) with the pin directory, rtnetlink
+    # (links, addresses, tc), and the nft tables it owns asked for by name; each an
+    # object of this kernel, so that tests/fakes/ebpf.py can stand in for all of them.
+
+    def bpf(self):
+        """A bpf(2) handle (bpf/loader.Sys): maps, programs, pins, their fds and the pin
+        directory's files. BpfError (ENOSYS) where this machine has no bpf(2) known."""
+        from .bpf import loader
+
+        return loader.Sys()
+
+    def rtnl(self):
+        """A route netlink handle (backends/ebpf/tc.Rtnl): links, addresses, qdiscs and tc
+        filters read over ..netlink, tc changed through pyroute2; close() it."""
+        from .backends.ebpf.tc import Rtnl
+
+        return Rtnl()
+
+    def nft_tables(self, wanted) -> dict:
+        """Each (family, name) of `wanted` -> its table's attributes or None (netlink.nft_tables)."""
+        return netlink.nft_tables(wanted)
+
 
 SYSTEM = Kernel()
 _current: Kernel = SYSTEM

@@ -18,6 +18,7 @@ import resource
 import struct
 import sys
 from functools import cache
+from pathlib import Path
 
 # the object file's reader, re-exported (objfile.py needs nothing of this module)
 from .objfile import PSEUDO_MAP_FD, BpfObject, MapDef, ObjectError, ProgDef, patched, read_object  # noqa: F401
@@ -193,6 +194,34 @@ class Sys:
             raise BpfError(errno.ENOSYS, f"no bpf syscall number known for {platform.machine()}")
         self.nr = nr
         raise_memlock()  # before any map is made (kernels < 5.11); unavailable_reason reports a failure
+
+    # -- what else the ebpf backend does to its objects: fds closed, and the pin
+    # directory's files (bpffs). Here so that a fake (tests/fakes/ebpf.py), handed out by
+    # kernel.current().bpf(), models pins and fds in one place.
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    @staticmethod
+    def exists(path) -> bool:
+        return Path(path).exists()
+
+    @staticmethod
+    def mkdir(path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def unlink(path) -> None:
+        Path(path).unlink()
+
+    @staticmethod
+    def listdir(path) -> list[str] | None:
+        """Names in a directory; None when it is not one."""
+        return [e.name for e in Path(path).iterdir()] if Path(path).is_dir() else None
+
+    @staticmethod
+    def rmdir(path) -> None:
+        Path(path).rmdir()
 
     def call(self, cmd: int, attr, what: str) -> int:
         ret = _libc.syscall(self.nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))

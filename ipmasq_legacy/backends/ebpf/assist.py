@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 from pathlib import Path
 
-from ... import ruledata
+from ... import kernel, ruledata
 from ...plan import FamilyPlan, masquerade_rules
 from ..base import FAMILIES, run
 from ..iptables import SHAPES as IPT
@@ -49,7 +48,7 @@ def tool(family: int, variant: str, suffix: str = "") -> str:
 def missing(variant: str | None = None) -> list[str]:
     variants = [variant] if variant else list(VARIANTS)
     need = [tool(f, v, s) for v in variants for f in FAMILIES for s in ("-restore", "-save")]
-    return [t for t in need if shutil.which(t) is None]
+    return [t for t in need if kernel.current().which(t) is None]
 
 
 def _out(interface: str | None) -> str:
@@ -130,7 +129,7 @@ def read(variant: str, family: int) -> AssistLive:
     empty = AssistLive(variant, family, {}, {})
     if variant == "legacy" and not {table for table, _c, _j in PARTS} & legacy_tables(family):
         return empty
-    if shutil.which(tool(family, variant, "-save")) is None:
+    if kernel.current().which(tool(family, variant, "-save")) is None:
         return empty
     text = run([tool(family, variant, "-save")], check=False).stdout
     live = AssistLive(variant, family, {}, {})

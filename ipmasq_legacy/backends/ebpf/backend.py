@@ -7,14 +7,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import shutil
 import struct
 from collections.abc import Callable
 
-from ... import netlink, state
+from ... import kernel, state
 from ...bpf import loader
 from ...errors import ApplyError
-from ...netlink import NETLINK_ROUTE
 from ...plan import Plan
 from ..base import FAMILIES, Backend, Live, RuleCounter
 from . import assist, handover, node, programs
@@ -78,10 +76,10 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
         if memlock := loader.raise_memlock():
             return memlock
         try:
-            sysobj = loader.Sys()
+            sysobj = kernel.current().bpf()
             for map_type, key, value, flags in ((loader.MAP_LPM_TRIE, 9, 1, 1), (loader.MAP_LRU_HASH, 40, 32, 0),
                                                 (loader.MAP_PERCPU_ARRAY, 4, 8, 0)):
-                os.close(sysobj.map_create(map_type, key, value, 4, flags, "ipmq_probe"))
+                sysobj.close(sysobj.map_create(map_type, key, value, 4, flags, "ipmq_probe"))
         except loader.BpfError as exc:
             why = "not permitted (needs root: CAP_BPF and CAP_NET_ADMIN)" if exc.errno == errno.EPERM else exc.strerror
             return f"the kernel refuses BPF maps: {why}"
@@ -131,16 +129,18 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
 
     # -- reading
 
-    def _read(self) -> tuple[EbpfFacts, Pinned | None]:
+    def _read(self, rt=None) -> tuple[EbpfFacts, Pinned | None]:
         """(facts, pinned-or-None): the links, our filters on them, and what the pinned
-        maps say (the live generation, its cfg, the iface entries). Over ..netlink and
-        bpf(2): no pyroute2."""
-        facts = EbpfFacts(read_links())
-        with netlink.Netlink(NETLINK_ROUTE) as nl:
-            for index in facts.links:
-                f = our_filters(index, nl)
-                if any(f.values()):
-                    facts.attached[index] = {h: [(x.name, x.prog_id) for x in v] for h, v in f.items()}
+        maps say (the live generation, its cfg, the iface entries). Over the kernel's
+        rtnl() (its reads: ..netlink, no pyroute2) and bpf(2); `rt` an open rtnl()."""
+        if rt is None:
+            with kernel.current().rtnl() as own:
+                return self._read(own)
+        facts = EbpfFacts(read_links(rt))
+        for index in facts.links:
+            f = our_filters(index, rt)
+            if any(f.values()):
+                facts.attached[index] = {h: [(x.name, x.prog_id) for x in v] for h, v in f.items()}
         pinned = self._pinned()
         if pinned is not None:
             facts.installed = True
@@ -152,7 +152,7 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
 
     def _pinned(self) -> Pinned | None:
         """The pinned maps, None when nothing is pinned."""
-        if not pin_dir().joinpath("ctl").exists():
+        if loader.syscall_number() is None or not kernel.current().bpf().exists(pin_dir() / "ctl"):
             return None
         try:
             pinned = Pinned(self.obj())
@@ -162,6 +162,11 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
             pinned.close()
             return None
         return pinned
+
+    @staticmethod
+    def _pinned_nothing() -> bool:
+        """No maps pinned here (or no bpf(2) on this machine to have pinned any)."""
+        return loader.syscall_number() is None or not kernel.current().bpf().exists(pin_dir() / "ctl")
 
     def live(self) -> EbpfLive:
         facts, pinned = self._read()
@@ -325,7 +330,7 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
                             tuple(f for f, fp in desired.families.items() if fp is not None))
 
     def _conntrack_problems(self, desired: EbpfDesired, netfilter_drains: list[str]) -> list[str]:
-        if not shutil.which("nft"):
+        if not kernel.current().which("nft"):
             return []
         text = self._notrack_wanted(desired, netfilter_drains)
         if text is not None:
@@ -342,7 +347,7 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
         """After the programs are on their links: the notrack table names the links they
         are on (written whole, in one transaction), else the keeper. The one wanted is
         written before the other goes."""
-        if not shutil.which("nft"):
+        if not kernel.current().which("nft"):
             return []
         text = self._notrack_wanted(desired, drain_tables_present())
         if text is None:
@@ -389,7 +394,7 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
     def apply(self, plan: Plan) -> list[str]:
         ensure_bpffs(pin_dir())
         ipr = open_ipr()
-        facts, pinned = self._read()
+        facts, pinned = self._read(ipr)
         try:
             desired = self._desired(plan, facts.links)
             problems = self._problems(facts, pinned, desired, thorough=False)
@@ -473,10 +478,10 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
         programs attached to every matched link and taken off links gone, flows moved
         off addresses gone; the decision's generations are not touched (the config is
         the same). Nothing when ebpf is not installed."""
-        if not pin_dir().joinpath("ctl").exists():
+        if self._pinned_nothing():
             return []
         ipr = open_ipr()
-        facts, pinned = self._read()
+        facts, pinned = self._read(ipr)
         try:
             if pinned is None or not facts.installed or facts.draining:
                 return []
@@ -519,7 +524,7 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
                 pinned.update("ipmq_ifaces", struct.pack("=I", link.index), link.iface_value(attached=True))
         finally:
             for fd in fds.values():
-                os.close(fd)
+                pinned.sys.close(fd)
         # 5. links no longer matched: drain (flows keep their decision) or detach
         stale = [i for i in facts.attached if i not in desired.matched]
         stale += [i for i in facts.ifaces if i not in desired.matched and i not in facts.attached]
@@ -536,7 +541,7 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
     def reap(self) -> list[str]:
         """For callers after a switch away from ebpf: remove the drained datapath once
         its flows are quiet. Cheap when nothing of ours is installed."""
-        if not pin_dir().joinpath("ctl").exists() and not drain_tables_present():
+        if self._pinned_nothing() and not drain_tables_present():
             return []
         ipr = open_ipr()
         pinned = self._pinned()
@@ -552,7 +557,7 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
             return []
         ipr = open_ipr()
         try:
-            facts, pinned = self._read()
+            facts, pinned = self._read(ipr)
             try:
                 if not facts.installed and not facts.attached:
                     gone = [*assist.remove(), *(["nft tables " + ", ".join(t)] if (t := delete_tables()) else [])]

@@ -4,13 +4,12 @@ maps with flows already under way), and entries of our flows deleted through pyr
 
 from __future__ import annotations
 
-import shutil
 import socket
 import struct
-import subprocess
 import time
 from typing import TYPE_CHECKING
 
+from ... import kernel
 from ...bpf import loader
 from .encode import addr16, addr_text
 from .layout import N_FOREIGN, NAT_KEY, NAT_VAL
@@ -27,12 +26,12 @@ def netfilter_snat_tuples() -> list[tuple[int, int, bytes, bytes, int, int]]:
 def conntrack_tuples(filters: list[str], reply: bool) -> list[tuple[int, int, bytes, bytes, int, int]]:
     """(family, proto, src, dst, sport, dport) of conntrack's entries (`conntrack -L` with
     `filters`), the original or the reply tuple, ports (ICMP: the echo id) in host order."""
-    if shutil.which("conntrack") is None:
+    if kernel.current().which("conntrack") is None:
         return []
     out = []
     which = 1 if reply else 0
     for fam, family in (("ipv4", 4), ("ipv6", 6)):
-        proc = subprocess.run(["conntrack", "-L", "-f", fam, *filters], capture_output=True, text=True)
+        proc = kernel.current().exec(["conntrack", "-L", "-f", fam, *filters])
         for line in proc.stdout.splitlines():
             words = line.split()
             if len(words) < 6 or not words[1].isdigit():

@@ -11,8 +11,8 @@ import socket
 import struct
 import zlib
 from itertools import repeat
-from pathlib import Path
 
+from ... import kernel
 from ...errors import ApplyError
 from ...plan import FamilyPlan
 from .layout import CFG, F_ANY_SRC4, F_ANY_SRC6, F_DRAIN, F_RANDOM, F_V4, F_V6, LPM
@@ -22,10 +22,7 @@ from .names import MAX_RETRIES, PORTS, SHAPES, TRIE_FAMILY
 def local_port_range(text: str | None = None) -> tuple[int, int]:
     """The node's ephemeral range (net.ipv4.ip_local_port_range, per network namespace)."""
     if text is None:
-        try:
-            text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
-        except OSError:
-            text = "32768 60999"
+        text = kernel.current().read_text("/proc/sys/net/ipv4/ip_local_port_range") or "32768 60999"
     lo, hi = (int(x) for x in text.split()[:2])
     return lo, hi
 

@@ -6,20 +6,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import shutil
 import struct
 
-from ... import netlink
+from ... import kernel
 from ...bpf import loader
-from ...netlink import NETLINK_ROUTE
 from . import assist
 from .encode import local_port_range, noted_count, seek_keys
 from .keeper import DRAIN_TABLES, KEEPER_TABLES, NOTRACK_TABLES
 from .layout import CFG, F_DRAIN, LPM
-from .links import IF_DRAIN, IFACE, dump_addresses, dump_links
+from .links import IF_DRAIN, IFACE
 from .maps import Background, Pinned, trie_notes
 from .names import HOOKS, KNOWN_MAPS, PORTS, PROGRAMS, SHAPES, TRIE_FAMILY, WRITTEN_BY_APPLY, object_path, pin_dir
-from .tc import dump_qdiscs, tc_filters
 
 
 def fingerprint() -> str | None:
@@ -65,8 +62,8 @@ def _hash_inputs(h) -> bool:
     except OSError:
         obj = None
     _put(h, "inputs", str(pin_dir()), obj, repr(SHAPES), local_port_range(), os.environ.get("IPMASQ_BPF_DRAIN_IDLE"))
-    nft = shutil.which("nft") is not None
-    tables = netlink.nft_tables(DRAIN_TABLES + KEEPER_TABLES + NOTRACK_TABLES) if nft else {}
+    nft = kernel.current().which("nft") is not None
+    tables = kernel.current().nft_tables(DRAIN_TABLES + KEEPER_TABLES + NOTRACK_TABLES) if nft else {}
     if any(tables.get(t) is not None for t in DRAIN_TABLES):
         return False  # netfilter's connections drain: done when conntrack says so
     keeper = tables.get(KEEPER_TABLES[0])
@@ -115,7 +112,7 @@ def _hash_pins(h) -> bool:
             try:
                 info = sysobj.prog_info(fd)
             finally:
-                os.close(fd)
+                sysobj.close(fd)
             _put(h, "program", hook, info["id"], info["tag"], info["name"], sorted(info["map_ids"]))
     return True
 
@@ -145,14 +142,14 @@ def _hash_maps(h, pinned: Pinned, gen: int, runs: dict) -> None:
 
 
 def _hash_links(h) -> None:
-    with netlink.Netlink(NETLINK_ROUTE) as nl:
-        _put(h, "links", sorted(dump_links(nl)))
-        _put(h, "addresses", sorted(dump_addresses(nl)))
-        qdiscs = sorted(q for q in dump_qdiscs(nl) if q[1] in ("clsact", "ingress"))
+    with kernel.current().rtnl() as rt:
+        _put(h, "links", sorted(rt.links()))
+        _put(h, "addresses", sorted(rt.addresses()))
+        qdiscs = sorted(q for q in rt.qdiscs() if q[1] in ("clsact", "ingress"))
         _put(h, "qdiscs", qdiscs)
         for index in sorted({q[0] for q in qdiscs}):
             for hook in HOOKS:
-                _put(h, "filters", index, hook, sorted(f for f in tc_filters(nl, index, hook) if f.ours))
+                _put(h, "filters", index, hook, sorted(f for f in rt.filters(index, hook) if f.ours))
 
 
 def _put(h, *parts) -> None:

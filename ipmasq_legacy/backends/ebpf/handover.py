@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 
-from ... import inputs, state
+from ... import inputs, kernel, state
 from . import assist
 from .conntrack import forget_conntrack, netfilter_snat_tuples
 from .encode import noted_count, seek_keys
@@ -113,11 +113,12 @@ def remove_all(ipr) -> None:
     """Every filter of ours off every link, qdiscs we added, pins, drain tables; and
     conntrack's entries of the flows we translated (see forget_conntrack)."""
     pinned = None
-    if pin_dir().joinpath("ctl").exists() or pin_dir().joinpath("owned").exists():
-        pinned = Pinned(None)
+    sysobj = kernel.current().bpf()
+    if sysobj.exists(pin_dir() / "ctl") or sysobj.exists(pin_dir() / "owned"):
+        pinned = Pinned(None, sysobj=sysobj)
     try:
         flows = our_flows(pinned) if pinned is not None else []
-        for index in read_links():
+        for index in read_links(ipr):
             detach(ipr, pinned, index)
         forget_conntrack(flows)
     finally:
@@ -127,11 +128,12 @@ def remove_all(ipr) -> None:
     delete_tables()
     state.remove(TRIE_NOTES)
     directory = pin_dir()
-    if directory.is_dir():
-        for entry in directory.iterdir():
-            if entry.name in {pin_name(m) for m in KNOWN_MAPS} or entry.name.startswith("prog_"):
-                entry.unlink()
+    names = sysobj.listdir(directory)
+    if names is not None:
+        for name in names:
+            if name in {pin_name(m) for m in KNOWN_MAPS} or name.startswith("prog_"):
+                sysobj.unlink(directory / name)
         try:
-            directory.rmdir()
+            sysobj.rmdir(directory)
         except OSError:
             pass

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ... import kernel, netlink
+from ... import kernel
 from ...errors import ApplyError
 from .names import SHAPES
 
@@ -126,7 +126,7 @@ def notrack_in_sync(text: str) -> bool:
     if not _have_nft():
         return False
     try:
-        found = netlink.nft_tables(NOTRACK_TABLES)
+        found = kernel.current().nft_tables(NOTRACK_TABLES)
     except OSError:
         return False
     attrs = found.get(NOTRACK_TABLES[0])
@@ -146,7 +146,7 @@ def nft_tables(wanted=DRAIN_TABLES + KEEPER_TABLES + NOTRACK_TABLES) -> set[tupl
     if not _have_nft():
         return set()
     try:
-        found = netlink.nft_tables(wanted)
+        found = kernel.current().nft_tables(wanted)
     except OSError:
         return set()
     return {table for table, attrs in found.items() if attrs is not None}

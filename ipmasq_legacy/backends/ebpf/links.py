@@ -14,9 +14,8 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from ... import netlink
+from ... import kernel, netlink
 from ...links import matches, selected
-from ...netlink import NETLINK_ROUTE
 
 RTM_GETLINK, RTM_GETADDR = 18, 22
 IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_INFO_KIND = 3, 10, 18, 1
@@ -76,14 +75,17 @@ def dump_addresses(nl) -> list[tuple[int, int, int, int, int, bytes, bytes]]:
     return out
 
 
-def read_links() -> dict[int, Link]:
+def read_links(rt=None) -> dict[int, Link]:
     """Every link with its primary address per family (what MASQUERADE would pick: the
-    first primary global IPv4 address; the first usable global IPv6 one)."""
+    first primary global IPv4 address; the first usable global IPv6 one). `rt`: an open
+    kernel.current().rtnl(), else one of its own."""
     candidates: dict[int, dict[int, list]] = {}
-    with netlink.Netlink(NETLINK_ROUTE) as nl:
-        links = {index: Link(index, name, 0 if ifi_type in ARPHRD_L3 else 14, kind=kind, master=master)
-                 for index, ifi_type, name, kind, master in dump_links(nl)}
-        addresses = dump_addresses(nl)
+    if rt is None:
+        with kernel.current().rtnl() as own:
+            return read_links(own)
+    links = {index: Link(index, name, 0 if ifi_type in ARPHRD_L3 else 14, kind=kind, master=master)
+             for index, ifi_type, name, kind, master in rt.links()}
+    addresses = rt.addresses()
     for index, af, _plen, scope, flags, local, address in addresses:
         link = links.get(index)
         if link is None or af not in (socket.AF_INET, socket.AF_INET6):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import array
 import errno
 import ipaddress
-import os
 import struct
 import threading
 from pathlib import Path
 from typing import NamedTuple
 
-from ... import state
+from ... import kernel, state
 from ...bpf import loader
 from ...errors import ApplyError
 from .encode import lpm_prefix, seek_keys
@@ -34,14 +33,14 @@ class Pinned:
     def __init__(self, obj: loader.BpfObject | None, directory: Path | None = None, sysobj=None):
         self.dir = directory or pin_dir()
         self.obj = obj
-        self.sys = sysobj or loader.Sys()
+        self.sys = sysobj or kernel.current().bpf()
         self.fds: dict[str, int] = {}
         self.defs: dict[str, loader.MapDef] = {}
         self.ids: dict[str, int] = {}  # kernel map id of each opened pin
 
     def close(self):
         for fd in self.fds.values():
-            os.close(fd)
+            self.sys.close(fd)
         self.fds.clear()
         self.ids.clear()
 
@@ -55,7 +54,7 @@ class Pinned:
         return self.dir / pin_name(name)
 
     def exists(self) -> bool:
-        return self.path("ipmq_ctl").exists()
+        return self.sys.exists(self.path("ipmq_ctl"))
 
     def wanted(self, name: str) -> loader.MapDef:
         assert self.obj is not None, "the shapes come from an object"
@@ -94,14 +93,14 @@ class Pinned:
     def ensure(self) -> list[str]:
         """Create (and pin) the maps that are missing or of another shape; reuse the rest."""
         assert self.obj is not None, "the shapes come from an object"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.sys.mkdir(self.dir)
         created = []
         for name in self.obj.maps:
             if self.open(name) is not None and self.compatible(name):
                 continue
             if name in self.fds:
-                os.close(self.fds.pop(name))
-                self.path(name).unlink()
+                self.sys.close(self.fds.pop(name))
+                self.sys.unlink(self.path(name))
             d = self.wanted(name)
             fd = self.sys.map_create(d.type, d.key_size, d.value_size, d.max_entries, d.flags, name)
             self.sys.pin(fd, str(self.path(name)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ... import state
+from ... import kernel, state
 from ...bpf import loader
 from ...errors import ApplyError
 from .maps import Pinned
@@ -36,7 +36,7 @@ def verifier_reason(obj: loader.BpfObject, sysobj: loader.Sys) -> str | None:
         for hook, prog_name in PROGRAMS.items():
             prog = obj.progs[prog_name]
             try:
-                os.close(sysobj.prog_load(PROG_TYPES[hook], loader.patched(prog, fds), obj.license, prog.name))
+                sysobj.close(sysobj.prog_load(PROG_TYPES[hook], loader.patched(prog, fds), obj.license, prog.name))
             except loader.BpfError as exc:
                 verdict = f"kernel {os.uname().release}'s verifier refuses program {prog.name}: {exc.strerror}"
                 break
@@ -44,7 +44,7 @@ def verifier_reason(obj: loader.BpfObject, sysobj: loader.Sys) -> str | None:
         return f"the kernel refuses BPF maps of the object: {exc.strerror}"  # not kept: may be passing
     finally:
         for fd in fds.values():
-            os.close(fd)
+            sysobj.close(fd)
     try:
         state.write_json(VERIFIER_RECORD, {**record, key: verdict})
     except OSError:
@@ -65,7 +65,7 @@ def programs_on_stale_maps(pinned: Pinned, obj: loader.BpfObject) -> list[str]:
         try:
             used = set(pinned.sys.prog_info(fd)["map_ids"])
         finally:
-            os.close(fd)
+            pinned.sys.close(fd)
         if used != {pinned.ids.get(name) for _, name in obj.progs[PROGRAMS[hook]].relocs}:
             stale.append(hook)
     return stale
@@ -74,10 +74,10 @@ def programs_on_stale_maps(pinned: Pinned, obj: loader.BpfObject) -> list[str]:
 def prog_pinned(hook: str, obj: loader.BpfObject) -> int | None:
     """Id of the pinned program of a hook when it came from this object, else None."""
     path = pin_dir() / f"prog_{hook}"
-    if not path.exists():
-        return None
     try:
-        sysobj = loader.Sys()
+        sysobj = kernel.current().bpf()
+        if not sysobj.exists(path):
+            return None
         fd = sysobj.get(str(path))
     except loader.BpfError:
         return None
@@ -86,7 +86,7 @@ def prog_pinned(hook: str, obj: loader.BpfObject) -> int | None:
         ok = info["name"] == PROGRAMS[hook] and loaded_digest() == obj.digest
         return info["id"] if ok else None
     finally:
-        os.close(fd)
+        sysobj.close(fd)
 
 
 def loaded_digest() -> str | None:
@@ -112,7 +112,7 @@ def load(pinned: Pinned, obj: loader.BpfObject, force: bool = False) -> tuple[di
     fresh = force or loaded_digest() != obj.digest or bool(programs_on_stale_maps(pinned, obj))
     for hook in PROGRAMS:
         path = pin_dir() / f"prog_{hook}"
-        if not fresh and path.exists():
+        if not fresh and sysobj.exists(path):
             try:
                 fds[hook] = sysobj.get(str(path))
                 continue
@@ -124,10 +124,10 @@ def load(pinned: Pinned, obj: loader.BpfObject, force: bool = False) -> tuple[di
             fd = sysobj.prog_load(PROG_TYPES[hook], loader.patched(prog, map_fds), obj.license, prog.name)
         except loader.BpfError as exc:
             for other in fds.values():
-                os.close(other)
+                sysobj.close(other)
             raise ApplyError(f"ebpf: the kernel refused program {prog.name}: {exc.strerror}") from None
-        if path.exists():  # (bpffs refuses rename; the attached filter holds the program)
-            path.unlink()
+        if sysobj.exists(path):  # (bpffs refuses rename; the attached filter holds the program)
+            sysobj.unlink(path)
         sysobj.pin(fd, str(path))
         fds[hook] = fd
         reloaded = True

@@ -1,5 +1,6 @@
-"""tc: our direct-action bpf filters on the clsact hooks of the node's links, read over
-..netlink and written through pyroute2 (imported only to write)."""
+"""tc: our direct-action bpf filters on the clsact hooks of the node's links, through
+kernel.current().rtnl() (Rtnl here: read over ..netlink, written through pyroute2,
+imported only to write)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import errno
 import struct
 from typing import TYPE_CHECKING, NamedTuple
 
-from ... import netlink
+from ... import kernel, netlink
 from ...bpf import loader
 from ...errors import ApplyError
 from ...netlink import NETLINK_ROUTE
@@ -30,28 +31,60 @@ TCA_BPF_NAME, TCA_BPF_TAG, TCA_BPF_ID = 7, 10, 11
 TCMSG = struct.Struct("=BxxxiIII")  # family, ifindex, handle, parent, info
 
 
-class _LazyIPRoute:
-    """pyroute2's IPRoute, imported (0.1 s) and opened at its first use: what apply
-    reads (links, addresses, qdiscs, filters) it asks over ..netlink; only a tc change
-    (or conntrack) needs pyroute2."""
+class Rtnl:
+    """The node's rtnetlink as the datapath uses it (kernel.current().rtnl()): reads over
+    ..netlink, one socket opened at the first; tc changes through pyroute2's IPRoute,
+    imported (0.1 s) and opened at the first change. Errors of a change: pyroute2's
+    NetlinkError."""
 
-    def __init__(self):
+    def __init__(self) -> None:
+        self._nl: netlink.Netlink | None = None
         self._ipr = None
 
-    def __getattr__(self, name):
+    def _socket(self) -> netlink.Netlink:
+        if self._nl is None:
+            self._nl = netlink.Netlink(NETLINK_ROUTE)
+        return self._nl
+
+    def links(self) -> list[tuple[int, int, str, str | None, int]]:
+        from .links import dump_links
+
+        return dump_links(self._socket())
+
+    def addresses(self) -> list[tuple[int, int, int, int, int, bytes, bytes]]:
+        from .links import dump_addresses
+
+        return dump_addresses(self._socket())
+
+    def qdiscs(self) -> list[tuple[int, str | None, int, int]]:
+        return dump_qdiscs(self._socket())
+
+    def filters(self, index: int, hook: str) -> list[TcFilter]:
+        return tc_filters(self._socket(), index, hook)
+
+    def tc(self, *args, **kwargs):
+        """pyroute2's IPRoute.tc (add/del clsact, add-filter, replace-filter, del-filter)."""
         if self._ipr is None:
             from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
             self._ipr = IPRoute()
-        return getattr(self._ipr, name)
+        return self._ipr.tc(*args, **kwargs)
 
     def close(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
         if self._ipr is not None:
             self._ipr.close()
 
+    def __enter__(self):
+        return self
 
-def open_ipr() -> _LazyIPRoute:
-    return _LazyIPRoute()
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_ipr() -> Rtnl:
+    return kernel.current().rtnl()
 
 
 class TcFilter(NamedTuple):
@@ -86,11 +119,14 @@ def tc_filters(nl, index: int, hook: str) -> list[TcFilter]:
 
 
 def our_filters(index: int, nl=None) -> dict[str, list[TcFilter]]:
-    """Our bpf filters on each hook of a link."""
+    """Our bpf filters on each hook of a link; `nl`: an Rtnl, or a bare ..netlink socket
+    (engines.py asks with one)."""
     if nl is None:
-        with netlink.Netlink(NETLINK_ROUTE) as own:
+        with kernel.current().rtnl() as own:
             return our_filters(index, own)
-    return {hook: [f for f in tc_filters(nl, index, hook) if f.ours] for hook in HOOKS}
+    if isinstance(nl, netlink.Netlink):
+        return {hook: [f for f in tc_filters(nl, index, hook) if f.ours] for hook in HOOKS}
+    return {hook: [f for f in nl.filters(index, hook) if f.ours] for hook in HOOKS}
 
 
 def dump_qdiscs(nl) -> list[tuple[int, str | None, int, int]]:
@@ -102,20 +138,18 @@ def dump_qdiscs(nl) -> list[tuple[int, str | None, int, int]]:
     return out
 
 
-def has_clsact(index: int) -> bool:
-    with netlink.Netlink(NETLINK_ROUTE) as nl:
-        return any(i == index and kind == "clsact" for i, kind, _handle, _parent in dump_qdiscs(nl))
+def has_clsact(rt, index: int) -> bool:
+    return any(i == index and kind == "clsact" for i, kind, _handle, _parent in rt.qdiscs())
 
 
-def other_filters(index: int) -> int:
+def other_filters(rt, index: int) -> int:
     """Filters on the clsact hooks of a link that are not ours."""
-    with netlink.Netlink(NETLINK_ROUTE) as nl:
-        return sum(1 for hook in HOOKS for f in tc_filters(nl, index, hook) if f.kind and not f.ours)
+    return sum(1 for hook in HOOKS for f in rt.filters(index, hook) if f.kind and not f.ours)
 
 
 def attach(ipr, pinned: Pinned, link: Link, fds: dict[str, int], obj: loader.BpfObject,
             hooks=HOOKS) -> None:
-    if not has_clsact(link.index):
+    if not has_clsact(ipr, link.index):
         from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
         try:
@@ -124,7 +158,7 @@ def attach(ipr, pinned: Pinned, link: Link, fds: dict[str, int], obj: loader.Bpf
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise ApplyError(f"ebpf: cannot add a clsact qdisc to {link.name}: {exc}") from None
-    current = our_filters(link.index)
+    current = our_filters(link.index, ipr)
     for hook in hooks:
         want = filter_name(hook, obj.digest)
         ours = current[hook]
@@ -162,7 +196,7 @@ def detach(ipr, pinned: Pinned | None, index: int) -> bool:
     found = False
     current: dict[str, list[TcFilter]]
     try:
-        current = our_filters(index)
+        current = our_filters(index, ipr)
     except OSError:
         current = {h: [] for h in HOOKS}
     for hook in HOOKS:
@@ -176,7 +210,7 @@ def detach(ipr, pinned: Pinned | None, index: int) -> bool:
         owned = pinned.open("ipmq_owned") is not None and pinned.lookup("ipmq_owned", key)
         if owned:
             try:
-                if has_clsact(index) and other_filters(index) == 0:
+                if has_clsact(ipr, index) and other_filters(ipr, index) == 0:
                     from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
                     try:
