@@ -1,5 +1,5 @@
 """The measurements.  Everything that touches the network happens inside test beds
-(`ipmasq_legacy.testbed.TestBed`: pod -> node -> ext network namespaces); the machine's
+(`tests.testbed.TestBed`: pod -> node -> ext network namespaces); the machine's
 own namespace is only read (before and after, to prove it was left alone).
 
 Three kinds of measurement:
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from ipmasq_legacy import backends
-from ipmasq_legacy.testbed import TestBed
+from tests.testbed import TestBed
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@
   compares after it.  Any difference fails the run (non-zero exit status) and
   the diff is printed in the terminal summary.  Only reads are done in the
   machine's namespace.
-* ``bed`` / ``bed_module``: a :class:`ipmasq_legacy.testbed.TestBed` (IPv4+IPv6).
+* ``bed`` / ``bed_module``: a :class:`tests.testbed.TestBed` (IPv4+IPv6).
 * marker ``traffic``: tests that need root and network namespaces; skipped
   (with a reason) only when not running as root.
 
@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from ipmasq_legacy import testbed as _tb  # noqa: E402
+from . import testbed as _tb  # noqa: E402
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -34,7 +34,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from ipmasq_legacy.testbed import TestBed
+from .testbed import TestBed
 
 IMAGE = "ipmq/busybox:1"
 # the CGI every server container (and the ext server) answers with: the peer it saw

@@ -16,9 +16,8 @@ import struct
 
 import pytest
 
-from ipmasq_legacy.testbed import ReplyLostError, TestBed
-
 from .test_traffic import FAST, TRAFFIC_BACKENDS, variant_node
+from .testbed import ReplyLostError, TestBed
 
 pytestmark = pytest.mark.traffic
 

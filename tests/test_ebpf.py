@@ -7,7 +7,7 @@ port allocation and exhaustion, ICMP errors, checksums under offload, live switc
 to and from netfilter) and the load tests of the issue (100 MB through the
 translation, 10,000 concurrent UDP flows).
 
-Each node gets a private bpffs (tests/nodeutil.py); nothing is attached outside the
+Each node gets a private bpffs (tests/testbed/node.py); nothing is attached outside the
 test bed's namespaces.
 """
 
@@ -34,9 +34,9 @@ from ipmasq_legacy import backends
 from ipmasq_legacy.backends import ebpf
 from ipmasq_legacy.bpf import loader
 from ipmasq_legacy.plan import FamilyPlan, Plan
-from ipmasq_legacy.testbed import TestBed
 
-from .nodeutil import Node, UdpReporter
+from .nodeutil import UdpReporter
+from .testbed import Node, TestBed
 
 REASON = backends.get("ebpf").unavailable_reason()
 needs_ebpf = pytest.mark.skipif(REASON is not None, reason=f"ebpf backend cannot run here: {REASON}")

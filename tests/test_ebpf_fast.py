@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from .nodeutil import Node
 from .test_ebpf import LiveTcp, NewFlows, TcpEcho, needs_ebpf
+from .testbed import Node
 
 FAST = {"ebpf-conntrack": False}
 NOTRACK = "table inet ipmasq_legacy_notrack"

@@ -20,8 +20,8 @@ from ipmasq_legacy import agent, backends, cli, config, state
 from ipmasq_legacy.backends import engines, selection
 from ipmasq_legacy.backends.base import Backend, FamilyLive, Live
 
-from .nodeutil import Node
 from .test_traffic import BACKENDS
+from .testbed import Node
 
 SECOND = "second NAT engine live: {}"
 EBPF_REASON = backends.get("ebpf").unavailable_reason()

@@ -11,9 +11,8 @@ import threading
 
 import pytest
 
-from ipmasq_legacy.testbed import TestBed
-
 from .test_traffic import NETFILTER_BACKENDS
+from .testbed import TestBed
 
 pytestmark = pytest.mark.traffic
 

@@ -33,11 +33,10 @@ import time
 
 import pytest
 
-from ipmasq_legacy.testbed import TestBed
-
 from . import neighbours as nb
-from .nodeutil import Node, WatchAgent, live_engines
+from .nodeutil import WatchAgent, live_engines
 from .test_traffic import BACKENDS, NETFILTER_BACKENDS
+from .testbed import Node, TestBed
 
 pytestmark = pytest.mark.traffic
 

@@ -37,10 +37,10 @@ import time
 import pytest
 
 from ipmasq_legacy import backends
-from ipmasq_legacy.testbed import ReplyLostError, TestBed
 
 from .nodeutil import UdpReporter, WatchAgent, driven_node, extra_namespaces, live_engines
 from .test_traffic import BACKENDS, NETFILTER_BACKENDS
+from .testbed import ReplyLostError, TestBed
 
 pytestmark = pytest.mark.traffic
 

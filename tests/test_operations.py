@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ipmasq_legacy.testbed import TestBed
-
-from .nodeutil import Node
 from .test_traffic import NETFILTER_BACKENDS
+from .testbed import Node, TestBed
 
 pytestmark = pytest.mark.traffic
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from ipmasq_legacy import backends
-from ipmasq_legacy.testbed import TestBed
 
-from .nodeutil import Node, driven_node
+from .nodeutil import driven_node
+from .testbed import Node, TestBed
 
 pytestmark = pytest.mark.traffic
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ipmasq_legacy.testbed import ALL_DESTINATIONS, ReplyLostError, TestBed, TestBedError, _netns_pids
+from .testbed import ALL_DESTINATIONS, ReplyLostError, TestBed, TestBedError, _netns_pids
 
 pytestmark = pytest.mark.traffic
 

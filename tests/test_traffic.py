@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from ipmasq_legacy import backends
-from ipmasq_legacy.testbed import TestBed
 
 from .nodeutil import add_foreign_rules, driven_node, in_any
+from .testbed import TestBed
 
 pytestmark = pytest.mark.traffic
 

@@ -15,10 +15,9 @@ import time
 
 import pytest
 
-from ipmasq_legacy import testbed
-
-from ..nodeutil import Node
+from .. import testbed
 from ..test_traffic import NETFILTER_BACKENDS
+from ..testbed import Node
 from .common import publish, scale
 
 pytestmark = pytest.mark.traffic

@@ -1,5 +1,5 @@
-"""Network namespaces of test beds: made, entered by a helper thread (setns(2) in that
-thread only), and removed, also when the process that made them died."""
+"""Network namespaces of a bed: made, entered by a helper thread (setns(2) in that
+thread only), and removed (finding beds left by dead processes is tests/testbed's)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import concurrent.futures
 import ctypes
 import os
 import queue
-import re
 import signal
 import socket
 import subprocess
@@ -161,16 +160,6 @@ class _NsThread:
             self._thread.join(5)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _netns_pids(name: str) -> list[int]:
     """Pids of processes whose network namespace is ``name``."""
     try:
@@ -214,35 +203,3 @@ def _remove_netns(name: str, kill: bool = True) -> None:
         r = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
         if r.returncode != 0 and os.path.exists(path):
             raise TestBedError(f"cannot delete netns {name}: {r.stderr.strip()}") from None
-
-
-_AUTO_TAG_RE = re.compile(r"^" + re.escape(NETNS_PREFIX) + r"(\d+)x[0-9a-f]+-")
-
-
-def bed_owner_pid(name: str) -> int | None:
-    """Pid of the process that built the (auto-tagged) bed namespace ``name``,
-    or None if the name is not an auto-tagged bed namespace."""
-    m = _AUTO_TAG_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def cleanup_stale() -> list[str]:
-    """Delete namespaces of beds whose (auto-tagged) owning process is dead.
-
-    Only names like ``ipmq-<pid>x<hex>-...`` are considered; returns the names
-    removed."""
-    removed = []
-    for name in _list_netns():
-        m = _AUTO_TAG_RE.match(name)
-        if m and not _pid_alive(int(m.group(1))):
-            try:
-                _remove_netns(name, kill=False)
-                removed.append(name)
-            except TestBedError:
-                pass
-    return removed
-
-
-# --------------------------------------------------------------------------
-# small packet helpers
-# --------------------------------------------------------------------------

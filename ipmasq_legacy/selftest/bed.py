@@ -1,4 +1,26 @@
-"""TestBed: the pod -> node -> outside namespaces, built, probed and torn down."""
+"""The selftest's bed: pod -> node -> outside namespaces, built, probed and torn down.
+
+Everything lives in network namespaces created here, with unique names
+(``ipmq-<tag>-pod``, ``ipmq-<tag>-node``, ``ipmq-<tag>-ext``).  No link, address,
+route, sysctl or firewall rule is ever created in the calling process's own
+network namespace::
+
+    pod (eth0) ==veth== (vpod0) node (eth0) ==veth== (up0) ext
+                                     (eth1) ==veth== (up1)
+                                     (ens3) ==veth== (up2)
+
+``ext`` holds the destination addresses it is given on ``lo`` and runs small UDP/TCP
+echo servers plus ICMP / ICMPv6 listeners that record the source address each probe
+arrived with (receivers.py).  :meth:`Bed.source_seen` sends one probe from the pod and
+returns that address, so NAT rules installed in the node namespace can be observed
+from outside.
+
+Sockets are created *inside* a namespace by a helper thread that has switched its own
+network namespace with ``setns(2)`` (netns.py); a socket stays in the namespace it was
+created in, so the actual I/O can be done from any thread.  The main thread never
+changes namespace.  The tests' bed (tests/testbed) extends this one: more pods, more
+destinations, link events.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +38,6 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 from .netns import NETNS_PREFIX, ReplyLostError, TestBedError, _list_netns, _NsThread, _remove_netns
 from .receivers import (
@@ -41,6 +62,8 @@ def _probe_timeout() -> float:
     except ValueError:
         scale = 1.0
     return 2.0 * (scale if 1 <= scale <= 30 else 1.0)
+
+
 # Probe source ports are handed out sequentially from this range (below the
 # kernel's default ephemeral range 32768-60999) so that no probe reuses the
 # 5-tuple of a recent one: every probe is a NEW conntrack entry.
@@ -56,28 +79,11 @@ class Destination:
     uplink: str
 
 
-# name: (address, uplink)
-_DEST_TABLE = {
-    "public": ("198.20.0.10", "eth0"),
-    "public_eth1": ("198.20.1.10", "eth1"),
-    "public_ens3": ("198.20.3.10", "ens3"),
-    "private10": ("10.10.0.10", "eth0"),
-    "tke10": ("10.0.5.10", "eth0"),
-    "tke172": ("172.18.0.10", "eth1"),
-    "tke192_in": ("192.168.1.10", "eth0"),
-    "tke192_out": ("192.168.200.10", "eth0"),
-    "cgnat": ("100.64.0.10", "eth0"),
-    "metadata": ("169.254.169.254", "eth0"),
-    "public6": ("2001:db8:20::10", "eth0"),
-    "public6_eth1": ("2001:db8:21::10", "eth1"),
-    "public6_ens3": ("2001:db8:23::10", "ens3"),
-    "private6": ("fd10::10", "eth0"),
-}
+def destinations(table: dict[str, tuple[str, str]]) -> dict[str, Destination]:
+    """{name: (address, node uplink)} as Destinations."""
+    return {name: Destination(name, addr, ipaddress.ip_address(addr).version, uplink)
+            for name, (addr, uplink) in table.items()}
 
-ALL_DESTINATIONS: dict[str, Destination] = {
-    name: Destination(name, addr, ipaddress.ip_address(addr).version, uplink)
-    for name, (addr, uplink) in _DEST_TABLE.items()
-}
 
 # node uplink -> (ext peer name, v4 /24 net prefix, v6 /64 prefix)
 UPLINKS: dict[str, tuple[str, str, str]] = {
@@ -87,26 +93,20 @@ UPLINKS: dict[str, tuple[str, str, str]] = {
 }
 
 
-# --------------------------------------------------------------------------
-# namespace helpers
-# --------------------------------------------------------------------------
-
-
 _bed_counter = itertools.count(1)
 _TAG_RE = re.compile(r"^[A-Za-z0-9_.]{1,32}$")
 
 
-class TestBed:
-    """pod(s) -> node -> ext network made of namespaces.  See module doc."""
+class Bed:
+    """pod -> node -> ext network made of namespaces, with ``destinations`` on ext.
+    See module doc."""
 
-    __test__ = False  # not a pytest test class
+    # tests/testbed's TestBed sets more before building
+    _npods = 1
 
-    def __init__(self, ipv6: bool = True, pods: int = 1, tag: str | None = None):
-        if pods < 1:
-            raise ValueError("pods must be >= 1")
-        if pods > 200:
-            raise ValueError("at most 200 pods")
+    def __init__(self, destinations: dict[str, Destination], ipv6: bool = True, tag: str | None = None):
         if tag is None:
+            # tests/testbed's cleanup_stale reads the owner's pid back from this form
             tag = f"{os.getpid()}x{next(_bed_counter):x}{secrets.token_hex(2)}"
         if not _TAG_RE.match(tag):
             raise ValueError(f"bad tag {tag!r} (use [A-Za-z0-9_.], up to 32 chars)")
@@ -114,7 +114,7 @@ class TestBed:
         self.tag = tag
         self.node = f"{NETNS_PREFIX}{tag}-node"
         self.ext = f"{NETNS_PREFIX}{tag}-ext"
-        self.pods = [f"{NETNS_PREFIX}{tag}-pod" + ("" if i == 0 else str(i + 1)) for i in range(pods)]
+        self.pods = [f"{NETNS_PREFIX}{tag}-pod" + ("" if i == 0 else str(i + 1)) for i in range(self._npods)]
         self.pod = self.pods[0]
         self.namespaces = [*self.pods, self.node, self.ext]
         self.pod_addr = self.pod_addrs(0)
@@ -124,7 +124,7 @@ class TestBed:
             if ipv6:
                 self.uplink_addr[up][6] = f"{v6}1"
         self.DESTINATIONS: dict[str, Destination] = {
-            n: d for n, d in ALL_DESTINATIONS.items() if ipv6 or d.family == 4
+            n: d for n, d in destinations.items() if ipv6 or d.family == 4
         }
         self._created: list[str] = []
         self._threads: dict[str, _NsThread] = {}
@@ -280,40 +280,6 @@ class TestBed:
             for proto in ("udp", "tcp"):
                 self._rx.ensure(proto, fam, DEFAULT_PORT)
 
-    def wait_settled(self, timeout: float = 5.0) -> None:
-        """Wait until every link of the bed is operationally UP and no IPv6
-        address is tentative.
-
-        Not needed for probing: the bed's own addresses are added without
-        DAD and forward at once.  But the kernel reports carrier changes
-        through "linkwatch", at most once a second, so for up to ~1 s after
-        building the links show NO-CARRIER/LOWERLAYERDOWN and the automatic
-        fe80:: addresses are tentative.  Call this before a test that looks
-        at link state or link-local addresses."""
-        IFA_F_TENTATIVE = 0x40
-        deadline = time.monotonic() + timeout
-        for ns in self.namespaces:
-            with self._ipr(ns) as ipr:
-                while True:
-                    pending = [
-                        link.get_attr("IFLA_IFNAME")
-                        for link in ipr.get_links()
-                        if link.get_attr("IFLA_IFNAME") != "lo"
-                        and link["flags"] & 1  # IFF_UP: administratively up
-                        and link.get_attr("IFLA_OPERSTATE") != "UP"
-                    ]
-                    if self.ipv6:
-                        pending += [
-                            a.get_attr("IFA_ADDRESS")
-                            for a in ipr.get_addr(family=socket.AF_INET6)
-                            if (a.get_attr("IFA_FLAGS") or a["flags"]) & IFA_F_TENTATIVE
-                        ]
-                    if not pending:
-                        break
-                    if time.monotonic() > deadline:
-                        raise TestBedError(f"not settled in {ns}: {pending}")
-                    time.sleep(0.01)
-
     @staticmethod
     def _link_up(ipr, ifname: str) -> int:
         idx = ipr.link_lookup(ifname=ifname)
@@ -324,7 +290,7 @@ class TestBed:
 
     def _configure_uplink(self, ipr, up: str) -> None:
         """(Re-)apply addresses and destination routes of a node uplink.
-        Idempotent; used at build time and by :meth:`set_uplink`."""
+        Idempotent: tests/testbed's set_uplink brings an uplink back with it."""
         from pyroute2.netlink.exceptions import NetlinkError
 
         def tolerant(fn, *a, **kw):
@@ -351,18 +317,6 @@ class TestBed:
                 )
 
     # -- runtime helpers ---------------------------------------------------
-
-    def set_uplink(self, uplink: str, up: bool) -> None:
-        """Set a node uplink down (its routes vanish with it) or back up
-        (addresses and destination routes are restored)."""
-        if uplink not in UPLINKS:
-            raise ValueError(f"unknown uplink {uplink}")
-        with self._ipr(self.node) as ipr:
-            if up:
-                self._configure_uplink(ipr, uplink)
-            else:
-                idx = ipr.link_lookup(ifname=uplink)[0]
-                ipr.link("set", index=idx, state="down")
 
     def exec_in(
         self,
@@ -399,26 +353,6 @@ class TestBed:
                   timeout: float = 60) -> subprocess.CompletedProcess:
         """Run ``argv`` in the node namespace (see :meth:`exec_in`)."""
         return self.exec_in(self.node, argv, env=env, input=input, timeout=timeout)
-
-    def ext_exec(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
-        return self.exec_in(self.ext, argv, **kw)
-
-    def pod_exec(self, argv: list[str], pod: int = 0, **kw) -> subprocess.CompletedProcess:
-        return self.exec_in(self.pods[pod], argv, **kw)
-
-    def node_sysctl(self, key: str, value: str | int | None = None) -> str:
-        """Read (and with ``value``, first write) a sysctl of the node namespace."""
-        t = self._threads[self.node]
-        if value is not None:
-            t.sysctl(key, value)
-        return t.read_sysctl(key)
-
-    def in_netns(self, ns: str, fn: Callable, *args):
-        """Call ``fn(*args)`` on a thread living in bed namespace ``ns``
-        (e.g. to create a socket there)."""
-        if ns not in self._threads:
-            raise TestBedError(f"{ns} is not a namespace of this bed")
-        return self._threads[ns].call(fn, *args)
 
     # -- probing -----------------------------------------------------------
 
@@ -629,11 +563,11 @@ class TestBed:
         if errors:
             raise TestBedError(f"errors while closing bed {self.tag}: {errors}")
 
-    def __enter__(self) -> TestBed:
+    def __enter__(self) -> Bed:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<TestBed {self.tag} pods={len(self.pods)} ipv6={self.ipv6}{' closed' if self._closed else ''}>"
+        return f"<{type(self).__name__} {self.tag} pods={len(self.pods)} ipv6={self.ipv6}{' closed' if self._closed else ''}>"

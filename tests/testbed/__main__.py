@@ -1,18 +1,17 @@
-"""python -m ipmasq_legacy.testbed hold|cleanup (debugging aid)."""
+"""python -m tests.testbed hold|cleanup (debugging aid; run from the checkout's root)."""
 
 from __future__ import annotations
 
 import signal
 from collections.abc import Iterable
 
-from .bed import TestBed
-from .netns import cleanup_stale
+from .bed import TestBed, cleanup_stale
 
 
 def _main(argv: Iterable[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m ipmasq_legacy.testbed")
+    p = argparse.ArgumentParser(prog="python -m tests.testbed")
     sub = p.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("hold", help="build a bed, print its names, wait for Ctrl-C")
     h.add_argument("--no-ipv6", action="store_true")
