@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from . import measure, report, targets
+from .flows import FlowBench
 
 DEFAULT_OUT = measure.REPO / "bench" / "results"
 
@@ -53,7 +54,7 @@ def run(s: measure.Settings, names: list[str], skipped: dict[str, str], log) -> 
         # The floor's bed lives through the whole run and never gets a netfilter rule: every
         # new-connection figure is measured in alternation with a burst there.
         with measure.new_bed() as floor_bed:
-            floor = measure.FlowBench(floor_bed, s.conn_max_packets)
+            floor = FlowBench(floor_bed, s.conn_max_packets)
             try:
                 results["startup"] = attempt("CLI start-up cost", measure.measure_startup, workdir, floor_bed)
                 results["plan"] = attempt("ipmasq plan (no kernel access)", measure.measure_plan, workdir, s, names,

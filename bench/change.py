@@ -61,12 +61,12 @@ def run(names: list[str], prefixes: int, rounds: int, before: str | None = None)
         nodes = {}
         for name, tree in backends.items():
             bed = stack.enter_context(measure.new_bed())
-            node = measure.Node(bed, workdir, 600)
+            node = measure.BenchNode(bed, workdir, 600)
             if tree:
                 node.env = _from_tree(node.env, tree)
             stack.callback(node.close)
             stack.callback(node.flush)
-            r = node.ipmasq("apply", "--config", node.config(prefixes), "--backend", name.removesuffix(BEFORE))
+            r = node.timed("apply", "--config", node.config(prefixes), "--backend", name.removesuffix(BEFORE))
             if r.code != 0:
                 raise RuntimeError(f"apply {name}: {r.stderr.strip()}")
             cold[name] = r.wall
@@ -75,7 +75,7 @@ def run(names: list[str], prefixes: int, rounds: int, before: str | None = None)
         for i in range(rounds):
             for extra in (True, False):
                 for name, node in nodes.items():
-                    r = node.ipmasq("apply", "--config", node.config(prefixes, extra=extra), "--backend",
+                    r = node.timed("apply", "--config", node.config(prefixes, extra=extra), "--backend",
                                     name.removesuffix(BEFORE))
                     if r.code != 0 or "unchanged" in r.stdout:
                         raise RuntimeError(f"change {name}: exit {r.code}: {(r.stdout + r.stderr).strip()[:300]}")

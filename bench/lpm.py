@@ -21,6 +21,7 @@ from pathlib import Path
 from ipmasq_legacy import prefixes, verdicts
 
 from . import measure
+from .flows import FlowBench
 
 N = 100_000
 
@@ -67,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ipmq-bench-lpm-") as tmp, measure.new_bed() as floor_bed:
         workdir = Path(tmp)
-        floor = measure.FlowBench(floor_bed, s.conn_max_packets)
+        floor = FlowBench(floor_bed, s.conn_max_packets)
         try:
             for name in names:
                 with measure.new_bed() as bed:
-                    node = measure.Node(bed, workdir, s.step_timeout * 2)
-                    flows = measure.FlowBench(bed, s.conn_max_packets)
+                    node = measure.BenchNode(bed, workdir, s.step_timeout * 2)
+                    flows = FlowBench(bed, s.conn_max_packets)
                     try:
-                        run = node.ipmasq("apply", "--config", write_config(node.dir / "mixed.yaml", N),
+                        run = node.timed("apply", "--config", write_config(node.dir / "mixed.yaml", N),
                                           "--backend", name)
                         if run.code != 0:
                             rows.append((name, f"apply failed: {run.stderr.strip()[:120]}", "", ""))

@@ -11,32 +11,31 @@ Three kinds of measurement:
   (a new conntrack flow, so one trip through the nat POSTROUTING rules), forwarded by
   the node to an address that ext drops (blackhole route); microseconds per packet.
 * Steady throughput: iperf3 (or a Python socket pump) pod -> ext through the node.
+
+The last two are bench/flows.py's; the suites below run all three.  Nodes are driven
+through tests/testbed's Node (BenchNode: its runs timed).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
 import os
 import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ipmasq_legacy import backends
-from tests.testbed import TestBed
+from tests.testbed import Node, TestBed
+
+from .flows import FlowBench, add_nat_chain, delete_nat_chain, ip_masq_agent_restore, measure_throughput
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,12 +55,6 @@ PHASES_SCRIPT = Path(__file__).resolve().parent / "phases.py"
 PYTHON = sys.executable
 
 POD_CIDR = "10.244.0.0/16"
-# ext drops everything sent here (a blackhole route): the node forwards (and NATs)
-# each packet, nobody answers, no ICMP comes back.
-SINK_NET = "198.20.50.0/24"
-SINK_ADDR = "198.20.50.1"
-IPERF_DST = "public"  # 198.20.0.10, a destination ext holds, via the node's eth0
-IPERF_PORT = 5201
 EXTRA_PREFIX = "60.0.0.0/24"  # the "one-prefix change"
 
 STEPS = ("cold", "noop", "change")
@@ -331,30 +324,13 @@ def host_diff(before: dict[str, str], after: dict[str, str]) -> list[str]:
 # ---------------------------------------------------------------- the node, driven through the CLI
 
 
-class Node:
-    """A bed's node namespace with a state dir of its own, driven through `ipmasq`."""
+class BenchNode(Node):
+    """tests/testbed's Node with the bench's configs, its CLI runs measured (wall time, peak RSS)."""
 
     def __init__(self, bed: TestBed, workdir: Path, timeout: float):
-        self.bed = bed
-        self.dir = Path(tempfile.mkdtemp(prefix="node-", dir=workdir))
-        self.env = cli_env(workdir)
-        self.env["IPMASQ_STATE_DIR"] = str(self.dir / "state")
+        super().__init__(bed, workdir=workdir, env=cli_env(workdir))
         self.timeout = timeout
         self._configs: dict[int, str] = {}
-        # The ebpf backend pins its maps in bpffs; `ip netns exec` remounts /sys, so pins
-        # under /sys/fs/bpf would vanish with each command.  As the tests do: a bpffs
-        # instance of the node's own (a mount on our temp dir, not network state).
-        self.bpffs: Path | None = self.dir / "bpffs"
-        self.bpffs.mkdir()
-        if subprocess.run(["mount", "-t", "bpf", "bpf", str(self.bpffs)], capture_output=True).returncode == 0:
-            self.env["IPMASQ_BPF_DIR"] = str(self.bpffs / "ipmasq_legacy")
-        else:
-            self.bpffs = None
-
-    def close(self) -> None:
-        if self.bpffs is not None:
-            subprocess.run(["umount", "-l", str(self.bpffs)], capture_output=True)
-            self.bpffs = None
 
     def config(self, n: int, extra: bool = False) -> str:
         key = -n if extra else n
@@ -363,10 +339,7 @@ class Node:
             self._configs[key] = write_config(self.dir / f"config-{n}{'-plus1' if extra else ''}.yaml", prefixes)
         return self._configs[key]
 
-    def argv(self, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.bed.node, PYTHON, "-m", "ipmasq_legacy", *args]
-
-    def ipmasq(self, *args: str) -> Run:
+    def timed(self, *args: str) -> Run:
         return run_measured(self.argv(*args), env=self.env, timeout=self.timeout)
 
     def phases(self, out: Path, *args: str) -> tuple[Run, dict | None]:
@@ -381,15 +354,9 @@ class Node:
         return run, data
 
     def flush(self) -> None:
-        r = self.ipmasq("flush")
+        r = self.timed("flush")
         if r.code != 0:
             raise RuntimeError(f"ipmasq flush failed: {r.stderr.strip()}")
-
-    def sh(self, argv: list[str], input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        r = self.bed.node_exec(argv, input=input, timeout=timeout)
-        if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} in the node failed: {r.stderr.strip()[:300]}")
-        return r
 
 
 # ---------------------------------------------------------------- CLI cost
@@ -460,7 +427,7 @@ def _check(step: str, run: Run, n: int) -> str | None:
     return None
 
 
-def measure_apply_size(node: Node, name: str, n: int, s: Settings, disabled: set[str],
+def measure_apply_size(node: BenchNode, name: str, n: int, s: Settings, disabled: set[str],
                        log: Callable[[str], None]) -> dict:
     """Cold apply, no-op reconcile and one-prefix change at `n` prefixes; leaves the
     n+1-prefix config installed (for the datapath measurements that follow)."""
@@ -484,8 +451,8 @@ def measure_apply_size(node: Node, name: str, n: int, s: Settings, disabled: set
             if step == "noop":
                 # cron's steady state: the first reconcile after an apply reads everything
                 # and records what it verified; the ones after it are the no-op case
-                node.ipmasq(*args[step])
-            r = node.ipmasq(*args[step])
+                node.timed(*args[step])
+            r = node.timed(*args[step])
             runs[step].append(r)
             why = _check(step, r, n)
             if why:
@@ -507,7 +474,7 @@ def measure_apply_size(node: Node, name: str, n: int, s: Settings, disabled: set
     return out
 
 
-def measure_breakdown(node: Node, name: str, n: int, skip: set[str], log: Callable[[str], None]) -> dict:
+def measure_breakdown(node: BenchNode, name: str, n: int, skip: set[str], log: Callable[[str], None]) -> dict:
     """One instrumented run of each step (bench/phases.py) at `n` prefixes, but those in
     `skip` (steps that failed or timed out at that size: cold always runs, as set-up)."""
     out: dict = {"prefixes": n}
@@ -531,361 +498,6 @@ def measure_breakdown(node: Node, name: str, n: int, skip: set[str], log: Callab
         data["problem"] = _check(step, run, n)
         out[step] = data
         log(f"  {name} {n} {STEP_TITLES[step]} breakdown: wall {run.wall:.2f} s")
-    return out
-
-
-# ---------------------------------------------------------------- new-connection cost
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _Msghdr(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
-                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
-                ("flags", ctypes.c_int)]
-
-
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
-
-
-class FlowSender:
-    """Sends packet i of a burst from one UDP socket to SINK_ADDR port 1+i: every
-    packet of a burst is a new flow.  Many packets per system call with sendmmsg(2)
-    through ctypes (falls back to a sendto loop)."""
-
-    BATCH = 256
-
-    def __init__(self, sock: socket.socket, dst: str, count: int):
-        self.sock = sock
-        self.dst = dst
-        self.count = count
-        self.method = "sendmmsg"
-        try:
-            self._fn = _libc.sendmmsg
-            self._fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-            self._fn.restype = ctypes.c_int
-        except AttributeError:
-            self.method = "sendto loop"
-            return
-        self._payload = ctypes.create_string_buffer(b"ipmq-bench", 10)
-        self._iov = _Iovec(ctypes.cast(self._payload, ctypes.c_void_p), 10)
-        addr = socket.inet_aton(dst)
-        raw = b"".join(struct.pack("=H", socket.AF_INET) + struct.pack("!H", 1 + i) + addr + bytes(8)
-                       for i in range(count))
-        self._names = ctypes.create_string_buffer(raw, len(raw))
-        self._msgs = (_Mmsghdr * count)()
-        base = ctypes.addressof(self._names)
-        iov = ctypes.addressof(self._iov)
-        for i in range(count):
-            h = self._msgs[i].hdr
-            h.name, h.namelen, h.iov, h.iovlen = base + 16 * i, 16, iov, 1
-        self._size = ctypes.sizeof(_Mmsghdr)
-
-    def send(self, start: int, count: int) -> None:
-        end = start + count
-        if self.method != "sendmmsg":
-            for i in range(start, end):
-                self.sock.sendto(b"ipmq-bench", (self.dst, 1 + i))
-            return
-        fd = self.sock.fileno()
-        base = ctypes.addressof(self._msgs)
-        i = start
-        while i < end:
-            sent = self._fn(fd, base + i * self._size, min(self.BATCH, end - i), 0)
-            if sent < 0:
-                e = ctypes.get_errno()
-                if e in (errno.EAGAIN, errno.ENOBUFS, errno.EINTR):
-                    continue
-                raise OSError(e, os.strerror(e))
-            i += sent
-
-
-def _read_forwarded() -> int:
-    """IP ForwDatagrams of the calling thread's namespace (run on a bed's node thread)."""
-    with open("/proc/thread-self/net/snmp") as f:
-        rows = [line.split() for line in f if line.startswith("Ip:")]
-    return int(rows[1][rows[0].index("ForwDatagrams")])
-
-
-def _read_conntrack_count() -> int:
-    try:
-        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
-            return int(f.read())
-    except OSError:
-        return -1
-
-
-class FlowBench:
-    """New-connection cost through one bed's node."""
-
-    def __init__(self, bed: TestBed, max_packets: int):
-        self.bed = bed
-        for ns, argv in ((bed.ext, ["ip", "route", "replace", "blackhole", SINK_NET]),
-                         (bed.node, ["ip", "route", "replace", SINK_NET, "via", bed.ext_addr("eth0")[4],
-                                     "dev", "eth0"])):
-            r = bed.exec_in(ns, argv)
-            if r.returncode != 0:
-                raise RuntimeError(f"{' '.join(argv)} in {ns}: {r.stderr.strip()}")
-        self.sock = bed.in_netns(bed.pod, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((bed.pod_addr[4], 40000))
-        self.sender = FlowSender(self.sock, SINK_ADDR, max_packets)
-        self.plan: tuple[int, bool] | None = None
-        # resolve the neighbours on the way (pod -> node -> ext) before timing anything
-        for _ in range(3):
-            self.sender.send(0, 4)
-            time.sleep(0.1)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def forwarded(self) -> int:
-        return self.bed.in_netns(self.bed.node, _read_forwarded)
-
-    def conntrack_count(self) -> int:
-        return self.bed.in_netns(self.bed.node, _read_conntrack_count)
-
-    def flush_conntrack(self) -> None:
-        self.bed.node_exec(["conntrack", "-F"])
-
-    def burst(self, n: int, paced: bool, batch: int = 16) -> tuple[float, int]:
-        """Send n new flows; (seconds until the node forwarded all of them, forwarded)."""
-        f0 = self.forwarded()
-        start = time.perf_counter()
-        if not paced:
-            # The node forwards a packet in the softirq that the sending call itself
-            # runs, so the burst is normally done when the last send returns.
-            self.sender.send(0, n)
-        else:
-            # Slow rule sets: wait for the node to catch up after every few packets
-            # (else the backlog queue overflows and packets are lost uncounted).
-            sent = 0
-            while sent < n:
-                k = min(batch, n - sent)
-                self.sender.send(sent, k)
-                sent += k
-                deadline = time.perf_counter() + 1.0  # a lost packet must not stall the burst
-                while self.forwarded() - f0 < sent and time.perf_counter() < deadline:
-                    pass
-        done = self.forwarded() - f0
-        deadline = time.perf_counter() + 2.0
-        while done < n and time.perf_counter() < deadline:
-            done = self.forwarded() - f0
-        return time.perf_counter() - start, done
-
-    def calibrate(self, s: Settings) -> tuple[int, bool]:
-        """(packets per burst, paced) for the rules installed now, from a short paced burst."""
-        if self.plan is None:
-            self.flush_conntrack()
-            n_cal = 64
-            while True:
-                secs, done = self.burst(n_cal, paced=True)
-                if secs > 0.05 or n_cal >= 4096:
-                    break
-                self.flush_conntrack()
-                n_cal *= 4
-            per = secs / max(done, 1)
-            self.plan = (int(min(s.conn_max_packets, max(100, s.conn_run_seconds / per))), per > 50e-6)
-        return self.plan
-
-    def one(self, n: int, paced: bool) -> tuple[float, int, bool]:
-        """One burst after a conntrack flush: (µs per packet, packets lost, paced)."""
-        self.flush_conntrack()
-        secs, done = self.burst(n, paced)
-        if done < n and not paced:  # packets lost: redo this one paced
-            paced = True
-            self.flush_conntrack()
-            secs, done = self.burst(n, paced)
-        return secs / n * 1e6, n - done, paced
-
-    def measure(self, s: Settings, baseline: FlowBench | None = None) -> dict:
-        """µs per new connection: median of s.conn_repeats bursts.  With `baseline` (the
-        floor's bed), each burst is followed by one there, so that every row has a floor
-        measured at the same moment (the machine is shared: its speed drifts)."""
-        self.plan = None  # the rules changed since the last call: calibrate again
-        n, paced = self.calibrate(s)
-        base = baseline.calibrate(s) if baseline is not None else None
-        samples, floor, ratios, entries, lost = [], [], [], [], 0
-        for _ in range(s.conn_repeats):
-            us, missing, paced = self.one(n, paced)
-            lost += missing
-            entries.append(self.conntrack_count())
-            samples.append(us)
-            if baseline is not None:
-                f, _, _ = baseline.one(*base)
-                floor.append(f)
-                ratios.append(us / f)
-        self.flush_conntrack()
-        out = {
-            "us_per_conn": statistics.median(samples),
-            "min": min(samples),
-            "max": max(samples),
-            "samples": samples,
-            "packets": n,
-            "paced": paced,
-            "lost": lost,
-            "conntrack_entries": statistics.median(entries),
-            "sender": self.sender.method,
-        }
-        if baseline is not None:
-            out.update(floor_us=statistics.median(floor), floor_samples=floor, ratio=statistics.median(ratios))
-        return out
-
-
-def add_nat_chain(bed: TestBed, rule: str = "") -> None:
-    """A nat postrouting base chain (conntrack and NAT set-up on) holding `rule`, if any."""
-    r = bed.node_exec(["nft", "-f", "-"], input=(
-        "table ip bench_nat {\n"
-        f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; {rule}{'; ' if rule else ''}}}\n"
-        "}\n"))
-    if r.returncode != 0:
-        raise RuntimeError(f"nat chain: {r.stderr.strip()}")
-
-
-def delete_nat_chain(bed: TestBed) -> None:
-    bed.node_exec(["nft", "delete", "table", "ip", "bench_nat"])
-
-
-def ip_masq_agent_restore(prefixes: list[str]) -> str:
-    """ip-masq-agent's nat layout: one RETURN rule per prefix, then MASQUERADE."""
-    lines = ["*nat", ":IP-MASQ-AGENT - [0:0]",
-             '-A POSTROUTING -m comment --comment "ip-masq-agent: ensure nat POSTROUTING directs all '
-             'non-LOCAL destination traffic to our custom IP-MASQ-AGENT chain" -m addrtype ! --dst-type LOCAL '
-             "-j IP-MASQ-AGENT"]
-    lines += [f'-A IP-MASQ-AGENT -d {p} -m comment --comment "ip-masq-agent: local traffic is not subject to '
-              'MASQUERADE" -j RETURN' for p in prefixes]
-    lines.append('-A IP-MASQ-AGENT -m comment --comment "ip-masq-agent: outbound traffic is subject to '
-                 'MASQUERADE (must be last in chain)" -j MASQUERADE')
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- throughput
-
-
-def _iperf(bed: TestBed, seconds: int, streams: int) -> dict:
-    dst = bed.dest(IPERF_DST)
-    argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(seconds), "-P", str(streams), "-J"]
-    import json
-
-    for _ in range(30):
-        r = bed.pod_exec(argv, timeout=seconds + 30)
-        try:
-            data = json.loads(r.stdout)
-        except ValueError:
-            data = {"error": r.stderr.strip() or r.stdout.strip()}
-        if "error" in data:
-            if "connect" in data["error"]:  # server not listening yet
-                time.sleep(0.1)
-                continue
-            raise RuntimeError(f"iperf3: {data['error']}")
-        end = data["end"]
-        return {"gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
-                "retransmits": end["sum_sent"].get("retransmits"),
-                "cpu_sender_pct": end.get("cpu_utilization_percent", {}).get("host_total"),
-                "tool": "iperf3"}
-    raise RuntimeError("iperf3 server never answered")
-
-
-def _pump(bed: TestBed, seconds: int, streams: int) -> dict:
-    """Python fallback: `streams` TCP connections pod -> ext, each writing 256 KiB chunks."""
-    dst = bed.dest(IPERF_DST)
-    lsock = bed.in_netns(bed.ext, socket.socket, socket.AF_INET, socket.SOCK_STREAM)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind((dst, IPERF_PORT + 1))
-    lsock.listen(16)
-    received = [0]
-    lock = threading.Lock()
-
-    def sink(conn: socket.socket) -> None:
-        buf = bytearray(1 << 18)
-        with conn:
-            while True:
-                k = conn.recv_into(buf)
-                if not k:
-                    return
-                with lock:
-                    received[0] += k
-
-    def acceptor() -> None:
-        for _ in range(streams):
-            conn, _ = lsock.accept()
-            threading.Thread(target=sink, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=acceptor, daemon=True).start()
-    chunk = bytes(1 << 18)
-    stop = time.perf_counter() + seconds
-
-    def source() -> None:
-        s = bed.in_netns(bed.pod, socket.socket, socket.AF_INET, socket.SOCK_STREAM)
-        with s:
-            s.connect((dst, IPERF_PORT + 1))
-            while time.perf_counter() < stop:
-                s.sendall(chunk)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=source) for _ in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    time.sleep(0.2)
-    lsock.close()
-    return {"gbit_s": received[0] * 8 / elapsed / 1e9, "retransmits": None, "cpu_sender_pct": None,
-            "tool": "python socket pump"}
-
-
-class _IperfServer:
-    """`iperf3 -s` in a bed's ext namespace, for as long as the `with` lasts."""
-
-    def __init__(self, bed: TestBed):
-        self.proc = subprocess.Popen(["ip", "netns", "exec", bed.ext, "iperf3", "-s", "-B", bed.dest(IPERF_DST),
-                                      "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def measure_throughput(bed: TestBed, s: Settings, baseline: TestBed | None = None) -> dict:
-    """Gbit/s with 1 and 4 streams, median of s.throughput_runs runs.  With `baseline`
-    (the floor's bed), each run is followed by the same run there, and `ratio` is the
-    median of the pairs: the machine is shared and its speed drifts."""
-    out = {}
-    if not shutil.which("iperf3"):
-        for streams in s.streams:
-            out[streams] = _pump(bed, s.throughput_seconds, streams)
-            if baseline is not None:
-                plain = _pump(baseline, s.throughput_seconds, streams)["gbit_s"]
-                out[streams].update(plain_gbit_s=plain, ratio=out[streams]["gbit_s"] / plain)
-        return out
-    with contextlib.ExitStack() as servers:
-        for b in (bed, baseline):
-            if b is not None:
-                servers.enter_context(_IperfServer(b))
-        for streams in s.streams:
-            runs, plain = [], []
-            for _ in range(s.throughput_runs):
-                runs.append(_iperf(bed, s.throughput_seconds, streams))
-                if baseline is not None:
-                    plain.append(_iperf(baseline, s.throughput_seconds, streams)["gbit_s"])
-            out[streams] = {**runs[0], "gbit_s": statistics.median(r["gbit_s"] for r in runs),
-                            "samples": [r["gbit_s"] for r in runs]}
-            if plain:
-                out[streams].update(plain_gbit_s=statistics.median(plain), plain_samples=plain,
-                                    ratio=statistics.median(r["gbit_s"] / p for r, p in zip(runs, plain)))
     return out
 
 
@@ -975,7 +587,7 @@ def backend_suite(name: str, s: Settings, workdir: Path, log: Callable[[str], No
     out: dict = {"apply": {}, "conn": {}, "throughput": None, "breakdown": None}
     disabled: set[str] = set()
     with new_bed() as bed:
-        node = Node(bed, workdir, s.step_timeout)
+        node = BenchNode(bed, workdir, s.step_timeout)
         flows = None
         try:
             flows = FlowBench(bed, s.conn_max_packets)
@@ -996,7 +608,7 @@ def backend_suite(name: str, s: Settings, workdir: Path, log: Callable[[str], No
                 # what is installed now: n prefixes, plus one if the change step ran
                 installed = n
                 if res["change"]["n"] == 0:
-                    node.ipmasq("apply", "--config", node.config(n, extra=True), "--backend", name)
+                    node.timed("apply", "--config", node.config(n, extra=True), "--backend", name)
                 out["conn"][n] = flows.measure(s, floor)
                 log(f"  {name} {n:>7}: {out['conn'][n]['us_per_conn']:.2f} µs per new connection")
             if installed is not None:

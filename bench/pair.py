@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from . import measure
+from .flows import FlowBench, _iperf
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -49,7 +50,7 @@ def run(names: list[str], prefixes: int, rounds: int, seconds: int, bursts: int 
         beds, flows = {}, {}
         for name in names:
             bed = stack.enter_context(measure.new_bed())
-            node = measure.Node(bed, workdir, 120)
+            node = measure.BenchNode(bed, workdir, 120)
             stack.callback(node.close)
             stack.callback(node.flush)
             backend, extra = VARIANTS.get(name, (name, ""))
@@ -58,11 +59,11 @@ def run(names: list[str], prefixes: int, rounds: int, seconds: int, bursts: int 
                 config = config.with_name(f"{name}-{config.name}")
                 config.write_text(Path(node.config(prefixes)).read_text() + extra)
             if backend is not None:
-                r = node.ipmasq("apply", "--config", str(config), "--backend", backend)
+                r = node.timed("apply", "--config", str(config), "--backend", backend)
                 if r.code != 0:
                     raise RuntimeError(f"apply {name}: {r.stderr.strip()}")
             beds[name] = bed
-            flows[name] = measure.FlowBench(bed, s.conn_max_packets)
+            flows[name] = FlowBench(bed, s.conn_max_packets)
             stack.callback(flows[name].close)
             stack.enter_context(measure._IperfServer(bed))
             _log(f"{name}: {prefixes} prefixes installed")
@@ -77,7 +78,7 @@ def run(names: list[str], prefixes: int, rounds: int, seconds: int, bursts: int 
                 samples[name]["conn_us"].append(min(per[name]))
             for streams in (1, 4):
                 for name in names:
-                    samples[name][f"tcp{streams}"].append(measure._iperf(beds[name], seconds, streams)["gbit_s"])
+                    samples[name][f"tcp{streams}"].append(_iperf(beds[name], seconds, streams)["gbit_s"])
             _log(f"round {i + 1}/{rounds}: " + "; ".join(
                 f"{name} {samples[name]['conn_us'][-1]:.2f} µs, {samples[name]['tcp1'][-1]:.1f}/"
                 f"{samples[name]['tcp4'][-1]:.1f} Gbit/s" for name in names))

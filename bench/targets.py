@@ -35,7 +35,7 @@ BARE_PYTHON = getattr(sys, "_base_executable", None) or sys.executable
 SCRAPES = 20
 
 
-def _wall(node: measure.Node, argv: list[str], input: str | None = None) -> float:
+def _wall(node: measure.BenchNode, argv: list[str], input: str | None = None) -> float:
     """Fork to reap of one command in the node (a bare tool: not through the launcher's
     RSS bookkeeping, which it does not need)."""
     full = ["ip", "netns", "exec", node.bed.node, *argv]
@@ -47,7 +47,7 @@ def _wall(node: measure.Node, argv: list[str], input: str | None = None) -> floa
     return wall
 
 
-def floor_commands(node: measure.Node, backend: str, config: str) -> list[tuple[list[str], str]]:
+def floor_commands(node: measure.BenchNode, backend: str, config: str) -> list[tuple[list[str], str]]:
     """[(argv, stdin)]: the bare commands installing `config` on an empty node, as
     `ipmasq plan` names them (comment lines `# IPvN: COMMAND ...` head each input)."""
     if backend == "ebpf":
@@ -59,7 +59,7 @@ def floor_commands(node: measure.Node, backend: str, config: str) -> list[tuple[
             out.append(([tool, "--noflush", "-w"], "*nat\n:BENCH-EBPF - [0:0]\n-A BENCH-EBPF ! -o lo -j MASQUERADE\n"
                                                    "-A POSTROUTING -j BENCH-EBPF\nCOMMIT\n"))
         return out
-    r = node.ipmasq("plan", "--config", config, "--backend", backend)
+    r = node.timed("plan", "--config", config, "--backend", backend)
     if r.code != 0:
         raise RuntimeError(f"plan failed: {r.stderr.strip()[:300]}")
     out: list[tuple[list[str], str]] = []
@@ -74,7 +74,7 @@ def floor_commands(node: measure.Node, backend: str, config: str) -> list[tuple[
     return out
 
 
-def _floor_reset(node: measure.Node, backend: str) -> None:
+def _floor_reset(node: measure.BenchNode, backend: str) -> None:
     """An empty node for the floor's commands (untimed)."""
     node.flush()
     if backend == "ebpf":
@@ -85,7 +85,7 @@ def _floor_reset(node: measure.Node, backend: str) -> None:
                        capture_output=True)
 
 
-def _floor_once(node: measure.Node, backend: str, commands, step: str) -> float:
+def _floor_once(node: measure.BenchNode, backend: str, commands, step: str) -> float:
     _floor_reset(node, backend)
     total = _wall(node, [BARE_PYTHON, "-I", "-c", "pass"])
     if backend == "ebpf" and step == "cold" and node.bpffs is not None:
@@ -102,8 +102,8 @@ def small_configs(backend: str, workdir: Path, rounds: int, log) -> dict:
     """cold / noop / change at 10 prefixes, each round: the step, then its floor."""
     out: dict = {step: {"cli": [], "floor": []} for step in measure.STEPS}
     with measure.new_bed() as bed, measure.new_bed() as floor_bed:
-        node = measure.Node(bed, workdir, 60)
-        floor = measure.Node(floor_bed, workdir, 60)
+        node = measure.BenchNode(bed, workdir, 60)
+        floor = measure.BenchNode(floor_bed, workdir, 60)
         try:
             commands = {False: floor_commands(floor, backend, floor.config(10)),
                         True: floor_commands(floor, backend, floor.config(10, extra=True))}
@@ -114,8 +114,8 @@ def small_configs(backend: str, workdir: Path, rounds: int, log) -> dict:
                 node.flush()
                 for step in measure.STEPS:
                     if step == "noop":
-                        node.ipmasq(*args[step])  # the first after an apply verifies; the next is the no-op
-                    r = node.ipmasq(*args[step])
+                        node.timed(*args[step])  # the first after an apply verifies; the next is the no-op
+                    r = node.timed(*args[step])
                     why = measure._check(step, r, 10)
                     if why:
                         out[step]["problem"] = why
@@ -158,7 +158,7 @@ def at_scale(backend: str, n: int, workdir: Path, rounds: int, log) -> dict:
     """A watch agent's scrapes and `status` at n prefixes."""
     out: dict = {"prefixes": n}
     with measure.new_bed() as bed:
-        node = measure.Node(bed, workdir, 300)
+        node = measure.BenchNode(bed, workdir, 300)
         agent = None
         try:
             config = node.config(n)
@@ -196,16 +196,16 @@ def at_scale(backend: str, n: int, workdir: Path, rounds: int, log) -> dict:
             agent.wait(30)
             agent = None
             # status as cron's steady state sees it: after an apply and the reconcile that verified it
-            node.ipmasq("reconcile", "--config", config, "--backend", backend)
-            node.ipmasq("reconcile", "--config", config, "--backend", backend)
+            node.timed("reconcile", "--config", config, "--backend", backend)
+            node.timed("reconcile", "--config", config, "--backend", backend)
             status, floor = [], []
             for _ in range(rounds):
-                r = node.ipmasq("status", "--config", config, "--backend", backend)
+                r = node.timed("status", "--config", config, "--backend", backend)
                 if r.code != 0 or "State: in sync" not in r.stdout:
                     out["status_problem"] = (r.stdout + r.stderr).strip()[-300:]
                 status.append(r.wall)
                 floor.append(_wall(node, [BARE_PYTHON, "-I", "-c", "pass"]))
-            deep = node.ipmasq("status", "--deep", "--config", config, "--backend", backend)
+            deep = node.timed("status", "--deep", "--config", config, "--backend", backend)
             out.update(status_s=status, status_floor_s=floor, status_deep_s=deep.wall, status_deep_rss_mb=deep.rss_mb)
             log(f"  {backend} {n} status: median {statistics.median(status):.3f} s (python -I -c pass "
                 f"{statistics.median(floor):.3f} s); --deep {deep.wall:.2f} s")
