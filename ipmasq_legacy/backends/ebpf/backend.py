@@ -507,8 +507,9 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
         """Steps 4 and 5 of _install: programs and filters, links no longer matched."""
         # 4. programs, then the filters
         fds, reloaded = programs.load(pinned, obj, force=bool(created))  # new maps: programs must use them
-        changes = assist.sync(desired.families, pin_dir(), force=reloaded, fast=desired.fast)
         try:
+            # in the try: a failing iptables-restore must not leak the programs' fds
+            changes = assist.sync(desired.families, pin_dir(), force=reloaded, fast=desired.fast)
             # Ingress first: from then on every UDP (or other) flow entering is recorded,
             # and flows already under way are taken from conntrack, so that no reply
             # leaving a pod-facing interface is ever mistaken for a new flow.
