@@ -20,12 +20,13 @@ from ..errors import ApplyError
 from ..plan import FamilyPlan, MasqueradeRule, Plan, masquerade_rules
 from . import ipsets
 from .base import FAMILIES, Backend, FamilyLive, Live, RuleCounter, missing_tools, run
+from .variants import VARIANTS, legacy_tables  # noqa: F401  (ebpf's assist imports them from here)
+from .variants import detect as detect_variant  # noqa: F401  (the one rule: variants.py)
 
 SHAPES = ruledata.load("iptables")
 CHAIN = SHAPES["chain"]
 INBOUND = SHAPES["inbound"]
 IN_CHAIN = INBOUND["chain"]
-VARIANTS = ("legacy", "nft")
 _JUMP_TARGET = f"-j {CHAIN}"
 _COUNTER = re.compile(r" -c (\d+) (\d+)")
 
@@ -98,13 +99,6 @@ def masquerade_line(rule: MasqueradeRule, random_fully: bool) -> str:
         address=shapes["snat_address6_ported"].format(address=rule.snat) if ported else rule.snat,
         ports=shapes["snat_ports"].format(first=rule.ports[0], last=rule.ports[1]) if rule.ports else "",
         **pieces)
-
-
-def legacy_tables(family: int) -> set[str]:
-    """The iptables-legacy tables that exist in this namespace, from /proc: listing a
-    legacy table would create it, so every reader asks here first."""
-    names = kernel.current().read_text("/proc/net/ip_tables_names" if family == 4 else "/proc/net/ip6_tables_names")
-    return set(names.split()) if names is not None else set()  # None: ip_tables not loaded
 
 
 def br_netfilter() -> bool:
@@ -515,15 +509,3 @@ def _as_prefixes(members: list[str], family: int) -> tuple[str, ...]:
 def _same_members(live, planned) -> bool:
     add, delete = ipsets.difference(live, planned)
     return not add and not delete
-
-
-# ---------------------------------------------------------------- which variant the host uses
-
-
-def detect_variant() -> tuple[str, str]:
-    """(variant, why): the iptables the host uses, as iptables-wrapper decides, except that
-    where our own chain already lives wins (so re-apply stays put). The rule is
-    variants.detect's, the one `auto` counts with too."""
-    from .variants import detect
-
-    return detect()

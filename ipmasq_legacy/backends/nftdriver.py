@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .. import kernel, state
+from .. import kernel, ruledata, state
 
 CLI_ENV = "IPMASQ_NFT_CLI"
 LIBRARY = "libnftables.so.1"
@@ -180,9 +180,7 @@ def binding_unsafe(table: str | None = None) -> str | None:
     if lib_release and bind_release and lib_release < bind_release:
         verdict = f"libnftables {lib} is older than the binding {bind} (written for nftables {bind})"
     else:
-        from .selection import NFT_PROBE
-
-        verdict = _probe_binding(table or NFT_PROBE)
+        verdict = _probe_binding(table or ruledata.load("nftables")["probe"])
     if verdict is None or "crashed" in verdict or "older" in verdict:  # nft's own error: no verdict kept
         try:
             state.write_json(BINDING_RECORD, {**record, key: verdict})
