@@ -91,9 +91,9 @@ def test_cold_apply_pins_maps_programs_and_attaches_to_matched_links(fake, old):
     dump = canonical(fake)
     for name in ("cfg", "ctl", "exempt4", "exempt6", "src4", "src6", "ports", "portidx", "ifaces", "local4",
                  "local6", "nat_fwd", "nat_rev", "meta", "owned"):
-        assert f"map {PIN}/{name}: " in dump
+        assert f"map {name}: " in dump
     for hook in ("egress", "ingress", "nf", "guard"):
-        assert f"prog {PIN}/prog_{hook}: " in dump
+        assert f"prog prog_{hook}: " in dump
     assert ("link 2 eth0 192.0.2.10/24 2001:db8::10/64 clsact\n"
             "  ingress pref 49152 handle 1 bpf ipmasq_legacy/ingress/<object12> prog prog_ingress\n"
             "  egress pref 49152 handle 1 bpf ipmasq_legacy/egress/<object12> prog prog_egress\n") in dump
@@ -279,7 +279,7 @@ def test_unpinned_map_is_recreated_and_programs_reloaded(fake, old):
     assert live_trie(fake, "exempt4") == OLD4
     egress = fake.filters[(fake.index("eth0"), "egress")][0].prog_id
     assert egress != egress_before  # the old program would go on reading the lost map
-    assert canonical(fake).count("prog prog_egress") == 2
+    assert canonical(fake).count(" prog prog_egress\n") == 2  # both links run the pinned one
     assert fake.map("exempt4").id in fake.pins[f"{PIN}/prog_egress"].map_ids
     assert backend.drift(old) == []
 
@@ -536,3 +536,49 @@ def seed_flow(fake: FakeBpf, ifindex: int) -> None:
     value = NAT_VAL.pack(bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 10]), b"\x80\x00", 0, ifindex,
                          time.monotonic_ns())
     fake.map("nat_fwd").data[key] = value
+
+
+# ---------------------------------------------------------------- selection (unavailable_reason)
+
+
+def test_available_on_the_fake(fake):
+    assert EbpfBackend().unavailable_reason() is None
+    assert fake.open_fds() == []  # the probes' maps and programs closed
+
+
+def test_unavailable_when_maps_are_refused(fake):
+    fake.fail_bpf("map_create", errno.EPERM)
+    assert EbpfBackend().unavailable_reason() == ("the kernel refuses BPF maps: not permitted (needs root: "
+                                                  "CAP_BPF and CAP_NET_ADMIN)")
+    assert fake.open_fds() == []
+
+
+def test_unavailable_when_the_verifier_refuses(fake):
+    fake.fail_bpf("prog_load", errno.EINVAL)
+    reason = EbpfBackend().unavailable_reason()
+    assert reason is not None and "verifier refuses program ipmq_" in reason
+    assert fake.open_fds() == []
+
+
+def test_unavailable_without_iptables(fake):
+    for tool in [t for t in fake.tools if t.startswith(("iptables", "ip6tables"))]:
+        del fake.tools[tool]
+    reason = EbpfBackend().unavailable_reason()
+    assert reason is not None and reason.startswith("missing iptables-")
+
+
+def test_unavailable_without_bpffs_outside_sys_fs_bpf(fake, monkeypatch):
+    monkeypatch.setenv("IPMASQ_BPF_DIR", "/run/ipmasq/bpf")  # not on bpffs, not ours to mount
+    reason = EbpfBackend().unavailable_reason()
+    assert reason is not None and reason.startswith("no bpf filesystem at /run/ipmasq")
+
+
+def test_bpffs_mounted_by_apply_when_missing(fake, old):
+    fake.files["/proc/self/mountinfo"] = "22 1 0:20 / /sys rw - sysfs sysfs rw\n"
+    fake.tools["mount"] = lambda argv, input: (fake.files.__setitem__(
+        "/proc/self/mountinfo", fake.files["/proc/self/mountinfo"] + "40 22 0:33 / /sys/fs/bpf rw - bpf bpf rw\n")
+        or (0, "", ""))
+    assert EbpfBackend().unavailable_reason() is None  # apply may mount it
+    EbpfBackend().apply(old)
+    assert ("mount", "-t", "bpf", "bpf", "/sys/fs/bpf") in fake.calls
+    assert live_trie(fake, "exempt4") == OLD4

@@ -466,35 +466,12 @@ class FakeBpf(FakeIptables, FakeNft):
         return sorted(self.fds)
 
     def dump(self) -> str:
-        """Everything, canonical: the pins (maps with their contents, programs), the links
-        with their qdisc and filters, then the nft tables and the iptables rules."""
-        out = []
-        for path in sorted(self.dirs):
-            out.append(f"dir {path}")
-        for path, obj in sorted(self.pins.items()):
-            if isinstance(obj, Prog):
-                names = [Path(p).name for p, o in sorted(self.pins.items()) if isinstance(o, Map)
-                         and o.id in obj.map_ids]
-                out.append(f"prog {path}: {PROG_NAMES.get(obj.type, obj.type)} {obj.name} maps {','.join(names)}")
-                continue
-            out.append(f"map {path}: {TYPE_NAMES.get(obj.type, obj.type)} key {obj.key_size} value "
-                       f"{obj.value_size} max {obj.max_entries} flags {obj.flags}")
-            out += [f"  {line}" for line in _contents(obj)]
-        for index, link in sorted(self.links.items()):
-            out.append(f"link {index} {link.name}" + (f" {link.kind}" if link.kind else "")
-                       + (f" master {link.master}" if link.master else "") + "".join(f" {a}" for a in link.addresses)
-                       + (" clsact" if index in self.clsact else ""))
-            for hook in HOOKS:
-                for f in self._rtnl.filters(index, hook):
-                    out.append(f"  {hook} pref {f.prio} handle {f.handle} {f.kind} {f.name} prog {self._prog_name(f)}")
-        text = "\n".join(out) + "\n"
+        """Everything, canonical: node_text (the pins, the links with their qdisc and
+        filters), then the nft tables and the iptables rules."""
+        text = node_text(self._bpf, self._rtnl, pin_dir())
         return text + "-- nft\n" + FakeNft.dump(self) + "-- iptables\n" + FakeIptables.dump(self)
 
     # -- internals
-
-    def _prog_name(self, f: TcFilter) -> str:
-        return next((Path(p).name for p, o in self.pins.items() if isinstance(o, Prog) and o.id == f.prog_id),
-                    "unpinned" if f.name and f.name.startswith("ipmasq_legacy/") else "foreign")
 
     def _id(self) -> int:
         self._next_id += 1
@@ -536,3 +513,59 @@ def _contents(m: Map) -> list[str]:
         h = hashlib.sha256(b"".join(k + m.data[k] for k in keys)).hexdigest()[:16]
         return [f"{len(keys)} entries sha256 {h}"]
     return [f"{k.hex()} = {m.data[k].hex()}" for k in keys]
+
+
+def node_text(sysobj, rt, directory: Path) -> str:
+    """The canonical text of what the ebpf backend keeps in a kernel, asked through the
+    seam's handles (kernel.current().bpf(), .rtnl()): FakeBpf's or a real node's alike
+    (test_ebpf_decisions.py compares the two). The pins under `directory` by name (maps
+    with shape and contents, programs with the pinned maps they use), then each link with
+    its addresses (not link-local ones), its clsact qdisc and the filters on it."""
+    out = [f"pins {'none' if sysobj.listdir(directory) is None else ''}".rstrip()]
+    progs: dict[int, str] = {}
+    maps: dict[int, str] = {}
+    shown: list[tuple[str, object]] = []
+    for name in sorted(sysobj.listdir(directory) or []):
+        fd = sysobj.get(str(Path(directory) / name))
+        try:
+            if name.startswith("prog_"):
+                info = sysobj.prog_info(fd)
+                progs[info["id"]] = name
+                shown.append((name, info))
+                continue
+            info = sysobj.map_info(fd)
+            maps[info["id"]] = name
+            size = info["value_size"]
+            if info["type"] in loader.PERCPU_TYPES:
+                size = (size + 7) // 8 * 8 * loader.possible_cpus()
+            items = dict(sysobj.items(fd, info["key_size"], size, info["max_entries"]))
+            m = Map(info["id"], info["type"], info["key_size"], info["value_size"], info["max_entries"],
+                    info["flags"], name, items)
+            shown.append((name, m))
+        finally:
+            sysobj.close(fd)
+    for name, obj in shown:
+        if isinstance(obj, Map):
+            out.append(f"map {name}: {TYPE_NAMES.get(obj.type, obj.type)} key {obj.key_size} value "
+                       f"{obj.value_size} max {obj.max_entries} flags {obj.flags}")
+            out += [f"  {line}" for line in _contents(obj)]
+        else:
+            assert isinstance(obj, dict)
+            used = sorted(maps[i] for i in obj["map_ids"] if i in maps)
+            out.append(f"prog {name}: {PROG_NAMES.get(obj['type'], obj['type'])} {obj['name']} maps {','.join(used)}")
+    addresses: dict[int, list[tuple[int, bytes, int]]] = {}
+    for index, af, plen, scope, _flags, _local, address in rt.addresses():
+        if scope != 253:
+            addresses.setdefault(index, []).append((af, address, plen))
+    clsact = {q[0] for q in rt.qdiscs() if q[1] == "clsact"}
+    for index, _type, name, kind, master in sorted(rt.links()):
+        shown_addrs = [f"{socket.inet_ntop(af, a)}/{plen}" for af, a, plen in sorted(addresses.get(index, []))]
+        out.append(f"link {index} {name}" + (f" {kind}" if kind else "") + (f" master {master}" if master else "")
+                   + "".join(f" {a}" for a in shown_addrs) + (" clsact" if index in clsact else ""))
+        for hook in HOOKS if index in clsact else ():
+            for f in rt.filters(index, hook):
+                if f.name is None and f.prog_id is None:
+                    continue  # the kernel's line for a priority itself (handle 0)
+                prog = progs.get(f.prog_id or -1) or ("unpinned" if f.ours else "foreign")
+                out.append(f"  {hook} pref {f.prio} handle {f.handle} {f.kind} {f.name} prog {prog}")
+    return "\n".join(out) + "\n"
