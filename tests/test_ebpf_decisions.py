@@ -582,3 +582,97 @@ def test_bpffs_mounted_by_apply_when_missing(fake, old):
     EbpfBackend().apply(old)
     assert ("mount", "-t", "bpf", "bpf", "/sys/fs/bpf") in fake.calls
     assert live_trie(fake, "exempt4") == OLD4
+
+
+# ---------------------------------------------------------------- the fake against a kernel
+
+CHILD = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from ipmasq_legacy import config, kernel, plan as planmod
+from ipmasq_legacy.backends.ebpf import EbpfBackend
+from ipmasq_legacy.backends.ebpf.names import pin_dir
+from tests.fakes.ebpf import node_text
+
+def step():
+    k = kernel.current()
+    with k.rtnl() as rt:
+        print(node_text(k.bpf(), rt, pin_dir()) + "-- step")
+
+backend, last = EbpfBackend(), None
+for path in sys.argv[2:]:
+    if path == "follow":
+        os.system("ip link del eth1")
+        backend.follow(last)
+    elif path == "remove":
+        backend.remove()
+    else:
+        last = planmod.build(config.load(path))
+        backend.apply(last)
+    step()
+"""
+
+
+def scenario(fake: FakeBpf, backend: EbpfBackend, steps: list[str]) -> list[str]:
+    """CHILD's steps against the fake."""
+    out, last = [], None
+    for path in steps:
+        if path == "follow":
+            fake.remove_link("eth1")
+            fake.remove_link("p1")  # with its peer
+            assert last is not None
+            backend.follow(last)
+        elif path == "remove":
+            backend.remove()
+        else:
+            last = planmod.build(config.load(path))
+            backend.apply(last)
+        out.append(fake.dump().split("-- nft")[0])
+    return out
+
+
+@pytest.mark.traffic
+def test_fake_holds_what_a_kernel_holds(tmp_path, monkeypatch):
+    """The same applies (a cold one, an exempt change, a link gone and followed, remove)
+    on a kernel, in a network and mount namespace of its own with bpffs mounted there,
+    and on FakeBpf: the same pins, shapes, contents (both generations), programs and
+    their maps, links and filters after every step (node_text on both)."""
+    import subprocess
+    import sys
+
+    old_path, new_path = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old_path.write_text(OLD)
+    new_path.write_text(NEW)
+    steps = [str(old_path), str(new_path), "follow", "remove"]
+    bpffs = tmp_path / "bpf"
+    bpffs.mkdir()
+    setup = " && ".join([
+        "mount --make-rprivate /", f"mount -t bpf bpf {bpffs}", "ip link set lo up",
+        "ip link add eth0 type veth peer name p0", "ip link set eth0 up", "ip addr add 192.0.2.10/24 dev eth0",
+        "ip addr add 2001:db8::10/64 dev eth0 nodad", "ip link add eth1 type veth peer name p1",
+        "ip link set eth1 up",
+        "ip addr add 198.51.100.10/24 dev eth1",
+        'exec "$@"'])
+    env = {**__import__("os").environ, "IPMASQ_STATE_DIR": str(tmp_path / "real-state"),
+           "IPMASQ_BPF_DIR": str(bpffs / "ipmasq_legacy")}
+    repo = str(Path(__file__).parent.parent)
+    proc = subprocess.run(["unshare", "-m", "-n", "sh", "-c", setup, "sh", sys.executable, "-c", CHILD, repo, *steps],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    real = [s.lstrip("\n") for s in proc.stdout.split("-- step\n")[:-1]]
+
+    monkeypatch.setenv("IPMASQ_STATE_DIR", str(tmp_path / "fake-state"))
+    for var in ("IPMASQ_BPF_DIR", "IPMASQ_BPF_OBJECT", "IPMASQ_BPF_DRAIN_IDLE"):
+        monkeypatch.delenv(var, raising=False)
+    fake = FakeBpf()
+    fake.add_link("p0", kind="veth")  # a veth's peer comes first
+    fake.add_link("eth0", ["192.0.2.10/24", "2001:db8::10/64"], kind="veth")
+    fake.add_link("p1", kind="veth")
+    fake.add_link("eth1", ["198.51.100.10/24"], kind="veth")
+    with kernel.use(fake):
+        mine = scenario(fake, EbpfBackend(), steps)
+    assert len(real) == len(mine) == len(steps)
+    assert "gen 1 172.16.0.0/12 = 01" in real[0] and "egress pref 49152 handle 1 bpf" in real[0]
+    assert "gen 0 192.168.0.0/16 = 01" in real[1] and " eth1 " not in real[2] and real[3].startswith("pins none")
+    for step, a, b in zip(steps, real, mine):
+        assert a == b, Path(step).name
