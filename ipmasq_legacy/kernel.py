@@ -130,6 +130,12 @@ class Kernel:
         """Each (family, name) of `wanted` -> its table's attributes or None (netlink.nft_tables)."""
         return netlink.nft_tables(wanted)
 
+    def conntrack_forget(self, flows: list) -> int:
+        """conntrack's entries of these flows deleted (backends/ebpf/conntrack.forget_conntrack)."""
+        from .backends.ebpf.conntrack import delete_conntrack
+
+        return delete_conntrack(flows)
+
 
 SYSTEM = Kernel()
 _current: Kernel = SYSTEM

@@ -432,6 +432,27 @@ def test_switch_away_drains_then_reaps(fake, old, monkeypatch):
     monkeypatch.setenv("IPMASQ_BPF_DRAIN_IDLE", "0")
     assert backend.reap() == ["drained datapath removed"]
     assert not any(p.startswith(PIN) for p in fake.pins) and not fake.clsact
+    assert [(f[0], f[1], f[4], f[5]) for f in fake.forgotten] == [(4, 17, 12345, 53)]  # for netfilter to take
+
+
+def test_take_over_while_netfilter_connections_last(fake, old):
+    """netfilter's translated connections (conntrack -L --src-nat): their reply tuples
+    are never handed out by us, and its NAT hooks stay (the drain table) until they end."""
+    line = ("udp      17 29 src=10.244.0.7 dst=9.9.9.9 sport=5000 dport=53 src=9.9.9.9 dst=192.0.2.10 "
+            "sport=53 dport=61000 mark=0 use=1\n")
+    fake.tools["conntrack"] = lambda argv, _in: (0, line if "--src-nat" in argv and "ipv4" in argv else "", "")
+    state.write("nftables", "nftables x")
+    backend = EbpfBackend()
+    backend.apply(old)
+    assert ("ip", "ipmasq_legacy_drain") in fake.tables
+    (key, value), = fake.map("nat_rev").data.items()
+    assert NAT_KEY.unpack(key)[2:] == (b"\x00\x35", b"\xee\x48", 17, 4)  # the reply tuple: 53 -> 61000
+    assert NAT_VAL.unpack(value)[2] & 0x01  # N_FOREIGN
+    assert backend.drift(old) == []
+    del fake.tools["conntrack"]  # they ended
+    assert backend.drift(old) == ["nft tables ipmasq_legacy_drain: netfilter's connections have ended"]
+    backend.apply(old)
+    assert ("ip", "ipmasq_legacy_drain") not in fake.tables and backend.drift(old) == []
 
 
 def test_take_over_from_netfilter_keeps_its_connections_first(fake, old):

@@ -17,6 +17,8 @@ every index.
 FakeIptables' dumps. `fail_bpf(op, errno)` makes the next bpf operation (map_create,
 update, update_many, delete_many, prog_load, pin) or tc change (tc) fail; `on_write`
 callbacks run after every change of a map (a test's invariant, checked at every step).
+Deleted conntrack entries are noted (`forgotten`); `conntrack -L` is a tool handler a
+test may add.
 """
 
 from __future__ import annotations
@@ -391,6 +393,7 @@ class FakeBpf(FakeIptables, FakeNft):
         self.filters: dict[tuple[int, str], list[TcFilter]] = {}
         self.progs_held: dict[int, Prog] = {}
         self.tc_log: list[tuple] = []
+        self.forgotten: list[tuple] = []  # flows whose conntrack entries were deleted
         self.on_write: list[Callable[[FakeBpf], None]] = []
         self.writes = 0
         self.written: list[str] = []  # the map (kernel name) of each write
@@ -415,6 +418,10 @@ class FakeBpf(FakeIptables, FakeNft):
 
     def nft_tables(self, wanted) -> dict:
         return {t: ({1: t[1].encode()} if t in self.tables else None) for t in wanted}
+
+    def conntrack_forget(self, flows: list) -> int:
+        self.forgotten += flows
+        return len(flows)
 
     # -- test controls
 

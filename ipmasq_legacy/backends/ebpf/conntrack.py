@@ -63,7 +63,14 @@ def forget_conntrack(flows) -> int:
     """Delete conntrack's entries of flows we translated (original tuples), so that a
     netfilter backend sees their next packet as new and masquerades it, instead of
     taking them for established connections without NAT (our conntrack keeper made
-    conntrack track them untranslated). Returns how many went."""
+    conntrack track them untranslated). Returns how many went. Through the kernel
+    seam (kernel.conntrack_forget: delete_conntrack below on a node)."""
+    flows = list(flows)
+    return kernel.current().conntrack_forget(flows) if flows else 0
+
+
+def delete_conntrack(flows) -> int:
+    """forget_conntrack on the node: one pyroute2 Conntrack socket per family."""
     try:
         from pyroute2 import Conntrack  # type: ignore[import-untyped]
         from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple  # type: ignore[import-untyped]
