@@ -152,7 +152,7 @@ class EbpfBackend(Backend[EbpfFamilyLive]):
 
     def _pinned(self) -> Pinned | None:
         """The pinned maps, None when nothing is pinned."""
-        if loader.syscall_number() is None or not kernel.current().bpf().exists(pin_dir() / "ctl"):
+        if self._pinned_nothing():
             return None
         try:
             pinned = Pinned(self.obj())
