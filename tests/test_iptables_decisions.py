@@ -399,6 +399,25 @@ def test_remove_leaves_nothing_of_ours(fake, tmp_path, variant):
     assert backend.remove() == [] and len(fake.writes()) == n  # nothing left: nothing written
 
 
+def test_remove_waits_while_the_kernel_still_holds_the_sets(fake, tmp_path):
+    """nf_tables frees a deleted chain's rules in a work queue: for a moment after
+    iptables-nft-restore returned, `ipset list -t` still counts the chain's references
+    (Debian 11's 5.10 left a set behind on flush). remove waits for the release."""
+    backend, _, _ = cold("nft", tmp_path, V4)
+    real, late = fake.references, {"reads": 3}
+
+    def references(name: str) -> int:
+        n = real(name)
+        if n == 0 and name.startswith("ipmasq4") and late["reads"] > 0:
+            late["reads"] -= 1
+            return 1
+        return n
+
+    fake.references = references
+    assert backend.remove() == ["ipv4"]
+    assert ours(fake.dump()) == [] and late["reads"] == 0
+
+
 def test_remove_of_leftovers_a_jump_without_its_chain_gone_too(fake, tmp_path):
     fake.seed("nft", 4, "nat", "-N IPMASQ-LEGACY", JUMP, *DOCKER)
     assert IptablesBackend("nft").remove() == ["ipv4"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -181,6 +182,7 @@ class IptablesBackend(Backend[IptablesFamilyLive]):
     # reconcile's quick path trusts fingerprint(), which reads the sets' headers, not their
     # members (ipsets.py: what that misses); agent.py makes every DEEP_EVERY-th run a full one
     fingerprint_partial = True
+    SETTLE = 2.0  # seconds remove waits for the kernel to let go of our sets (_destroy_sets)
 
     def __init__(self, variant: str):
         assert variant in VARIANTS
@@ -453,22 +455,33 @@ class IptablesBackend(Backend[IptablesFamilyLive]):
             return False
         return run([tool, "-w", "-t", "nat", "-S", CHAIN], check=False).returncode == 0
 
-    def _destroy_sets(self, family: int, keep, heads: dict[str, ipsets.Head] | None = None) -> None:
+    def _destroy_sets(self, family: int, keep, heads: dict[str, ipsets.Head] | None = None,
+                      settle: bool = False) -> None:
         """Destroy our sets of `family` but `keep`, those no rule references. The slots stay
-        while the other variant has our chain (it may be pointed at them next)."""
+        while the other variant has our chain (it may be pointed at them next). `settle`:
+        our chain is gone, so references still counted are the kernel's late release:
+        wait for it (up to SETTLE seconds)."""
         heads = ipsets.heads() if heads is None else heads
         keep = set(keep)
         if any(n in heads for n in ipsets.SLOTS[family] if n not in keep) and self._other_variant_chain(family):
             keep.update(ipsets.SLOTS[family])
-        for name, head in heads.items():
-            if ipsets.ours(name, family) and name not in keep and head.references == 0:
+        doomed = [name for name in heads if ipsets.ours(name, family) and name not in keep]
+        # nf_tables frees a transaction's deleted rules in a work queue: just after
+        # iptables-nft-restore returns, the xt_set matches of our deleted chain may still hold
+        # the sets (Debian 11's 5.10: flush left `ipmasq4-a` behind, References: 1).
+        deadline = time.monotonic() + self.SETTLE
+        while settle and any(heads[n].references > 0 for n in doomed if n in heads) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            heads = ipsets.heads()
+        for name in doomed:
+            if name in heads and heads[name].references == 0:
                 run(["ipset", "destroy", name], check=False)
 
     def _remove_family(self, family: int, live: IptablesFamilyLive) -> bool:
         if live.installed:
             text = render_remove(live.jumps, live.chain_exists, live.in_jumps, bool(live.in_rules))
             run([self.tool(family, "-restore"), "--noflush", "-w"], input=text)
-        self._destroy_sets(family, keep=())
+        self._destroy_sets(family, keep=(), settle=live.installed)
         return live.installed
 
     def remove(self) -> list[str]:
