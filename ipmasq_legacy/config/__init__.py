@@ -13,15 +13,15 @@ Every error is a ConfigError with one line naming the key, the value and the fil
 from __future__ import annotations
 
 import json  # noqa: F401  (tests reach the text readers' modules through this package)
-
-import yaml  # noqa: F401
+from typing import Any
 
 from ..ruledata import DEFAULTS  # noqa: F401
+from . import text
 from .cilium import directory_digest  # noqa: F401
 from .keys import ALIASES, CLI_ALIASES, KEYS, KNOWN, UNSUPPORTED, Config, apply_layer  # noqa: F401
 from .load import SHAPES, default_config_path, load, read_document  # noqa: F401
 from .masqagent import MASQ_AGENT_KEYS, MasqAgentConfig, agent_file, from_document, load_masq_agent  # noqa: F401
-from .text import FAST_YAML_MIN_ITEMS, SAFE_LOADER, _parse_text, _yaml_fast, read_yaml  # noqa: F401
+from .text import FAST_YAML_MIN_ITEMS, _parse_text, _yaml_fast, read_yaml  # noqa: F401
 from .values import (  # noqa: F401
     BATCH_MIN_ITEMS,
     DATAPATHS,
@@ -42,3 +42,10 @@ from .values import (  # noqa: F401
 )
 
 _read_yaml = read_yaml
+
+
+def __getattr__(name: str) -> Any:
+    """`yaml` and `SAFE_LOADER`, imported when first asked for (text.py says why)."""
+    if name in ("yaml", "SAFE_LOADER"):
+        return getattr(text, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

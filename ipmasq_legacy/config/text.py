@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .. import inputs, prefixes
 from ..errors import ConfigError
+from . import plain
 
-# libyaml's loader when PyYAML has it: ten times faster on long prefix lists.
-SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# PyYAML is imported when a text is first parsed (~13 ms of CPU: a no-op reconcile parses
+# nothing, agent.py); `Loader`, `SAFE_LOADER` and `yaml` are this module's names for it
+# all the same (__getattr__ below).
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Loader", "SAFE_LOADER", "yaml"):
+        return _yaml()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_text(path: Path, what: str) -> str:
@@ -43,40 +50,48 @@ NUMBER_CHARS_LIMIT = 100  # an integer of more digits is refused (Python's int()
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class Loader(SAFE_LOADER):  # type: ignore[valid-type,misc]  # CSafeLoader or SafeLoader
-    """SAFE_LOADER that notes keys given twice in one mapping (PyYAML keeps the last one
-    silently) and refuses integers too long to be meant."""
+@cache
+def _yaml() -> dict[str, Any]:
+    """{"yaml": the module, "SAFE_LOADER": libyaml's loader when PyYAML has it (ten times
+    faster on long prefix lists), "Loader": ours}."""
+    import yaml
 
-    def __init__(self, stream):
-        super().__init__(stream)
-        self.duplicates: list[tuple[Any, int, int]] = []  # (key, first line, second line)
+    safe_loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[tuple, int] = {}
-            for key_node, _value in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
-                    continue
-                key = (key_node.tag, key_node.value)
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    self.duplicates.append((key_node.value, seen[key], line))
-                else:
-                    seen[key] = line
-        return super().construct_mapping(node, deep)
+    class Loader(safe_loader):  # type: ignore[valid-type,misc]  # CSafeLoader or SafeLoader
+        """SAFE_LOADER that notes keys given twice in one mapping (PyYAML keeps the last one
+        silently) and refuses integers too long to be meant."""
 
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.duplicates: list[tuple[Any, int, int]] = []  # (key, first line, second line)
 
-def _construct_int(loader, node):
-    if len(node.value) > NUMBER_CHARS_LIMIT:
-        raise yaml.constructor.ConstructorError(
-            None, None, f"a number of {len(node.value)} characters: too long", node.start_mark)
-    return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[tuple, int] = {}
+                for key_node, _value in node.value:
+                    if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                        continue
+                    key = (key_node.tag, key_node.value)
+                    line = key_node.start_mark.line + 1
+                    if key in seen:
+                        self.duplicates.append((key_node.value, seen[key], line))
+                    else:
+                        seen[key] = line
+            return super().construct_mapping(node, deep)
 
+    def _construct_int(loader, node):
+        if len(node.value) > NUMBER_CHARS_LIMIT:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(node.value)} characters: too long", node.start_mark)
+        return yaml.constructor.SafeConstructor.construct_yaml_int(loader, node)
 
-Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+    Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+    return {"yaml": yaml, "SAFE_LOADER": safe_loader, "Loader": Loader}
 
 
 def _children(node) -> list:
+    yaml = _yaml()["yaml"]
     if isinstance(node, yaml.SequenceNode):
         return node.value
     if isinstance(node, yaml.MappingNode):
@@ -111,7 +126,7 @@ def _check_aliases(root, label: str) -> None:
 
 def _yaml_load(text: str, label: str) -> tuple[Any, list]:
     """yaml.load(text, Loader=SAFE_LOADER), bounded; (document, keys given twice)."""
-    loader = Loader(text)
+    loader = _yaml()["Loader"](text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -156,6 +171,11 @@ def _parse(text: str, label: str) -> tuple[Any, list]:
             return _json_load(text)
         except (ValueError, RecursionError):
             pass  # YAML flow style that is not JSON (or a number json will not take: YAML says why)
+    if text.count("\n") < FAST_YAML_MIN_ITEMS:  # a long list is the fast path's (below)
+        simple = plain.read(text)
+        if simple is not None:
+            return simple, []
+    yaml = _yaml()["yaml"]
     try:
         doc = _yaml_fast(text)
         if doc is not None:
@@ -260,8 +280,9 @@ def _yaml_fast(text: str, min_items: int | None = None) -> Any:
         return None
     if rest.startswith(("---", "...")) or "\n---" in rest or "\n..." in rest:
         return None
+    yaml = _yaml()["yaml"]
     try:
-        loader = Loader(rest)
+        loader = _yaml()["Loader"](rest)
         try:
             root = loader.get_single_node()
             if not isinstance(root, yaml.MappingNode) or root.flow_style:
