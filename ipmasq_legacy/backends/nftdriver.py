@@ -96,7 +96,10 @@ def _library_missing() -> str | None:
 #      second context, the commit, both contexts freed) in a throw-away network
 #      namespace (without the right to make one: the check alone) and exited normally.
 # Otherwise `nft -f -` drives the kernel. The verdict is kept in the state directory
-# (tmpfs), keyed by the library file and the binding's version: one child per boot.
+# (tmpfs), keyed by the library file and the binding's file: one child per boot. (Keyed
+# by the binding's file, not its version: importlib.metadata, which tells the version,
+# costs ~25 ms of CPU to import, a fifth of a small config's apply; it is asked only
+# when there is no verdict yet.)
 
 BINDING_RECORD = "nft-binding.json"
 PROBE_TIMEOUT = 20
@@ -141,6 +144,18 @@ def _library_file() -> str:
     return LIBRARY
 
 
+def _binding_file() -> str:
+    """The binding module's path, size and mtime: a new binding gets a new verdict."""
+    import nftables
+
+    path = getattr(nftables, "__file__", None) or "nftables"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def _probe_binding(table: str) -> str | None:
     """Run the binding on `table` in a child the way apply does; None if it survived and
     loaded it, else why not (a crash, or nft's own error)."""
@@ -169,11 +184,11 @@ def binding_unsafe(table: str | None = None) -> str | None:
     missing = _library_missing()
     if missing:
         return missing
-    bind = binding_version()
-    key = f"{_library_file()} {bind} {sys.version_info[0]}.{sys.version_info[1]}"
+    key = f"{_library_file()} {_binding_file()} {sys.version_info[0]}.{sys.version_info[1]}"
     record = state.read_json(BINDING_RECORD)
     if key in record:
         return record[key]
+    bind = binding_version()
     lib = library_version()
     verdict: str | None
     lib_release, bind_release = _release(lib or ""), _release(bind or "")
