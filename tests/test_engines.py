@@ -402,3 +402,13 @@ def test_a_draining_ebpf_datapath_is_no_second_engine(node):
     wipe_state(node)
     node.ipmasq("reconcile", "--config", path, check=True)
     assert json.loads((node.dir / "state" / "state.json").read_text())["backend"] == "nftables"
+
+
+def test_ebpf_pin_dir_is_the_ebpf_packages(monkeypatch, tmp_path):
+    """engines' copy of ebpf.pin_dir (kept so a netfilter run does not import the package)."""
+    from ipmasq_legacy.backends import ebpf
+
+    monkeypatch.delenv("IPMASQ_BPF_DIR", raising=False)
+    assert engines.ebpf_pin_dir() == ebpf.pin_dir()
+    monkeypatch.setenv("IPMASQ_BPF_DIR", str(tmp_path / "pins"))
+    assert engines.ebpf_pin_dir() == ebpf.pin_dir() == tmp_path / "pins"

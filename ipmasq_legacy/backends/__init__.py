@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import state
+from .. import kernel, netlink, ruledata, state
 from ..errors import BackendUnavailable
 from . import engines, selection
 from .base import Backend
@@ -94,9 +94,7 @@ def handover_pending(current: str) -> bool:
     """Cheap (one file test): does an earlier ebpf datapath still drain beside `current`?"""
     if current == "ebpf" or "ebpf" not in NAMES:
         return False
-    from .ebpf import pin_dir
-
-    return pin_dir().joinpath("ctl").exists()
+    return engines.ebpf_pin_dir().joinpath("ctl").exists()
 
 
 def finish_handovers(current: str) -> list[str]:
@@ -105,6 +103,21 @@ def finish_handovers(current: str) -> list[str]:
     switch to netfilter). Cheap when there is nothing of the kind; meant for agent.sync."""
     if current == "ebpf" or "ebpf" not in NAMES:
         return []
+    if kernel.current() is kernel.SYSTEM and not _ebpf_left():
+        return []  # what reap would find first, asked without importing the ebpf package (~20 ms of CPU)
     from .ebpf import EbpfBackend
 
     return EbpfBackend().reap()
+
+
+def _ebpf_left() -> bool:
+    """On the real node: the ebpf datapath's pins or its netfilter drain tables are there
+    (EbpfBackend.reap does nothing without either)."""
+    if engines.ebpf_pin_dir().joinpath("ctl").exists():
+        return True
+    drain = ruledata.load("ebpf")["nft_tables"]["drain"]
+    try:
+        found = netlink.nft_tables([(family, drain["table"]) for family in drain["families"]])
+    except OSError:
+        return False  # nf_tables cannot be asked: reap finds no table either
+    return any(attrs is not None for attrs in found.values())

@@ -15,7 +15,9 @@ Nothing imports pyroute2 (0.1 s) and nothing is changed.
 from __future__ import annotations
 
 import errno
+import os
 import struct
+from pathlib import Path
 
 from .. import netlink, ruledata
 from ..netlink import NETLINK_NETFILTER, NETLINK_ROUTE
@@ -104,13 +106,17 @@ def _nft_tables_present() -> bool:
 # ---------------------------------------------------------------- ebpf
 
 
+def ebpf_pin_dir() -> Path:
+    """ebpf.pin_dir() without importing the ebpf package (~20 ms of CPU, paid by every
+    netfilter backend's run for one file test): the same answer (tests/test_engines.py)."""
+    return Path(os.environ.get("IPMASQ_BPF_DIR") or ruledata.load("ebpf")["pin_dir"])
+
+
 def _ebpf_live(assist: bool) -> bool:
     """Pinned: live unless the datapath drains (F_DRAIN in its live cfg). Not pinned: live
     if anything of it is left that NATs: a tc filter of ours on any link, or its assist
     chain (EbpfBackend.remove removes both)."""
-    from .ebpf import pin_dir
-
-    if pin_dir().joinpath("ctl").exists():
+    if ebpf_pin_dir().joinpath("ctl").exists():
         return not _ebpf_draining()
     return assist or _our_tc_filters()
 
@@ -129,8 +135,6 @@ def _ebpf_draining() -> bool:
 
 def _our_tc_filters() -> bool:
     """A bpf filter named ipmasq_legacy/... on a clsact hook of any link."""
-    from .ebpf.tc import our_filters
-
     try:
         with netlink.Netlink(NETLINK_ROUTE) as nl:
             clsact = set()
@@ -138,6 +142,10 @@ def _our_tc_filters() -> bool:
                 index = TCMSG.unpack_from(msg)[1]
                 if netlink.text(netlink.attrs(msg, TCMSG.size).get(TCA_KIND)) == "clsact":
                     clsact.add(index)
+            if not clsact:
+                return False
+            from .ebpf.tc import our_filters  # only here: the ebpf package is not imported for nothing
+
             return any(any(our_filters(index, nl).values()) for index in sorted(clsact))
     except OSError:
         return False
