@@ -121,6 +121,7 @@ class Run:
     code: int | None  # None: killed at the time limit
     stdout: str
     stderr: str
+    cpu: float = 0.0  # seconds of user + system CPU of the tree (children waited for), load-proof beside wall
 
     @property
     def timed_out(self) -> bool:
@@ -145,7 +146,7 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - start
 with open(out, "w") as f:
-    f.write(f"{wall} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+    f.write(f"{wall} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)} {usage.ru_utime + usage.ru_stime}")
 """
 
 
@@ -173,11 +174,12 @@ def run_measured(argv: list[str], env: dict | None = None, timeout: float = 60.0
             err.seek(0)
             return Run(wall=timeout, rss_mb=0.0, code=None, stdout=out.read().decode(errors="replace"),
                        stderr=err.read().decode(errors="replace"))
-        wall, maxrss_kb, code = Path(stats.name).read_text().split()
+        wall, maxrss_kb, code, cpu = Path(stats.name).read_text().split()
         out.seek(0)
         err.seek(0)
         return Run(wall=float(wall), rss_mb=int(maxrss_kb) / 1024.0, code=int(code),
-                   stdout=out.read().decode(errors="replace"), stderr=err.read().decode(errors="replace"))
+                   stdout=out.read().decode(errors="replace"), stderr=err.read().decode(errors="replace"),
+                   cpu=float(cpu))
 
 
 def cli_env(workdir: Path) -> dict:

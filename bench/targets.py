@@ -9,6 +9,9 @@ the `targets` table of python -m bench):
   `ip(6)tables-restore --noflush -w` per family); ebpf: `bpftool prog loadall` of the
   object (cold apply only: the programs stay loaded otherwise), the conntrack keeper's
   `nft -f -` and an assist-sized `ip(6)tables-restore` per family. Target: <= 2x.
+  Each is measured twice: wall time (fork to reap) and CPU time (user + system of the
+  process and the tools it ran); on a machine loaded by others the CPU ratio is the
+  steadier one (a wall ratio there counts waits for a CPU).
 * at `big` prefixes (100,000; quick: 10,000): a /metrics scrape of a `watch` agent
   (ms each, 20 scrapes; the agent's RSS before and after them; target < 50 ms and no
   growth) and `status` as a whole process (target < 0.3 s), each beside a bare
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,16 +39,28 @@ BARE_PYTHON = getattr(sys, "_base_executable", None) or sys.executable
 SCRAPES = 20
 
 
-def _wall(node: measure.BenchNode, argv: list[str], input: str | None = None) -> float:
-    """Fork to reap of one command in the node (a bare tool: not through the launcher's
-    RSS bookkeeping, which it does not need)."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(node: measure.BenchNode, argv: list[str], input: str | None = None) -> tuple[float, float]:
+    """(wall, CPU) of one command in the node, fork to reap (a bare tool: not through the
+    launcher's RSS bookkeeping, which it does not need); CPU as the CLI's (user + system,
+    `ip netns exec` included in both)."""
     full = ["ip", "netns", "exec", node.bed.node, *argv]
+    cpu = _children_cpu()
     start = time.perf_counter()
     proc = subprocess.run(full, input=input, capture_output=True, text=True, env=node.env, timeout=120)
     wall = time.perf_counter() - start
+    cpu = _children_cpu() - cpu
     if proc.returncode != 0:
         raise RuntimeError(f"floor command {' '.join(argv)} failed: {proc.stderr.strip()[:300]}")
-    return wall
+    return wall, cpu
+
+
+def _wall(node: measure.BenchNode, argv: list[str], input: str | None = None) -> float:
+    return _timed(node, argv, input)[0]
 
 
 def floor_commands(node: measure.BenchNode, backend: str, config: str) -> list[tuple[list[str], str]]:
@@ -85,22 +101,23 @@ def _floor_reset(node: measure.BenchNode, backend: str) -> None:
                        capture_output=True)
 
 
-def _floor_once(node: measure.BenchNode, backend: str, commands, step: str) -> float:
+def _floor_once(node: measure.BenchNode, backend: str, commands, step: str) -> tuple[float, float]:
+    """(wall, CPU) of the floor's commands, summed."""
     _floor_reset(node, backend)
-    total = _wall(node, [BARE_PYTHON, "-I", "-c", "pass"])
+    runs = [_timed(node, [BARE_PYTHON, "-I", "-c", "pass"])]
     if backend == "ebpf" and step == "cold" and node.bpffs is not None:
         obj = str(measure.REPO / "ipmasq_legacy" / "bpf" / "masq.o")
-        total += _wall(node, ["bpftool", "prog", "loadall", obj, str(node.bpffs / "bench-progs"), "type",
-                              "classifier"])
+        runs.append(_timed(node, ["bpftool", "prog", "loadall", obj, str(node.bpffs / "bench-progs"), "type",
+                                  "classifier"]))
         subprocess.run(["rm", "-rf", str(node.bpffs / "bench-progs")], capture_output=True)
     for argv, text in commands:
-        total += _wall(node, argv, input=text)
-    return total
+        runs.append(_timed(node, argv, input=text))
+    return sum(w for w, _ in runs), sum(c for _, c in runs)
 
 
 def small_configs(backend: str, workdir: Path, rounds: int, log) -> dict:
     """cold / noop / change at 10 prefixes, each round: the step, then its floor."""
-    out: dict = {step: {"cli": [], "floor": []} for step in measure.STEPS}
+    out: dict = {step: {"cli": [], "floor": [], "cli_cpu": [], "floor_cpu": []} for step in measure.STEPS}
     with measure.new_bed() as bed, measure.new_bed() as floor_bed:
         node = measure.BenchNode(bed, workdir, 60)
         floor = measure.BenchNode(floor_bed, workdir, 60)
@@ -120,12 +137,18 @@ def small_configs(backend: str, workdir: Path, rounds: int, log) -> dict:
                     if why:
                         out[step]["problem"] = why
                     out[step]["cli"].append(r.wall)
-                    out[step]["floor"].append(_floor_once(floor, backend, commands[step == "change"], step))
+                    out[step]["cli_cpu"].append(r.cpu)
+                    wall, cpu = _floor_once(floor, backend, commands[step == "change"], step)
+                    out[step]["floor"].append(wall)
+                    out[step]["floor_cpu"].append(cpu)
             for step in measure.STEPS:
                 st = out[step]
                 st["ratio"] = statistics.median(c / f for c, f in zip(st["cli"], st["floor"]))
+                st["cpu_ratio"] = statistics.median(c / f for c, f in zip(st["cli_cpu"], st["floor_cpu"]))
                 log(f"  {backend} 10 {measure.STEP_TITLES[step]}: {statistics.median(st['cli']) * 1000:.0f} ms, "
-                    f"floor {statistics.median(st['floor']) * 1000:.0f} ms, {st['ratio']:.2f}x")
+                    f"floor {statistics.median(st['floor']) * 1000:.0f} ms, {st['ratio']:.2f}x; CPU "
+                    f"{statistics.median(st['cli_cpu']) * 1000:.0f} ms, floor "
+                    f"{statistics.median(st['floor_cpu']) * 1000:.0f} ms, {st['cpu_ratio']:.2f}x")
             floor.flush()
             node.flush()
         finally:
@@ -198,17 +221,22 @@ def at_scale(backend: str, n: int, workdir: Path, rounds: int, log) -> dict:
             # status as cron's steady state sees it: after an apply and the reconcile that verified it
             node.timed("reconcile", "--config", config, "--backend", backend)
             node.timed("reconcile", "--config", config, "--backend", backend)
-            status, floor = [], []
+            status, floor, status_cpu, floor_cpu = [], [], [], []
             for _ in range(rounds):
                 r = node.timed("status", "--config", config, "--backend", backend)
                 if r.code != 0 or "State: in sync" not in r.stdout:
                     out["status_problem"] = (r.stdout + r.stderr).strip()[-300:]
                 status.append(r.wall)
-                floor.append(_wall(node, [BARE_PYTHON, "-I", "-c", "pass"]))
+                status_cpu.append(r.cpu)
+                wall, cpu = _timed(node, [BARE_PYTHON, "-I", "-c", "pass"])
+                floor.append(wall)
+                floor_cpu.append(cpu)
             deep = node.timed("status", "--deep", "--config", config, "--backend", backend)
-            out.update(status_s=status, status_floor_s=floor, status_deep_s=deep.wall, status_deep_rss_mb=deep.rss_mb)
+            out.update(status_s=status, status_floor_s=floor, status_cpu_s=status_cpu, status_floor_cpu_s=floor_cpu,
+                       status_deep_s=deep.wall, status_deep_rss_mb=deep.rss_mb)
             log(f"  {backend} {n} status: median {statistics.median(status):.3f} s (python -I -c pass "
-                f"{statistics.median(floor):.3f} s); --deep {deep.wall:.2f} s")
+                f"{statistics.median(floor):.3f} s), CPU {statistics.median(status_cpu):.3f} s "
+                f"({statistics.median(floor_cpu):.3f} s); --deep {deep.wall:.2f} s")
             node.flush()
         finally:
             if agent is not None:
@@ -244,23 +272,31 @@ def render(res: dict) -> str:
 
     lines = [f"Issue 15 targets ({res['rounds']} rounds, each CLI run beside its floor; median; ratio = median of "
              "per-round ratios)", "",
-             "| backend | step (10 prefixes) | CLI ms | floor ms | ratio | target <= 2x |", "|---|---|---|---|---|---|"]
+             "| backend | step (10 prefixes) | CLI ms | floor ms | ratio | CLI CPU ms | floor CPU ms | CPU ratio "
+             "| target <= 2x (wall; CPU) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, steps in res["small"].items():
         if "error" in steps:
             lines.append(f"| {name} | | | | | FAIL: {steps['error'][:80]} |")
             continue
         for step in measure.STEPS:
             st = steps[step]
-            verdict = "FAIL: " + st["problem"][:60] if st.get("problem") else ("PASS" if st["ratio"] <= 2 else
-                                                                                f"MISS ({st['ratio'] / 2:.2f}x over)")
+            def verdict(ratio):
+                return "PASS" if ratio <= 2 else f"MISS ({ratio / 2:.2f}x over)"
+
+            cpu = st.get("cpu_ratio")
+            verdicts = "FAIL: " + st["problem"][:60] if st.get("problem") else (
+                verdict(st["ratio"]) + "; " + (verdict(cpu) if cpu is not None else "-"))
+            cpu_cells = (f"{ms(statistics.median(st['cli_cpu']))} | {ms(statistics.median(st['floor_cpu']))} | "
+                         f"{cpu:.2f}x" if cpu is not None else "- | - | -")
             lines.append(f"| {name} | {measure.STEP_TITLES[step]} | {ms(statistics.median(st['cli']))} | "
-                         f"{ms(statistics.median(st['floor']))} | {st['ratio']:.2f}x | {verdict} |")
+                         f"{ms(statistics.median(st['floor']))} | {st['ratio']:.2f}x | {cpu_cells} | {verdicts} |")
     lines += ["", f"| backend | scrape at {res['big']:,} (median, max ms) | RSS before -> after {SCRAPES} scrapes | "
-              "status s (python -I -c pass s) | status --deep s | targets: scrape < 50 ms, no growth; status < 0.3 s |",
-              "|---|---|---|---|---|---|"]
+              "status s (python -I -c pass s) | status CPU s (python -I -c pass) | status --deep s | "
+              "targets: scrape < 50 ms, no growth; status < 0.3 s |",
+              "|---|---|---|---|---|---|---|"]
     for name, st in res["scale"].items():
         if "error" in st:
-            lines.append(f"| {name} | | | | | FAIL: {st['error'][:80]} |")
+            lines.append(f"| {name} | | | | | | FAIL: {st['error'][:80]} |")
             continue
         scrape = statistics.median(st["scrape_ms"])
         status = statistics.median(st["status_s"])
@@ -269,9 +305,11 @@ def render(res: dict) -> str:
                     "status " + ("PASS" if status < 0.3 else "MISS")]
         if st.get("scrape_problem") or st.get("status_problem"):
             verdicts.append("FAIL: " + (st.get("scrape_problem") or st.get("status_problem"))[:60])
+        cpu = (f"{statistics.median(st['status_cpu_s']):.3f} ({statistics.median(st['status_floor_cpu_s']):.3f})"
+               if st.get("status_cpu_s") else "-")
         lines.append(f"| {name} | {scrape:.1f}, {max(st['scrape_ms']):.1f} | {st['rss_before_mb']:.0f} -> "
                      f"{st['rss_after_mb']:.0f} MB | {status:.3f} ({statistics.median(st['status_floor_s']):.3f}) | "
-                     f"{st['status_deep_s']:.2f} | {', '.join(verdicts)} |")
+                     f"{cpu} | {st['status_deep_s']:.2f} | {', '.join(verdicts)} |")
     return "\n".join(lines)
 
 
