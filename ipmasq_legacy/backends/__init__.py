@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .. import kernel, netlink, ruledata, state
 from ..errors import BackendUnavailable
-from . import engines, selection
-from .base import Backend
-from .iptables import IptablesBackend, detect_variant
-from .nftables import NftablesBackend
-from .nftdriver import probe_table
+from . import engines
 from .registry import NAMES
+
+if TYPE_CHECKING:
+    from .base import Backend
+
+# Each backend's module is imported when that backend is asked for: a run imports the
+# one it uses (the iptables modules or the nftables ones: ~3-5 ms of CPU each).
 
 
 def get(name: str) -> Backend:
     if name.startswith("iptables-"):
+        from .iptables import IptablesBackend
+
         return IptablesBackend(name.removeprefix("iptables-"))
     if name == "nftables":
+        from .nftables import NftablesBackend
+
         return NftablesBackend()
     if name == "ebpf":
         from .ebpf import EbpfBackend
@@ -45,6 +53,9 @@ def availability() -> dict[str, str | None]:
     the driver apply would use (nftdriver.probe_table: the libnftables binding, itself run
     first in a child, or `nft -f -`) in a throw-away namespace; without the right to make
     one (no CAP_SYS_ADMIN) it is only checked, which commits nothing."""
+    from . import selection
+    from .nftdriver import probe_table
+
     result = {}
     for name in NAMES:
         reason = get(name).unavailable_reason()
@@ -62,6 +73,8 @@ def resolve(datapath: str, probe: bool = True, live: list[str] | None = None) ->
     if datapath in NAMES:
         return get(datapath), "configured"
     if datapath == "iptables":
+        from .iptables import IptablesBackend, detect_variant
+
         if not probe:
             return IptablesBackend("nft"), "iptables-nft assumed (plan probes nothing)"
         variant, why = detect_variant()
@@ -78,6 +91,8 @@ def resolve(datapath: str, probe: bool = True, live: list[str] | None = None) ->
             return get(recorded), f"installed (recorded in {state.state_dir() / 'state.json'})"
         if not probe:
             return get("nftables"), "auto on a node with no rules (plan probes nothing)"
+        from . import selection
+
         try:
             name, why = selection.choose_auto(availability, engines.live_engines() if live is None else live)
         except LookupError as exc:
