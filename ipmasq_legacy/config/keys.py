@@ -7,7 +7,6 @@ entries over the layers below it: default < file < options.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -99,6 +98,8 @@ Entry = tuple  # (key in Cilium's agent names, value, the key as the document sp
 
 
 def _unknown(key: Any, known, where: str) -> ConfigError:
+    import difflib  # only for an unknown key: not on every run's imports
+
     hint = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
     suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(sorted(known))}"
     return ConfigError(f"{where}: unknown key {_show(key)}{suggestion}")

@@ -16,7 +16,6 @@ The same parser reads Cilium's inline `ipMasqAgent.config` (config/cilium.py).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +134,8 @@ def from_document(doc: Any, label: str, source: str, json_order: bool = False,
             twice.append(f"{_show(given[field][0])} and {_show(key)}")
         given[field] = (key, doc[key])
     if unknown:
+        import difflib  # only for an unknown key: not on every run's imports
+
         hints = [f"{_show(k)} (did you mean {m[0]!r}?)"
                  if (m := difflib.get_close_matches(k[:100], MASQ_AGENT_KEYS, 1, 0.6)) else _show(k)
                  for k in unknown[:10]] + ([f"(+{len(unknown) - 10} more)"] if len(unknown) > 10 else [])
