@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import inputs, prefixes
 from ..errors import ConfigError
-from . import plain
+from .plain import read as read_plain
 
 # PyYAML is imported when a text is first parsed (~13 ms of CPU: a no-op reconcile parses
 # nothing, agent.py); `Loader`, `SAFE_LOADER` and `yaml` are this module's names for it
@@ -171,15 +171,14 @@ def _parse(text: str, label: str) -> tuple[Any, list]:
             return _json_load(text)
         except (ValueError, RecursionError):
             pass  # YAML flow style that is not JSON (or a number json will not take: YAML says why)
-    if text.count("\n") < FAST_YAML_MIN_ITEMS:  # a long list is the fast path's (below)
-        simple = plain.read(text)
-        if simple is not None:
-            return simple, []
+    # Before PyYAML is imported: a short text of the usual shape (plain.py), a long one
+    # with its long lists cut out (the fast path, which reads what is left with plain.py
+    # where it can, and catches what libyaml raises on it)
+    doc = read_plain(text) if text.count("\n") < FAST_YAML_MIN_ITEMS else _yaml_fast(text)
+    if doc is not None:
+        return doc, []
     yaml = _yaml()["yaml"]
     try:
-        doc = _yaml_fast(text)
-        if doc is not None:
-            return doc, []
         return _yaml_load(text, label)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -280,6 +279,25 @@ def _yaml_fast(text: str, min_items: int | None = None) -> Any:
         return None
     if rest.startswith(("---", "...")) or "\n---" in rest or "\n..." in rest:
         return None
+    # The rest, as short as a config without its long lists, is plain.py's when it can
+    # read it (no PyYAML import: ~13 ms of CPU); every placeholder is then a key's value on
+    # its own line, as libyaml is asked to check below.
+    doc = read_plain(rest) if rest.count("\n") < FAST_YAML_MIN_ITEMS else None
+    if doc is None:
+        doc = _fast_rest(rest, placeholders)
+    if doc is None:
+        return None
+    placed = 0
+    for key, value in doc.items():
+        if isinstance(value, str) and value in placeholders:
+            doc[key] = placeholders[value]
+            placed += 1
+    return doc if placed == len(placeholders) else None
+
+
+def _fast_rest(rest: str, placeholders: dict) -> dict | None:
+    """libyaml's document of the text left when the long lists are cut out, where every
+    placeholder came back as the plain value of a top-level key on its line; else None."""
     yaml = _yaml()["yaml"]
     try:
         loader = _yaml()["Loader"](rest)
@@ -305,9 +323,4 @@ def _yaml_fast(text: str, min_items: int | None = None) -> Any:
         return None  # libyaml says it again, on the whole text
     if not isinstance(doc, dict) or len(doc) != len(root.value):
         return None  # a key twice (or a merge key): leave it to libyaml
-    placed = 0
-    for key, value in doc.items():
-        if isinstance(value, str) and value in placeholders:
-            doc[key] = placeholders[value]
-            placed += 1
-    return doc if placed == len(placeholders) else None
+    return doc
