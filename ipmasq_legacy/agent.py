@@ -161,11 +161,7 @@ def unchanged_since_verified(config_path: str | None, options: dict, live: list[
     are what the last reconcile that found everything in sync saw. `live`: the engines
     of ours the kernel holds, when the caller asked already."""
     record = state.read_json(VERIFIED)
-    if not record or record.get("version") != __version__ or record.get("options") != options:
-        return False
-    if record.get("config_path") != (config_path or config.default_config_path()):
-        return False
-    if any(_file_digest(f) != d for f, d in record.get("files", {}).items()):
+    if not _same_inputs(record, config_path, options):
         return False
     if snat.missing(record.get("snat", [])):  # an address of the node's is no file's bytes
         return False
@@ -184,6 +180,61 @@ def unchanged_since_verified(config_path: str | None, options: dict, live: list[
     return set(engines.live_engines() if live is None else live) <= {record["backend"]}
 
 
+def _same_inputs(record: dict, config_path: str | None, options: dict) -> bool:
+    """`record` (_inputs' and the config path) was taken of the inputs as they are now."""
+    if not record or record.get("version") != __version__ or record.get("options") != options:
+        return False
+    if record.get("config_path") != (config_path or config.default_config_path()):
+        return False
+    return not any(_file_digest(f) != d for f, d in record.get("files", {}).items())
+
+
+# What the config the last verifying reconcile read makes, kept for `status` (cron's steady
+# state): at 100,000 prefixes reading and planning it again is ~0.15 s of CPU, half of
+# status's budget (0.3 s), and loading this ~15 ms. It depends on the inputs alone (the
+# files' bytes, the options, the version), and is used only while they are unchanged.
+CONFIG_CACHE = "verified-config.json"
+
+
+def _cache_config(cfg: Config, the_plan: planmod.Plan, inputs: dict, config_path: str) -> None:
+    s = summary(cfg)
+    state.write_json(CONFIG_CACHE, {**inputs, "config_path": config_path, "plan": planmod.to_record(the_plan),
+                                    "config": {"datapath": s.datapath, "shape": s.shape, "source": s.source,
+                                               "ip_masq_agent": s.ip_masq_agent,
+                                               "warnings": [list(w) for w in s.warnings]}})
+
+
+@dataclass(frozen=True)
+class ConfigSummary:
+    """What `status` shows of a Config (CONFIG_CACHE)."""
+
+    datapath: str
+    shape: str
+    source: str
+    ip_masq_agent: str | None  # where the ip-masq-agent settings came from, when they apply
+    warnings: tuple
+
+
+def summary(cfg: Config) -> ConfigSummary:
+    agent = cfg.masq_agent.source if cfg.enable_ip_masq_agent and cfg.masq_agent is not None else None
+    return ConfigSummary(cfg.datapath, cfg.shape, cfg.source, agent, tuple(cfg.warnings))
+
+
+def cached_config(config_path: str | None, options: dict) -> tuple[ConfigSummary, planmod.Plan] | None:
+    """(the config's summary, its plan) as the last verifying reconcile made them, where
+    the inputs are unchanged since; else None (then the config is read)."""
+    record = state.read_json(CONFIG_CACHE)
+    if not _same_inputs(record, config_path, options):
+        return None
+    try:
+        summary = record["config"]
+        warnings = tuple(config.ConfigWarning(kind, text) for kind, text in summary["warnings"])
+        return (ConfigSummary(summary["datapath"], summary["shape"], summary["source"], summary["ip_masq_agent"],
+                              warnings), planmod.from_record(record["plan"]))
+    except (KeyError, TypeError, ValueError):
+        return None  # not a record of this version's: read the config
+
+
 def reconcile(config_path: str | None, options: dict, missing_ok: bool | None = None) -> SyncResult | None:
     """Repair drift; None when the inputs and the kernel state are unchanged since the
     last reconcile that found everything in sync (nothing was parsed or read in full).
@@ -200,9 +251,12 @@ def reconcile(config_path: str | None, options: dict, missing_ok: bool | None = 
     result = sync(cfg, only_if_drifted=True)
     if not result.drift and not result.changes and before is not None and result.backend == recorded:
         # The fingerprint was taken before the full read: a change made during it is seen next time.
-        state.write_json(VERIFIED, {**_inputs(cfg, config_path, options), "backend": recorded, "kernel": before,
+        inputs = _inputs(cfg, config_path, options)
+        state.write_json(VERIFIED, {**inputs, "backend": recorded, "kernel": before,
                                     "config_path": config_path or config.default_config_path(),
                                     "snat": snat.pairs(result.plan) if result.plan is not None else []})
+        if result.plan is not None:
+            _cache_config(cfg, result.plan, inputs, config_path or config.default_config_path())
     return result
 
 

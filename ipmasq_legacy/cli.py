@@ -347,14 +347,22 @@ def _installed_backend(cfg, live_engines: list[str] | None = None):
     return backends.resolve(cfg.datapath, live=live_engines)[0]
 
 
-def _status_source(config_path, options):
-    """(source, cfg, why not) for status: the config the last apply installed unless one is
-    given; when none can be known, the live state is still shown."""
+def _status_source(config_path, options, deep: bool):
+    """(source, cfg, plan, why not) for status: the config the last apply installed unless
+    one is given; when none can be known, the live state is still shown. Unless `deep`,
+    cfg and plan as the last verifying reconcile made them while the inputs are unchanged
+    (agent.cached_config: cfg is then an agent.ConfigSummary)."""
+    from . import agent
+
     try:
         src = source.for_follow(config_path, options)
     except source.SourceUnknown as exc:
-        return None, None, str(exc)
-    return src, src.load(), None
+        return None, None, None, str(exc)
+    cached = None if deep else agent.cached_config(src.path, src.options)
+    if cached is not None:
+        return src, cached[0], cached[1], None
+    cfg = src.load()
+    return src, agent.summary(cfg), planmod.build(cfg), None
 
 
 @cli.command()
@@ -373,10 +381,9 @@ def status(config_path, output, deep, **kwargs):
     from . import snat
 
     inputs.need_net_admin("status", "to read the rules")  # never "none installed" for want of a look
-    src, cfg, unknown = _status_source(config_path, options_of(kwargs))
+    src, cfg, the_plan, unknown = _status_source(config_path, options_of(kwargs), deep)
     ours = backends.engines.live_engines()  # asked of the kernel: state.json may be gone
     backend = _installed_backend(cfg, ours) or backends.resolve("auto", probe=False, live=ours)[0]
-    the_plan = planmod.build(cfg) if cfg is not None else None
     # every other engine of ours the kernel holds is drift (reconcile removes it)
     drift = backends.engines.second_engines(ours, backend.name)
     if the_plan is not None and not deep and _verified(src, backend.name, ours):
@@ -412,7 +419,7 @@ def status(config_path, output, deep, **kwargs):
             "counters": [vars(c) for c in counters],
             "config": None if src is None else {
                 "path": src.path, "options": src.options, "shape": cfg.shape, "source": cfg.source,
-                "ip_masq_agent": _agent_source(cfg), "recorded": src.recorded or None, "note": src.note},
+                "ip_masq_agent": cfg.ip_masq_agent, "recorded": src.recorded or None, "note": src.note},
             "warnings": warnings,
             "others": [vars(f) for f in foreign],
         })
@@ -430,7 +437,7 @@ def status(config_path, output, deep, **kwargs):
     for (family, interface), (packets, nbytes) in sorted(totals.items()):
         click.echo(f"  masqueraded ipv{family} via {interface}: {packets} packets, {nbytes} bytes")
     if src is not None:
-        agent = _agent_source(cfg)
+        agent = cfg.ip_masq_agent
         click.echo(f"Config: {source.describe(src.path, src.options)} ({config.SHAPES[cfg.shape]}"
                    + (f"; ip-masq-agent: {agent}" if agent else "") + ")")
         if src.note:
@@ -448,12 +455,6 @@ def _verified(src, backend: str, live_engines: list[str]) -> bool:
     from . import agent
 
     return live_engines == [backend] and agent.unchanged_since_verified(src.path, src.options, live_engines)
-
-
-def _agent_source(cfg) -> str | None:
-    if not cfg.enable_ip_masq_agent or cfg.masq_agent is None:
-        return None
-    return cfg.masq_agent.source
 
 
 @cli.command("list")

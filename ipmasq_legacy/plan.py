@@ -118,6 +118,22 @@ class Plan:
         }
 
 
+def to_record(plan: Plan) -> dict:
+    """The plan as JSON holds it, every field (from_record makes it again)."""
+    return {"families": [[f.family, list(f.interfaces), list(f.sources), list(f.exempt), f.random_fully,
+                          [list(r) for r in f.to_ports], [list(s) for s in f.snat]] for f in plan.families],
+            "ebpf_conntrack": plan.ebpf_conntrack}
+
+
+def from_record(record: dict) -> Plan:
+    return Plan(families=tuple(
+        FamilyPlan(family=family, interfaces=tuple(interfaces), sources=tuple(sources), exempt=tuple(exempt),
+                   random_fully=random_fully, to_ports=tuple(tuple(r) for r in to_ports),  # type: ignore[misc]
+                   snat=tuple(tuple(s) for s in snat))  # type: ignore[misc]
+        for family, interfaces, sources, exempt, random_fully, to_ports, snat in record["families"]),
+        ebpf_conntrack=record["ebpf_conntrack"])
+
+
 def normalise(items) -> tuple[str, ...]:
     """Merge duplicates, contained and adjacent prefixes; sorted, IPv4 first."""
     items = list(items)

@@ -587,6 +587,48 @@ def test_cli_status_says_in_sync_drifted_and_whose_masquerading_is_beside_ours(n
     assert ipmasq("status").stdout.splitlines()[-1] == "State: drifted: ipv4: 0 jumps from POSTROUTING instead of 1"
 
 
+def test_cli_status_from_the_verified_config_says_what_reading_it_says(node):
+    """After a verifying reconcile, status takes the config and plan it kept
+    (agent.cached_config) instead of reading the config: the same output, text and JSON,
+    in sync and drifted; a changed config file is read again."""
+    from ipmasq_legacy import agent, state
+
+    node.fake.seed("nft", 4, "nat", *DOCKER)
+    ipmasq("apply", "--config", node.config, "--backend", "iptables-nft")
+    ipmasq("reconcile")
+    assert (state.state_dir() / agent.CONFIG_CACHE).exists()
+
+    def both(*args):
+        cached = [ipmasq("status", *args).stdout, ipmasq("status", "-o", "json", *args).stdout]
+        kept = (state.state_dir() / agent.CONFIG_CACHE).read_bytes()
+        state.remove(agent.CONFIG_CACHE)
+        read = [ipmasq("status", *args).stdout, ipmasq("status", "-o", "json", *args).stdout]
+        (state.state_dir() / agent.CONFIG_CACHE).write_bytes(kept)
+        return cached, read
+
+    cached, read = both()
+    assert cached == read and cached[0].splitlines()[-1] == "State: in sync"
+    node.fake.seed("nft", 4, "nat", f"-D{JUMP[2:]}")
+    cached, read = both()
+    assert cached == read and "drifted" in cached[0]
+    with open(node.config, "w") as f:
+        f.write(V4.replace("10.0.0.0/8", "10.9.0.0/16"))
+    cached, read = both()
+    assert cached == read and "exempt set ipmasq4-a members differ" in cached[0]  # the new file was read
+
+
+def test_plan_record_round_trips():
+    import json
+
+    from ipmasq_legacy import plan as planmod
+
+    the_plan = planmod.Plan(families=(
+        planmod.FamilyPlan(4, ("eth+",), ("10.244.0.0/16",), ("10.0.0.0/8",), True, ((1024, 2047), (3000, 4000)),
+                           (("eth0", "192.0.2.1"),)),
+        planmod.FamilyPlan(6, (), (), ())), ebpf_conntrack=False)
+    assert planmod.from_record(json.loads(json.dumps(planmod.to_record(the_plan)))) == the_plan
+
+
 def test_cli_flush_removes_ours_and_nothing_else(node):
     for v in ("legacy", "nft"):
         node.fake.seed(v, 4, "nat", *DOCKER, *KUBE)
