@@ -1,4 +1,4 @@
-"""Errors the CLI turns into exit codes (spec section 5). Messages are one line."""
+"""Errors the CLI turns into exit codes (docs/spec.md section 5). Messages are one line."""
 
 
 class IpmasqError(Exception):

@@ -1,4 +1,4 @@
-"""Issue 14, item 2: property-based tests over the command line's inputs, not only over
+"""Property-based tests over the command line's inputs, not only over
 config documents: what kind of file the config is, its size and encoding, the IPMASQ_*
 environment, and combinations of options.
 

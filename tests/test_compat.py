@@ -1,4 +1,4 @@
-"""The configs users already have (issue 12): Cilium's agent keys, its Helm values.yaml and
+"""The configs users already have (README "Compatibility with Cilium and ip-masq-agent"): Cilium's agent keys, its Helm values.yaml and
 its cilium-config ConfigMap (manifest, data, mounted directory), and ip-masq-agent files
 as ip-masq-agent reads them (its own TestSyncConfig inputs). No root needed."""
 
@@ -16,7 +16,7 @@ from ipmasq_legacy.errors import ConfigError
 
 from .test_config import DEFAULT_11
 
-# Seed 003 (/work/shared/seeds/, a TKE guide): its values.yaml, verbatim, comments and all.
+# A TKE guide's values.yaml (one of the documents docs/spec.md grew from), verbatim, comments and all.
 SEED_003_VALUES = """\
 # 启用 cilium 的 IP MASQUERADE 功能
 enableIPv4Masquerade: true
@@ -312,7 +312,7 @@ SYNC_CONFIG_CASES = [
     ("valid yaml file, just nonMasqueradeCIDRs", "\nnonMasqueradeCIDRs:\n  - 192.168.0.0/16\n",
      ["192.168.0.0/16"], False, 60.0),
     # the agent keeps its default ranges: three without --nomasq-all-reserved-ranges; here the
-    # eleven it keeps with it (spec section 2)
+    # eleven it keeps with it (docs/spec.md section 2)
     ("valid yaml file, just masqLinkLocal", "\nmasqLinkLocal: true\n", DEFAULT_11, True, 60.0),
     ("valid yaml file, just resyncInterval", "\nresyncInterval: 5m\n", DEFAULT_11, False, 300.0),
     ("valid json file, all keys",

@@ -1,4 +1,4 @@
-"""Config loading and every validation error (spec sections 1 and 2). No root needed."""
+"""Config loading and every validation error (docs/spec.md sections 1 and 2). No root needed."""
 
 from __future__ import annotations
 

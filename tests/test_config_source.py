@@ -1,4 +1,4 @@
-"""Reconcile repairs, it never changes the intent (issue 12): apply records where its config
+"""Reconcile repairs, it never changes the intent: apply records where its config
 came from; reconcile, status, list and watch without --config follow that record; a
 missing default config is never read as "all defaults" where something else was applied.
 

@@ -1,4 +1,4 @@
-"""Scrapes and status read what the counters cost (issue 15 item 2): Backend.counters()
+"""Scrapes and status read what the counters cost (README "Benchmarks"): Backend.counters()
 gives what live() gives for the counters, without reading the exempt set's members; a
 metrics file written by a cron run lists nothing; status trusts the last reconcile's
 verdict while nothing changed, and reads everything with --deep."""

@@ -1,4 +1,4 @@
-"""The ebpf backend's fast path (`ebpf-conntrack: false`, issue 15 item 4), by packets.
+"""The ebpf backend's fast path (`ebpf-conntrack: false`), by packets.
 
 Instead of the conntrack keeper, table inet ipmasq_legacy_notrack keeps conntrack off the
 flows the tc programs translate (keeper.py, rules/ebpf.yaml). The decision table runs in

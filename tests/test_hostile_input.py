@@ -1,4 +1,4 @@
-"""Issue 14, item 1: every row of the hostile tester's table gets one clear line and the
+"""Hostile input: every row of the hostile tester's table gets one clear line and the
 documented exit code, and nothing changes.
 
 Rows that only read (plan, option parsing, non-root refusals) run the real CLI in a

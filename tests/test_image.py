@@ -1,4 +1,4 @@
-"""The image runs every backend (issue 14 item 3).
+"""The image runs every backend.
 
 * A wheel built from a clean tree ships masq.o, compiled by setup.py; without clang (or
   its headers) the build stops with one line naming what is missing.

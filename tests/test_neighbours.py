@@ -1,4 +1,4 @@
-"""Issue 13 with the real neighbours: Debian's dockerd, podman + netavark and firewalld, run
+"""The real neighbours: Debian's dockerd, podman + netavark and firewalld, run
 inside a test bed's node namespace in a private mount namespace (tests/neighbours.py), and
 ip-masq-agent's rules (emulated from its source's exact rule text: the binary cannot be
 built here). `ipmasq` runs in that same sandbox, as it would on a node beside them.
@@ -7,7 +7,7 @@ What is checked, for every backend:
 
 * sources seen outside for containers, Docker masquerade on and off (and podman);
 * a client outside calling a published port (`-p 8080:80`) is seen by the container with
-  its own address under the default config `{}` (spec section 3: connections that entered
+  its own address under the default config `{}` (docs/spec.md section 3: connections that entered
   from outside and were DNATed to a local container are never masqueraded);
 * container to container on docker0 / podman0: the peer's own address (bridged traffic is
   never masqueraded; br_netfilter's bridge-nf-call-iptables is on, as Docker sets it);

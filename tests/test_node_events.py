@@ -1,4 +1,4 @@
-"""Issue 10's table, proven with packets, for every backend: a node is not static.
+"""Node events (README "Running in production"), proven with packets, for every backend: a node is not static.
 
 Each row of the issue is a test here, run against every backend (the BPF datapath
 included) with the same expectations; the expectations are the netfilter column of the

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from ipmasq_legacy import config, plan
 from ipmasq_legacy.backends import iptables as ipt
 
-MC4, MC6 = "224.0.0.0/4", "ff00::/8"  # multicast: exempt whatever the config (issue 17)
+MC4, MC6 = "224.0.0.0/4", "ff00::/8"  # multicast: exempt whatever the config (README "The decision")
 
 
 def build(tmp_path, text, agent_text=None):

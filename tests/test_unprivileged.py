@@ -22,7 +22,7 @@ import pytest
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-MIN_PASSED = 250  # issue 16: at least this many pass without root
+MIN_PASSED = 250  # the floor README "Set up, run, test" promises
 SKIPPED_FILES = ("tests/test_image.py", "tests/reliability")  # root-only whole files, slow to collect
 
 

@@ -1,4 +1,4 @@
-"""Issue 17, the pure half (no root): the LPM verdict table resolved in the plan, the new
+"""Exceptions and masquerade-only, the pure half (no root): the LPM verdict table resolved in the plan, the new
 keys' errors, and the SNAT rules each netfilter backend renders."""
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def libyaml(text: str):
         except ValueError:
             pass
     try:
-        # libyaml, noting keys given twice (an error in this tool's config: issue 14)
+        # libyaml, noting keys given twice (an error in this tool's config: README "Configuration")
         loader = config.text.Loader(text)
         try:
             doc = loader.get_single_data()
