@@ -1,4 +1,5 @@
-"""Exceptions, masquerade-only and SNAT (README "Exceptions, masquerade-only, SNAT to a chosen address"), proven by packets on every backend: exceptions inside exempt ranges (longest
+"""Exceptions, masquerade-only and SNAT (README "Exceptions, masquerade-only, SNAT to a
+chosen address"), proven by packets on every backend: exceptions inside exempt ranges (longest
 prefix match, boundaries included), masquerade-only mode, SNAT to a chosen address per
 out-interface (and what happens when that address goes), multicast never masqueraded.
 
