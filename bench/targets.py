@@ -246,8 +246,8 @@ def at_scale(backend: str, n: int, workdir: Path, rounds: int, log) -> dict:
     return out
 
 
-def run(names: list[str], quick: bool, log, workdir: Path) -> dict:
-    rounds = 3 if quick else 5
+def run(names: list[str], quick: bool, log, workdir: Path, rounds: int | None = None) -> dict:
+    rounds = rounds or (3 if quick else 5)
     big = 10_000 if quick else 100_000
     res: dict = {"rounds": rounds, "big": big, "small": {}, "scale": {}}
     for name in names:
@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--backends")
+    p.add_argument("--rounds", type=int, help="rounds per figure (default: 3 with --quick, else 5)")
     p.add_argument("--out", default=str(measure.REPO / "bench" / "results"))
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ipmasq-bench-") as tmp:
         workdir = Path(tmp)
         measure.warm_bytecode(measure.cli_env(workdir))
-        res = run(names, args.quick, log, workdir)
+        res = run(names, args.quick, log, workdir, args.rounds)
     res["load_average"] = [load, os.getloadavg()]
     print(render(res))
     print(f"\nload average at start {load[0]:.2f}, at end {os.getloadavg()[0]:.2f}")
