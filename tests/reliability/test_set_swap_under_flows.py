@@ -19,7 +19,7 @@ import threading
 
 import pytest
 
-from bench.measure import SINK_ADDR, SINK_NET, FlowSender
+from bench.flows import SINK_ADDR, SINK_NET, FlowSender
 from ipmasq_legacy.backends import nftables as nftmod
 from ipmasq_legacy.plan import FamilyPlan
 
