@@ -68,7 +68,7 @@ def run(s: measure.Settings, names: list[str], skipped: dict[str, str], log) -> 
                 for name in names:
                     results["backends"][name] = attempt(f"backend {name}", measure.backend_suite, name, s, workdir,
                                                         log, floor)
-                results["targets"] = attempt("issue 15 targets: small configs against the bare commands; "
+                results["targets"] = attempt("targets: small configs against the bare commands; "
                                              "scrapes and status at scale", targets.run, names, s.quick, log, workdir)
                 end = attempt("the floor again (drift of the machine over the run)",
                               measure.floor_suite, s, log, floor_bed, floor)

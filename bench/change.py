@@ -1,4 +1,4 @@
-"""One-prefix change at scale, every backend in alternation (issue 15 item 3).
+"""One-prefix change at scale, every backend in alternation.
 
     sudo .venv/bin/python -m bench.change                          # 100,000 prefixes, 5 rounds
     sudo .venv/bin/python -m bench.change --prefixes 1000000 --backends nftables,ebpf --rounds 3

@@ -1,4 +1,4 @@
-"""Issue 17's bench row: 100,000 mixed exempt and force-masquerade prefixes.
+"""The exceptions' bench row: 100,000 mixed exempt and force-masquerade prefixes.
 
 `sudo .venv/bin/python -m bench.lpm [--backends a,b] [--quick]`: per backend, in a bed of
 its own, apply a config with 50,000 exempt /24s (bench.measure.exempt_prefixes) and

@@ -1,4 +1,4 @@
-"""Issue 15 items 1-2, as ratios measured in the same run (python -m bench.targets, or
+"""Small configs, scrapes and status (README "Benchmarks"), as ratios measured in the same run (python -m bench.targets, or
 the `targets` table of python -m bench):
 
 * small configs (10 prefixes): cold apply, no-op reconcile and one-prefix change, each
@@ -270,7 +270,7 @@ def render(res: dict) -> str:
     def ms(x):
         return f"{x * 1000:.0f}"
 
-    lines = [f"Issue 15 targets ({res['rounds']} rounds, each CLI run beside its floor; median; ratio = median of "
+    lines = [f"Targets ({res['rounds']} rounds, each CLI run beside its floor; median; ratio = median of "
              "per-round ratios)", "",
              "| backend | step (10 prefixes) | CLI ms | floor ms | ratio | CLI CPU ms | floor CPU ms | CPU ratio "
              "| target <= 2x (wall; CPU) |", "|---|---|---|---|---|---|---|---|---|"]

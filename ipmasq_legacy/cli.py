@@ -1,6 +1,6 @@
 """The `ipmasq` command line: thin glue over config -> plan -> backend.
 
-Exit codes (spec section 5): 0 success, 1 change not made, 2 bad usage or config,
+Exit codes (docs/spec.md section 5): 0 success, 1 change not made, 2 bad usage or config,
 3 lock not had in time. A user error is one line on stderr.
 """
 

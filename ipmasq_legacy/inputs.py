@@ -1,4 +1,4 @@
-"""What the operator hands us, read with bounds (issue 14): files, values in messages,
+"""What the operator hands us, read with bounds (README "Command line": exit codes and the inputs refused): files, values in messages,
 privileges, the environment.
 
 - Files are read only when they are regular files (a FIFO would block, /dev/zero never

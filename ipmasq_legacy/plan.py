@@ -1,4 +1,4 @@
-"""Config -> Plan: the masquerade decision of spec section 3 as plain data, per family.
+"""Config -> Plan: the masquerade decision of docs/spec.md section 3 as plain data, per family.
 
 No I/O here. Every backend renders the same Plan, so they cannot disagree on
 what is masqueraded; they differ only in how they spell it.

@@ -4,10 +4,10 @@
 (`source.json`): the file or directory, whether it existed, the command-line options, the
 ip-masq-agent file. `reconcile`, `status`, `list` and `watch` without `--config` (and
 without $IPMASQ_CONFIG) read that source, so cron's plain `ipmasq reconcile` repairs
-toward what was applied instead of reading the default path (spec section 5: never
+toward what was applied instead of reading the default path (docs/spec.md section 5: never
 silently the defaults). Given a different config, they use it and say so in one line.
 
-A missing default config means "all defaults" (spec section 1) only where that is what
+A missing default config means "all defaults" (docs/spec.md section 1) only where that is what
 was applied, or where nothing of ours is installed: on a node where something was applied
 from another file, or where rules of ours are live without a record (a wiped /run), it
 is an error asking for --config.

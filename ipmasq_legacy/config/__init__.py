@@ -1,4 +1,4 @@
-"""Configuration (spec sections 1 and 2): every shape an operator holds -> one Config.
+"""Configuration (docs/spec.md sections 1 and 2): every shape an operator holds -> one Config.
 
     values.py     value parsers shared by every shape; ConfigWarning
     text.py       YAML/JSON text, exactly as libyaml reads it (fast for long prefix lists)

@@ -1,4 +1,4 @@
-"""The config and its key table: Cilium's agent option names (spec section 1).
+"""The config and its key table: Cilium's agent option names (docs/spec.md section 1).
 
 Every input shape (this tool's file, Cilium's values.yaml and cilium-config, the command
 line) is turned into entries in these names first; `apply_layer` then reads one layer of
@@ -31,12 +31,12 @@ class Config:
     datapath: str = "auto"
     iptables_random_fully: bool = False
     masquerade_to_ports: tuple = ()
-    # Issue 17 (README "The decision"): destinations masqueraded even inside a wider exempt
+    # README "The decision": destinations masqueraded even inside a wider exempt
     # prefix; masquerade only to these; SNAT to this address on this out-interface.
     force_masquerade_cidrs: tuple = ()
     masquerade_only_cidrs: tuple = ()
     egress_masquerade_addresses: tuple = ()  # ((pattern, address), ...)
-    # Issue 15 item 4: false = the ebpf backend's fast path (conntrack skips the flows its
+    # README "The ebpf backend: when to choose it": false = the ebpf backend's fast path (conntrack skips the flows its
     # tc programs translate: README "The ebpf backend").
     ebpf_conntrack: bool = True
     # Loaded from ip_masq_agent_config_path when enable_ip_masq_agent is on, or inline

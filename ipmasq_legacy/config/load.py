@@ -5,7 +5,7 @@ The shape is told from the document itself: a directory is a ConfigMap mounted w
 read by its `data`; a values.yaml is known by Cilium's chart keys (enableIPv4Masquerade,
 bpf, ipMasqAgent, ...), cilium-config's data by keys the chart always writes
 (identity-allocation-mode, cluster-name, ...). Anything else is this tool's own file, in
-Cilium's agent option names, where an unknown key is an error (spec section 1); in
+Cilium's agent option names, where an unknown key is an error (docs/spec.md section 1); in
 Cilium's two documents keys unrelated to masquerading are listed in one warning instead.
 """
 

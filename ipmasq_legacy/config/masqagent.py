@@ -1,4 +1,4 @@
-"""The ip-masq-agent file (spec section 2), read as ip-masq-agent v2 reads it.
+"""The ip-masq-agent file (docs/spec.md section 2), read as ip-masq-agent v2 reads it.
 
 The agent turns the YAML into JSON and decodes it with Go's encoding/json into a struct
 that already holds the defaults: keys match its fields case-insensitively, a key it does
@@ -86,7 +86,7 @@ def agent_file(path_text: str | Path, strict: bool = False) -> Path:
 
 
 def load_masq_agent(path_text: str, reader: str = "ip-masq-agent") -> MasqAgentConfig:
-    """Missing, empty or comment-only file: the eleven default ranges (spec section 2).
+    """Missing, empty or comment-only file: the eleven default ranges (docs/spec.md section 2).
     `reader` is who else reads this file on such a node ("cilium" when the config came
     from Cilium's documents): their differences are warned about."""
     what = WHAT
