@@ -29,9 +29,12 @@ SKIPPED_FILES = ("tests/test_image.py", "tests/reliability")  # root-only whole 
 def _interpreter(env: dict) -> str:
     """An interpreter of this Python's version that nobody may run."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for candidate in (sys.executable, f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
+    # the real file, not a venv's link to it (a link into /root can run once and then
+    # refuse the tests' own `sys.executable` children); the check spawns such a child too
+    check = "import subprocess, sys; subprocess.run([sys.executable, '-c', ''], check=True); print(sys.version_info[:2])"
+    for candidate in (os.path.realpath(sys.executable), f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
         try:
-            proc = subprocess.run([*NOBODY, candidate, "-c", "import sys; print(sys.version_info[:2])"],
+            proc = subprocess.run([*NOBODY, candidate, "-c", check],
                                   capture_output=True, text=True, env=env, timeout=60)
         except OSError:
             continue
@@ -77,7 +80,9 @@ def test_suite_passes_as_nobody():
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     counts = _summary(proc.stdout)
-    tail = "\n".join(proc.stdout.splitlines()[-25:])
+    print("as nobody:", counts)
+    errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("E ")][:30]  # the first failures' causes
+    tail = "\n".join(errors + proc.stdout.splitlines()[-25:])
     assert counts, f"no pytest summary (exit {proc.returncode}): {proc.stderr[-2000:]}\n{tail}"
     assert counts.get("failed", 0) == 0 and counts.get("error", 0) + counts.get("errors", 0) == 0, tail
     assert counts.get("passed", 0) >= MIN_PASSED, tail
