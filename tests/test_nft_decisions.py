@@ -309,13 +309,18 @@ def test_removed_set_member_is_repaired_through_the_other_set(fake, plan):
     assert backend.drift(plan) == []
 
 
-def test_added_member_of_the_idle_set_is_repaired(fake, plan):
+def repaired(fake, plan, change: str, drift: list[str]) -> None:
+    """Installed, then `change` made by hand: drift says `drift`, one apply puts back COLD."""
     backend = NftablesBackend()
     backend.apply(plan)
-    fake.seed("add element ip ipmasq_legacy exempt_b { 203.0.113.7 }")
-    assert backend.drift(plan) == ["ipv4: idle exempt set exempt_b members differ"]
+    fake.seed(change)
+    assert backend.drift(plan) == drift
     backend.apply(plan)
     assert fake.dump() == COLD
+
+
+def test_added_member_of_the_idle_set_is_repaired(fake, plan):
+    repaired(fake, plan, "add element ip ipmasq_legacy exempt_b { 203.0.113.7 }", ["ipv4: idle exempt set exempt_b members differ"])
 
 
 def test_deleted_table_is_installed_again(fake, plan):
@@ -328,22 +333,13 @@ def test_deleted_table_is_installed_again(fake, plan):
 
 
 def test_deleted_inbound_chain_is_repaired(fake, plan):
-    backend = NftablesBackend()
-    backend.apply(plan)
-    fake.seed("delete chain ip6 ipmasq_legacy prerouting")
-    assert backend.drift(plan) == ["ipv6: chain prerouting missing"]
-    backend.apply(plan)
-    assert fake.dump() == COLD
+    repaired(fake, plan, "delete chain ip6 ipmasq_legacy prerouting", ["ipv6: chain prerouting missing"])
 
 
 def test_foreign_objects_in_our_table_are_deleted(fake, plan):
-    backend = NftablesBackend()
-    backend.apply(plan)
-    fake.seed("add chain ip ipmasq_legacy extra\nadd counter ip ipmasq_legacy hits\n"
-              "add set ip ipmasq_legacy exempt { type ipv4_addr; flags interval; }")  # an earlier version's set
-    assert backend.drift(plan) == ["ipv4: unexpected counter hits", "ipv4: unexpected chain extra", "ipv4: 1 stale sets"]
-    backend.apply(plan)
-    assert fake.dump() == COLD
+    repaired(fake, plan, "add chain ip ipmasq_legacy extra\nadd counter ip ipmasq_legacy hits\n"
+             "add set ip ipmasq_legacy exempt { type ipv4_addr; flags interval; }",  # an earlier version's set
+             ["ipv4: unexpected counter hits", "ipv4: unexpected chain extra", "ipv4: 1 stale sets"])
 
 
 def test_dormant_table_is_replaced_whole(fake, plan):
@@ -359,12 +355,7 @@ def test_dormant_table_is_replaced_whole(fake, plan):
 
 
 def test_set_of_our_name_declared_otherwise_replaces_the_table(fake, plan):
-    backend = NftablesBackend()
-    backend.apply(plan)
-    fake.seed("delete set ip ipmasq_legacy exempt_b\nadd set ip ipmasq_legacy exempt_b { type ipv4_addr; }")
-    assert backend.drift(plan) == ["ipv4: idle exempt set exempt_b declaration differs"]
-    backend.apply(plan)
-    assert fake.dump() == COLD
+    repaired(fake, plan, "delete set ip ipmasq_legacy exempt_b\nadd set ip ipmasq_legacy exempt_b { type ipv4_addr; }", ["ipv4: idle exempt set exempt_b declaration differs"])
 
 
 def test_disabled_family_is_removed(fake, plan, tmp_path):
