@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-MAX_FILE_BYTES = 16 << 20  # 16 MiB: 100,000 IPv6 prefixes one a line are under 5 MiB
+MAX_FILE_BYTES = 64 << 20  # 64 MiB: 1,000,000 IPv4 prefixes one a line are 16-19 MB, IPv6 ~30 MB
 SHOW_LIMIT = 80  # characters of a value quoted in a message
 PATH_LIMIT = 200  # characters of a path named in a message
 

@@ -81,8 +81,8 @@ RULES: dict[str, tuple[str, dict]] = {'defaults': ('# Defaults that are policy, 
           '  ipmq_nat_rev: 65536\n'
           '  ipmq_pass: 65536          # UDP/other flows seen entering (tells replies from new flows)\n'
           '  ipmq_frag: 8192           # ports of fragmented datagrams\n'
-          '  ipmq_exempt4: 1048576     # exempt prefixes (decision 5), both generations: at most\n'
-          '  ipmq_exempt6: 1048576     # half of it per plan (LPM tries take memory per entry only)\n'
+          '  ipmq_exempt4: 2097152     # exempt prefixes (decision 5), both generations: at most\n'
+          '  ipmq_exempt6: 2097152     # half of it per plan (LPM tries take memory per entry only)\n'
           '  ipmq_src4: 4096           # pod CIDRs (decision 3), both generations\n'
           '  ipmq_src6: 4096\n'
           '\n'
@@ -236,8 +236,8 @@ RULES: dict[str, tuple[str, dict]] = {'defaults': ('# Defaults that are policy, 
                            'ipmq_nat_rev': 65536,
                            'ipmq_pass': 65536,
                            'ipmq_frag': 8192,
-                           'ipmq_exempt4': 1048576,
-                           'ipmq_exempt6': 1048576,
+                           'ipmq_exempt4': 2097152,
+                           'ipmq_exempt6': 2097152,
                            'ipmq_src4': 4096,
                            'ipmq_src6': 4096},
            'port_ranges': '1024-65535',

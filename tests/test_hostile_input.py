@@ -99,7 +99,7 @@ def test_a_file_over_the_size_limit(tmp_path, state):
     big = tmp_path / "big.yaml"
     with open(big, "wb") as f:
         f.truncate(inputs.MAX_FILE_BYTES + 1)  # sparse: costs no disk
-    one_line(run("plan", "--config", str(big), env=state), 2, "more than the limit of 16 MiB")
+    one_line(run("plan", "--config", str(big), env=state), 2, "more than the limit of 64 MiB")
 
 
 def test_symlink_loops(tmp_path, state):

@@ -623,3 +623,25 @@ def test_nft_binary_fallback_and_failed_apply_leaves_state(netns):
     # the sets' elements go over netlink whichever drives nft (backends/nftsets.py)
     assert all(re.match(r"netlink: patch of set exempt_[ab] of table ip ipmasq_legacy failed", e) for e in errors)
     assert netns.ruleset() == before
+
+
+MANY_MESSAGES = """
+import sys
+from ipmasq_legacy.backends import nftsets
+nftsets.MAX_NESTED = 512  # ~18 elements a message: 20,000 prefixes in ~2,200 messages, each acked
+nftsets.patch(4, "t", "s", add=[f"20.{i // 128}.{i % 128 * 2}.0/24" for i in range(20_000)])
+print("committed")
+"""
+
+
+@pytest.mark.traffic
+@needs_root
+def test_a_patch_of_many_messages_reads_every_ack(netns):
+    """A set fill as large as a 1,000,000-prefix config's (about 1,100 messages, an ack
+    each, queued before the first is read) overflowed the socket's default receive
+    buffer: ENOBUFS reported as a failure of a batch the kernel had committed. The same
+    in small: ~2,200 messages of ~18 elements."""
+    netns.nft("add table ip t; add set ip t s { type ipv4_addr; flags interval; }")
+    assert netns.run(sys.executable, "-c", MANY_MESSAGES).stdout.strip() == "committed"
+    listed = netns.nft("list", "set", "ip", "t", "s")
+    assert listed.count("/24") == 20_000 and "20.0.0.0/24" in listed and "20.156.62.0/24" in listed
