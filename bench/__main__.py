@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     p.add_argument("--quick", action="store_true", help="sizes up to 10,000 prefixes, fewer repeats (< 2 min)")
     p.add_argument("--backends", help="comma-separated backends (default: every one ipmasq_legacy knows)")
-    p.add_argument("--sizes", help="comma-separated prefix counts (default: 10,1000,10000[,100000])")
+    p.add_argument("--sizes", help="comma-separated prefix counts (default: 10,1000,10000[,100000,1000000])")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"results folder (default: {DEFAULT_OUT})")
     args = p.parse_args(argv)
 
