@@ -17,6 +17,7 @@ import re
 import resource
 import struct
 import sys
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -167,9 +168,13 @@ def _trie_next_key_exact(nr: int) -> bool:
         os.close(fd)
 
 
+_PROBE = threading.Lock()  # the tries are read in parallel threads: one probe, not one each
+
+
 def trie_next_key_exact(sysobj: Sys) -> bool:
     try:
-        return _trie_next_key_exact(sysobj.nr)
+        with _PROBE:
+            return _trie_next_key_exact(sysobj.nr)
     except BpfError:
         return False  # cannot tell: read from the trie's first key, which is right everywhere
 
