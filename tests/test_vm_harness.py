@@ -58,6 +58,14 @@ def test_unavailable_but_picked_by_auto_fails(tmp_path):
     assert row.result == "failed" and any("auto picks it" in w for w in row.why)
 
 
+@pytest.mark.parametrize("code, result", [(0, "passed"), (1, "failed")])
+def test_a_script_run_is_judged_by_its_exit_status(tmp_path, code, result):
+    """--script runs no doctor, selftest or suite: one row, the script's exit status."""
+    (row,) = results.rows("trixie", _out(tmp_path, {"setup": 0, "script": code}, {}, []))
+    assert (row.backend, row.result) == ("(script)", result)
+    assert f"kernels: {1 - code} passed, {code} failed" in results.render([row], {})
+
+
 def test_no_guest_run_is_a_failure(tmp_path):
     assert all(r.result == "failed" for r in results.rows("trixie", tmp_path))
 

@@ -85,6 +85,10 @@ def rows(release: str, out: Path) -> list[Row]:
     except (OSError, ValueError):
         doctor = {}
     auto = (doctor.get("auto") or {}).get("backend")
+    if "script" in st and st.get("setup", (1, 0))[0] == 0:  # --script: its exit status is the result
+        code = st["script"][0]
+        return [Row(release, kernel, "(script)", doctor="-", result="passed" if code == 0 else "failed",
+                    why=[] if code == 0 else [f"script exit {code} (script.log)"])]
     tally = junit(out)
     result = []
     names = list(BACKENDS) + (["(other)"] if sum(tally["(other)"][k] for k in ("passed", "failed")) else [])
