@@ -737,11 +737,11 @@ def test_a_killed_apply_leaves_the_old_or_the_new_generation_live(node):
             break
     assert outcomes[-1] == (0, True, False), outcomes
     killed = outcomes[:-1]
-    # the whole list in each message (pytest's repr cuts it short)
-    assert all(code == -signal.SIGKILL for code, _new, _torn in killed), repr(outcomes)
-    assert (-signal.SIGKILL, False, True) in killed, repr(outcomes)  # killed while writing the idle generation: the old one live
-    assert (-signal.SIGKILL, True, False) in killed, repr(outcomes)  # killed after the flip: the new one live
-    assert killed.index((-signal.SIGKILL, True, False)) > 3, repr(outcomes)
+    seen = repr(outcomes)  # the whole list in each message (pytest's repr cuts it short)
+    assert all(code == -signal.SIGKILL for code, _new, _torn in killed), seen
+    assert (-signal.SIGKILL, False, True) in killed, seen  # killed while writing the idle generation: the old one live
+    assert (-signal.SIGKILL, True, False) in killed, seen  # killed after the flip: the new one live
+    assert killed.index((-signal.SIGKILL, True, False)) > 3, seen
     assert "State: in sync" in node.ipmasq("status", "--config", paths[2], check=True).stdout
     assert bed.source_seen(bed.dest("public")) == bed.pod_addr[4]
     assert bed.source_seen(bed.dest("cgnat")) == bed.uplink_addr["eth0"][4]
